@@ -1,0 +1,164 @@
+//! `thrust CMD ARGS...`: binds the proxy's listeners, starts the app server
+//! as a child with `PORT=$TARGET_PORT`, proxies to it, relays signals, and
+//! exits with the child's status.
+
+use std::ffi::OsString;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::process::{Command, ExitCode};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::Arc;
+
+use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1, SIGUSR2};
+use signal_hook::iterator::Signals;
+use thruster_core::server::DEFAULT_DRAIN;
+use thruster_core::{log, Config, Server, ServerOptions};
+
+/// Every signal a Rack server acts on: stop (TERM, INT, QUIT), Puma's
+/// phased restart (USR1), hot restart (USR2) and log reopening (HUP).
+const RELAYED: [i32; 6] = [SIGTERM, SIGINT, SIGQUIT, SIGHUP, SIGUSR1, SIGUSR2];
+
+const USAGE: &str = "\
+Usage: thrust CMD [ARGS...]
+
+Runs CMD ARGS (your app server, e.g. `bin/rails server`) with PORT set to
+TARGET_PORT and serves it through the thruster-rs proxy on HTTP_PORT.
+Configuration comes from environment variables; see the README.
+
+  thrust --version   print the version
+  thrust --help      print this help
+";
+
+fn main() -> ExitCode {
+    let args: Vec<OsString> = std::env::args_os().skip(1).collect();
+    match args.first().and_then(|a| a.to_str()) {
+        None => {
+            eprintln!("ERROR: missing upstream command\n\n{USAGE}");
+            return ExitCode::from(1);
+        }
+        Some("--version") => {
+            println!("thrust (thruster-rs) {}", thruster_core::VERSION);
+            return ExitCode::SUCCESS;
+        }
+        Some("--help") => {
+            print!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Some(_) => {}
+    }
+
+    let config = match Config::from_env() {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("thrust: {err}");
+            return ExitCode::from(2);
+        }
+    };
+    let target_port = config.target_port;
+
+    // Handlers go in before the child exists, so no signal sent in between is
+    // lost; they are reset to default in the child by exec.
+    let mut signals = match Signals::new(RELAYED) {
+        Ok(signals) => signals,
+        Err(err) => {
+            log::error("Failed to install signal handlers", &[("error", err.to_string().into())]);
+            return ExitCode::from(1);
+        }
+    };
+
+    let options = ServerOptions::for_wrapper(&config);
+    let server = match Server::start(config, options) {
+        Ok(server) => server,
+        Err(err) => {
+            log::error("Failed to start HTTP listener", &[("error", err.to_string().into())]);
+            return ExitCode::from(1);
+        }
+    };
+
+    let (program, rest) = (&args[0], &args[1..]);
+    let mut command = Command::new(program);
+    command.args(rest).env("PORT", target_port.to_string());
+    // If thrust itself is killed outright, the app server is told to stop
+    // rather than left running without its proxy.
+    // SAFETY: prctl is async-signal-safe and touches no shared state.
+    unsafe {
+        command.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+            Ok(())
+        });
+    }
+    let mut child = match command.spawn() {
+        Ok(child) => child,
+        Err(err) => {
+            log::error(
+                "Failed to start wrapped process",
+                &[
+                    ("command", program.to_string_lossy().into_owned().into()),
+                    (
+                        "args",
+                        rest.iter()
+                            .map(|a| a.to_string_lossy().into_owned())
+                            .collect::<Vec<_>>()
+                            .into(),
+                    ),
+                    ("error", err.to_string().into()),
+                ],
+            );
+            server.stop(DEFAULT_DRAIN);
+            return ExitCode::from(1);
+        }
+    };
+
+    let child_pid = Arc::new(AtomicI32::new(child.id() as i32));
+    let child_running = Arc::new(AtomicBool::new(true));
+    let handle = signals.handle();
+    let relay = {
+        let (pid, running) = (child_pid.clone(), child_running.clone());
+        std::thread::Builder::new()
+            .name("thrust-signals".into())
+            .spawn(move || {
+                for signal in signals.forever() {
+                    if !running.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    log::info(
+                        "Relaying signal to upstream process",
+                        &[("signal", signal_name(signal).into())],
+                    );
+                    // SAFETY: kill has no memory-safety preconditions.
+                    unsafe { libc::kill(pid.load(Ordering::SeqCst), signal) };
+                }
+            })
+            .expect("spawning the signal relay thread")
+    };
+
+    let status = child.wait();
+    child_running.store(false, Ordering::SeqCst);
+    handle.close();
+    let _ = relay.join();
+    server.stop(DEFAULT_DRAIN);
+
+    match status {
+        Ok(status) => match (status.code(), status.signal()) {
+            (Some(code), _) => ExitCode::from(code as u8),
+            (None, Some(signal)) => ExitCode::from((128 + signal) as u8),
+            (None, None) => ExitCode::from(1),
+        },
+        Err(err) => {
+            log::error("Failed to wait for wrapped process", &[("error", err.to_string().into())]);
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Go's names for signals, as Thruster logs them.
+fn signal_name(signal: i32) -> &'static str {
+    match signal {
+        SIGTERM => "terminated",
+        SIGINT => "interrupt",
+        SIGQUIT => "quit",
+        SIGHUP => "hangup",
+        SIGUSR1 => "user defined signal 1",
+        SIGUSR2 => "user defined signal 2",
+        _ => "unknown",
+    }
+}

@@ -1,0 +1,451 @@
+//! One internal configuration, read from Thruster-compatible environment
+//! variables (or any other source of `NAME -> value` pairs, such as the Ruby
+//! keyword arguments of the in-process mode).
+//!
+//! Lookup rule (Thruster §1.1, with one deliberate difference): for every
+//! setting `NAME`, `THRUSTER_NAME` wins over `NAME`, which wins over the
+//! default. An empty value counts as unset, so `THRUSTER_HTTP_PORT=` falls
+//! through to `HTTP_PORT`. An invalid value is an error naming the variable,
+//! the value and what is accepted (Thruster silently uses the default).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// The prefix that makes a variable win over its unprefixed twin.
+pub const ENV_PREFIX: &str = "THRUSTER_";
+
+/// A value that could not be accepted, with everything an operator needs to
+/// fix it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid {source_name}={value:?}: expected {accepted}")]
+pub struct ConfigError {
+    /// Where the value came from, e.g. `THRUSTER_HTTP_PORT` or `http_port`.
+    pub source_name: String,
+    pub value: String,
+    pub accepted: &'static str,
+}
+
+/// Where a configured value came from: the name to quote in errors and the
+/// raw text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawSetting {
+    pub source_name: String,
+    pub value: String,
+}
+
+/// A source of raw settings by canonical (unprefixed, upper-case) name.
+pub trait SettingSource {
+    fn get(&self, name: &str) -> Option<RawSetting>;
+}
+
+/// Reads the process environment with the `THRUSTER_` prefix rule.
+pub struct Environment;
+
+impl SettingSource for Environment {
+    fn get(&self, name: &str) -> Option<RawSetting> {
+        prefixed_lookup(name, |key| std::env::var(key).ok())
+    }
+}
+
+/// Applies the prefix rule over any key/value lookup; empty values count as
+/// unset at each level.
+pub fn prefixed_lookup(
+    name: &str,
+    lookup: impl Fn(&str) -> Option<String>,
+) -> Option<RawSetting> {
+    let prefixed = format!("{ENV_PREFIX}{name}");
+    [prefixed, name.to_string()].into_iter().find_map(|key| {
+        lookup(&key)
+            .filter(|value| !value.is_empty())
+            .map(|value| RawSetting {
+                source_name: key,
+                value,
+            })
+    })
+}
+
+/// Every setting the proxy understands, as (name, accepted-values text, default).
+/// The README table and the Ruby keyword list are checked against this.
+pub const SETTINGS: &[(&str, &str)] = &[
+    ("TARGET_PORT", "3000"),
+    ("CACHE_SIZE", "67108864"),
+    ("MAX_CACHE_ITEM_SIZE", "1048576"),
+    ("X_SENDFILE_ENABLED", "true"),
+    ("GZIP_COMPRESSION_ENABLED", "true"),
+    ("GZIP_COMPRESSION_DISABLE_ON_AUTH", "false"),
+    ("GZIP_COMPRESSION_JITTER", "32"),
+    ("MAX_REQUEST_BODY", "0"),
+    ("TLS_DOMAIN", ""),
+    ("ACME_DIRECTORY", DEFAULT_ACME_DIRECTORY),
+    ("EAB_KID", ""),
+    ("EAB_HMAC_KEY", ""),
+    ("STORAGE_PATH", "./storage/thruster"),
+    ("BAD_GATEWAY_PAGE", "./public/502.html"),
+    ("HTTP_PORT", "80"),
+    ("HTTPS_PORT", "443"),
+    ("HTTP_IDLE_TIMEOUT", "60"),
+    ("HTTP_READ_TIMEOUT", "30"),
+    ("HTTP_WRITE_TIMEOUT", "30"),
+    ("H2C_ENABLED", "false"),
+    ("FORWARD_HEADERS", "true without TLS, false with TLS"),
+    ("LOG_REQUESTS", "true"),
+    ("DEBUG", "false"),
+];
+
+pub const DEFAULT_ACME_DIRECTORY: &str = "https://acme-v02.api.letsencrypt.org/directory";
+
+const ACCEPT_BOOL: &str = "a boolean: 1, t, T, TRUE, true, True, 0, f, F, FALSE, false or False";
+const ACCEPT_PORT: &str = "a TCP port number from 0 to 65535";
+const ACCEPT_TARGET_PORT: &str = "a TCP port number from 1 to 65535";
+const ACCEPT_BYTES: &str = "a whole number of bytes (digits only, no unit), 0 or more";
+const ACCEPT_SIGNED_BYTES: &str =
+    "a whole number of bytes (digits only, no unit); 0 or less means unlimited";
+const ACCEPT_SECONDS: &str =
+    "a whole number of seconds (digits only, no unit); 0 or less means no timeout";
+const ACCEPT_JITTER: &str =
+    "a whole number of bytes from 0 to 65533 (digits only); 0 or less disables padding";
+
+/// A timeout setting; `None` means no timeout.
+pub type Timeout = Option<Duration>;
+
+/// The whole configuration of one proxy instance.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub target_port: u16,
+    pub cache_size: u64,
+    pub max_cache_item_size: u64,
+    pub x_sendfile_enabled: bool,
+    pub gzip_compression_enabled: bool,
+    pub gzip_compression_disable_on_auth: bool,
+    pub gzip_compression_jitter: u32,
+    /// `None` means unlimited.
+    pub max_request_body: Option<u64>,
+    pub tls_domains: Vec<String>,
+    pub acme_directory: String,
+    pub eab_kid: String,
+    pub eab_hmac_key: String,
+    pub storage_path: PathBuf,
+    pub bad_gateway_page: PathBuf,
+    pub http_port: u16,
+    pub https_port: u16,
+    pub http_idle_timeout: Timeout,
+    pub http_read_timeout: Timeout,
+    pub http_write_timeout: Timeout,
+    pub h2c_enabled: bool,
+    pub forward_headers: bool,
+    pub log_requests: bool,
+    pub debug: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config::from_source(&NoSettings).expect("defaults are valid")
+    }
+}
+
+struct NoSettings;
+impl SettingSource for NoSettings {
+    fn get(&self, _name: &str) -> Option<RawSetting> {
+        None
+    }
+}
+
+impl Config {
+    /// Reads the process environment.
+    pub fn from_env() -> Result<Config, ConfigError> {
+        Config::from_source(&Environment)
+    }
+
+    pub fn from_source(source: &dyn SettingSource) -> Result<Config, ConfigError> {
+        let r = Reader { source };
+        let tls_domains = r.list("TLS_DOMAIN");
+        let tls = !tls_domains.is_empty();
+        let read_timeout = r.seconds("HTTP_READ_TIMEOUT", 30)?;
+        // Thruster: an idle timeout of 0 falls back to the read timeout.
+        let idle_timeout = match r.int("HTTP_IDLE_TIMEOUT", 60, ACCEPT_SECONDS)? {
+            0 => read_timeout,
+            n => seconds(n),
+        };
+        Ok(Config {
+            target_port: r.port("TARGET_PORT", 3000, 1, ACCEPT_TARGET_PORT)?,
+            cache_size: r.bytes("CACHE_SIZE", 64 << 20)?,
+            max_cache_item_size: r.bytes("MAX_CACHE_ITEM_SIZE", 1 << 20)?,
+            x_sendfile_enabled: r.bool("X_SENDFILE_ENABLED", true)?,
+            gzip_compression_enabled: r.bool("GZIP_COMPRESSION_ENABLED", true)?,
+            gzip_compression_disable_on_auth: r.bool("GZIP_COMPRESSION_DISABLE_ON_AUTH", false)?,
+            gzip_compression_jitter: r.jitter("GZIP_COMPRESSION_JITTER", 32)?,
+            max_request_body: match r.int("MAX_REQUEST_BODY", 0, ACCEPT_SIGNED_BYTES)? {
+                n if n <= 0 => None,
+                n => Some(n as u64),
+            },
+            tls_domains,
+            acme_directory: r.string("ACME_DIRECTORY", DEFAULT_ACME_DIRECTORY),
+            eab_kid: r.string("EAB_KID", ""),
+            eab_hmac_key: r.string("EAB_HMAC_KEY", ""),
+            storage_path: r.string("STORAGE_PATH", "./storage/thruster").into(),
+            bad_gateway_page: r.string("BAD_GATEWAY_PAGE", "./public/502.html").into(),
+            http_port: r.port("HTTP_PORT", 80, 0, ACCEPT_PORT)?,
+            https_port: r.port("HTTPS_PORT", 443, 0, ACCEPT_PORT)?,
+            http_idle_timeout: idle_timeout,
+            http_read_timeout: read_timeout,
+            http_write_timeout: r.seconds("HTTP_WRITE_TIMEOUT", 30)?,
+            h2c_enabled: r.bool("H2C_ENABLED", false)?,
+            forward_headers: r.bool("FORWARD_HEADERS", !tls)?,
+            log_requests: r.bool("LOG_REQUESTS", true)?,
+            debug: r.bool("DEBUG", false)?,
+        })
+    }
+
+    pub fn tls_enabled(&self) -> bool {
+        !self.tls_domains.is_empty()
+    }
+}
+
+fn seconds(n: i64) -> Timeout {
+    (n > 0).then(|| Duration::from_secs(n as u64))
+}
+
+struct Reader<'a> {
+    source: &'a dyn SettingSource,
+}
+
+impl Reader<'_> {
+    fn raw(&self, name: &str) -> Option<RawSetting> {
+        self.source.get(name)
+    }
+
+    fn string(&self, name: &str, default: &str) -> String {
+        self.raw(name)
+            .map(|s| s.value)
+            .unwrap_or_else(|| default.to_string())
+    }
+
+    fn list(&self, name: &str) -> Vec<String> {
+        self.raw(name)
+            .map(|s| parse_list(&s.value))
+            .unwrap_or_default()
+    }
+
+    fn bool(&self, name: &str, default: bool) -> Result<bool, ConfigError> {
+        match self.raw(name) {
+            None => Ok(default),
+            Some(s) => parse_bool(&s.value).ok_or_else(|| invalid(s, ACCEPT_BOOL)),
+        }
+    }
+
+    fn int(&self, name: &str, default: i64, accepted: &'static str) -> Result<i64, ConfigError> {
+        match self.raw(name) {
+            None => Ok(default),
+            Some(s) => parse_int(&s.value).ok_or_else(|| invalid(s, accepted)),
+        }
+    }
+
+    fn bytes(&self, name: &str, default: u64) -> Result<u64, ConfigError> {
+        match self.raw(name) {
+            None => Ok(default),
+            Some(s) => match parse_int(&s.value) {
+                Some(n) if n >= 0 => Ok(n as u64),
+                _ => Err(invalid(s, ACCEPT_BYTES)),
+            },
+        }
+    }
+
+    fn port(
+        &self,
+        name: &str,
+        default: u16,
+        min: i64,
+        accepted: &'static str,
+    ) -> Result<u16, ConfigError> {
+        match self.raw(name) {
+            None => Ok(default),
+            Some(s) => match parse_int(&s.value) {
+                Some(n) if (min..=65535).contains(&n) => Ok(n as u16),
+                _ => Err(invalid(s, accepted)),
+            },
+        }
+    }
+
+    fn seconds(&self, name: &str, default: i64) -> Result<Timeout, ConfigError> {
+        self.int(name, default, ACCEPT_SECONDS).map(seconds)
+    }
+
+    fn jitter(&self, name: &str, default: u32) -> Result<u32, ConfigError> {
+        match self.raw(name) {
+            None => Ok(default),
+            Some(s) => match parse_int(&s.value) {
+                Some(n) if n <= 0 => Ok(0),
+                Some(n) if n < 65534 => Ok(n as u32),
+                _ => Err(invalid(s, ACCEPT_JITTER)),
+            },
+        }
+    }
+}
+
+fn invalid(s: RawSetting, accepted: &'static str) -> ConfigError {
+    ConfigError {
+        source_name: s.source_name,
+        value: s.value,
+        accepted,
+    }
+}
+
+/// Go's `strconv.ParseBool`: exact spellings only, no whitespace.
+pub fn parse_bool(value: &str) -> Option<bool> {
+    match value {
+        "1" | "t" | "T" | "TRUE" | "true" | "True" => Some(true),
+        "0" | "f" | "F" | "FALSE" | "false" | "False" => Some(false),
+        _ => None,
+    }
+}
+
+/// Go's `strconv.Atoi`: optional sign, then ASCII digits, 64-bit range.
+pub fn parse_int(value: &str) -> Option<i64> {
+    let digits = value.strip_prefix(['+', '-']).unwrap_or(value);
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    value.parse::<i64>().ok()
+}
+
+/// Comma-separated list: items trimmed, empty items dropped.
+pub fn parse_list(value: &str) -> Vec<String> {
+    value
+        .split(',')
+        .map(str::trim)
+        .filter(|item| !item.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    struct Map(HashMap<&'static str, &'static str>);
+    impl SettingSource for Map {
+        fn get(&self, name: &str) -> Option<RawSetting> {
+            prefixed_lookup(name, |k| self.0.get(k).map(|v| v.to_string()))
+        }
+    }
+    fn config(pairs: &[(&'static str, &'static str)]) -> Result<Config, ConfigError> {
+        Config::from_source(&Map(pairs.iter().copied().collect()))
+    }
+
+    #[test]
+    fn defaults_match_thruster() {
+        let c = config(&[]).unwrap();
+        assert_eq!(c.target_port, 3000);
+        assert_eq!(c.http_port, 80);
+        assert_eq!(c.https_port, 443);
+        assert_eq!(c.cache_size, 64 * 1024 * 1024);
+        assert_eq!(c.max_cache_item_size, 1024 * 1024);
+        assert_eq!(c.max_request_body, None);
+        assert_eq!(c.gzip_compression_jitter, 32);
+        assert_eq!(c.http_idle_timeout, Some(Duration::from_secs(60)));
+        assert_eq!(c.http_read_timeout, Some(Duration::from_secs(30)));
+        assert_eq!(c.http_write_timeout, Some(Duration::from_secs(30)));
+        assert!(c.forward_headers && c.log_requests && c.x_sendfile_enabled);
+        assert!(!c.h2c_enabled && !c.debug && !c.tls_enabled());
+        assert_eq!(c.bad_gateway_page, PathBuf::from("./public/502.html"));
+        assert_eq!(c, Config::default());
+    }
+
+    #[test]
+    fn prefixed_variable_wins_and_empty_counts_as_unset() {
+        let c = config(&[("THRUSTER_HTTP_PORT", "8080"), ("HTTP_PORT", "9090")]).unwrap();
+        assert_eq!(c.http_port, 8080);
+        let c = config(&[("THRUSTER_HTTP_PORT", ""), ("HTTP_PORT", "9090")]).unwrap();
+        assert_eq!(c.http_port, 9090);
+        let c = config(&[("HTTP_PORT", "")]).unwrap();
+        assert_eq!(c.http_port, 80);
+    }
+
+    #[test]
+    fn invalid_values_name_the_variable_value_and_accepted_values() {
+        let cases: &[(&str, &str, &str)] = &[
+            ("HTTP_PORT", "abc", "TCP port"),
+            ("HTTP_PORT", "65536", "TCP port"),
+            ("TARGET_PORT", "0", "from 1 to 65535"),
+            ("CACHE_SIZE", "64MB", "bytes"),
+            ("CACHE_SIZE", "-1", "bytes"),
+            ("HTTP_READ_TIMEOUT", "30s", "seconds"),
+            ("LOG_REQUESTS", "yes", "boolean"),
+            ("DEBUG", " true", "boolean"),
+            ("GZIP_COMPRESSION_JITTER", "65534", "65533"),
+            ("MAX_REQUEST_BODY", "1e6", "bytes"),
+        ];
+        for (name, value, hint) in cases {
+            let err = config(&[(name, value)]).unwrap_err();
+            assert_eq!(err.source_name, *name);
+            assert_eq!(err.value, *value);
+            let text = err.to_string();
+            assert!(text.contains(name) && text.contains(hint), "{text}");
+        }
+        let err = config(&[("THRUSTER_TARGET_PORT", "x")]).unwrap_err();
+        assert_eq!(err.source_name, "THRUSTER_TARGET_PORT");
+    }
+
+    #[test]
+    fn go_style_booleans() {
+        for v in ["1", "t", "T", "TRUE", "true", "True"] {
+            assert_eq!(parse_bool(v), Some(true), "{v}");
+        }
+        for v in ["0", "f", "F", "FALSE", "false", "False"] {
+            assert_eq!(parse_bool(v), Some(false), "{v}");
+        }
+        for v in ["yes", "on", "", " true", "tRUE"] {
+            assert_eq!(parse_bool(v), None, "{v}");
+        }
+    }
+
+    #[test]
+    fn go_style_integers() {
+        assert_eq!(parse_int("+5"), Some(5));
+        assert_eq!(parse_int("-5"), Some(-5));
+        for v in ["", "+", " 5", "5 ", "1_000", "1e6", "0x10", "99999999999999999999"] {
+            assert_eq!(parse_int(v), None, "{v}");
+        }
+    }
+
+    #[test]
+    fn tls_domain_list_and_forward_headers_default() {
+        let c = config(&[("TLS_DOMAIN", "  ,   example.com, example.io,")]).unwrap();
+        assert_eq!(c.tls_domains, vec!["example.com", "example.io"]);
+        assert!(!c.forward_headers);
+        let c = config(&[("TLS_DOMAIN", "a.com"), ("FORWARD_HEADERS", "1")]).unwrap();
+        assert!(c.forward_headers);
+    }
+
+    #[test]
+    fn timeouts_zero_or_negative_mean_none_and_idle_zero_follows_read() {
+        let c = config(&[("HTTP_READ_TIMEOUT", "0"), ("HTTP_WRITE_TIMEOUT", "-1")]).unwrap();
+        assert_eq!(c.http_read_timeout, None);
+        assert_eq!(c.http_write_timeout, None);
+        let c = config(&[("HTTP_IDLE_TIMEOUT", "0"), ("HTTP_READ_TIMEOUT", "7")]).unwrap();
+        assert_eq!(c.http_idle_timeout, Some(Duration::from_secs(7)));
+        let c = config(&[("HTTP_IDLE_TIMEOUT", "-1")]).unwrap();
+        assert_eq!(c.http_idle_timeout, None);
+    }
+
+    #[test]
+    fn every_setting_is_read() {
+        // A setting listed for users but never read would silently do nothing.
+        struct Recorder(std::cell::RefCell<Vec<String>>);
+        impl SettingSource for Recorder {
+            fn get(&self, name: &str) -> Option<RawSetting> {
+                self.0.borrow_mut().push(name.to_string());
+                None
+            }
+        }
+        let rec = Recorder(Default::default());
+        Config::from_source(&rec).unwrap();
+        let mut read = rec.0.into_inner();
+        read.sort();
+        read.dedup();
+        let mut listed: Vec<String> = SETTINGS.iter().map(|(n, _)| n.to_string()).collect();
+        listed.sort();
+        assert_eq!(read, listed);
+    }
+}

@@ -1,0 +1,411 @@
+//! Forwarding to the app: request and response header rules, the upstream
+//! call, upgrades, and the proxy's own error responses (502, 504).
+
+use std::net::IpAddr;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode, Version};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+
+use super::{full_body, BoxError, ConnInfo, Pipeline, ResponseBody};
+use crate::log;
+
+/// Hop-by-hop fields (RFC 9110 §7.6.1), plus the non-standard ones proxies
+/// have always treated as such (`Proxy-Connection`, `Keep-Alive`) and the
+/// proxy credentials meant for us, not the app (RFC 9110 §11.7.1-2).
+const HOP_BY_HOP: [&str; 9] = [
+    "connection",
+    "proxy-connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+const X_FORWARDED_FOR: &str = "x-forwarded-for";
+const X_FORWARDED_HOST: &str = "x-forwarded-host";
+const X_FORWARDED_PROTO: &str = "x-forwarded-proto";
+
+/// Removes hop-by-hop fields and every field named in `Connection`
+/// (RFC 9110 §7.6.1). Returns the `Upgrade` value when the message asked for
+/// a protocol upgrade (RFC 9110 §7.8), so the caller can carry it across.
+pub fn remove_hop_by_hop(headers: &mut HeaderMap) -> Option<HeaderValue> {
+    let mut upgrade_requested = false;
+    let mut trailers_accepted = false;
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter_map(|token| {
+            upgrade_requested |= token.eq_ignore_ascii_case("upgrade");
+            HeaderName::from_bytes(token.as_bytes()).ok()
+        })
+        .collect();
+    // RFC 9110 §10.1.4: "TE: trailers" tells the app its trailers will reach
+    // the client; keep that token, drop the rest.
+    for te in headers.get_all(header::TE) {
+        if let Ok(v) = te.to_str() {
+            trailers_accepted |= v
+                .split(',')
+                .any(|t| t.split(';').next().unwrap_or("").trim().eq_ignore_ascii_case("trailers"));
+        }
+    }
+    let upgrade = headers.get(header::UPGRADE).cloned().filter(|_| upgrade_requested);
+    for name in named {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+    if trailers_accepted {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+    upgrade
+}
+
+/// Sets `X-Forwarded-For/-Host/-Proto` for the app.
+///
+/// With `trust` (FORWARD_HEADERS, default without TLS) a proxy in front of us
+/// is believed: its `X-Forwarded-For` chain is extended and its `-Host` and
+/// `-Proto` kept. Without it, client-sent values are replaced, so a client
+/// cannot spoof its address or scheme to the app.
+pub fn set_forwarded_headers(
+    headers: &mut HeaderMap,
+    client_ip: IpAddr,
+    host: Option<&HeaderValue>,
+    tls: bool,
+    trust: bool,
+) {
+    let client = client_ip.to_string();
+    let chain = if trust {
+        let prior: Vec<&str> = headers
+            .get_all(X_FORWARDED_FOR)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+            .collect();
+        if prior.is_empty() {
+            client
+        } else {
+            format!("{}, {client}", prior.join(", "))
+        }
+    } else {
+        client
+    };
+    if let Ok(v) = HeaderValue::try_from(chain) {
+        headers.insert(X_FORWARDED_FOR, v);
+    }
+
+    let keep = |headers: &HeaderMap, name: &str| {
+        trust && headers.get(name).is_some_and(|v| !v.as_bytes().is_empty())
+    };
+    if !keep(headers, X_FORWARDED_HOST) {
+        match host {
+            Some(h) => {
+                headers.insert(X_FORWARDED_HOST, h.clone());
+            }
+            None => {
+                headers.remove(X_FORWARDED_HOST);
+            }
+        }
+    }
+    if !keep(headers, X_FORWARDED_PROTO) {
+        let proto = if tls { "https" } else { "http" };
+        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+    }
+    // RFC 7239 `Forwarded` would carry a second, unchecked copy of the same
+    // claims; Thruster drops it and so do we.
+    headers.remove(header::FORWARDED);
+}
+
+/// The host the client asked for: `Host`, or the HTTP/2 `:authority`.
+fn request_host<B>(req: &Request<B>) -> Option<HeaderValue> {
+    req.headers().get(header::HOST).cloned().or_else(|| {
+        req.uri()
+            .authority()
+            .and_then(|a| HeaderValue::try_from(a.as_str()).ok())
+    })
+}
+
+pub async fn forward(
+    pipeline: &Pipeline,
+    mut req: Request<Incoming>,
+    conn: ConnInfo,
+) -> Response<ResponseBody> {
+    let config = pipeline.config();
+    let host = request_host(&req);
+    let client_upgrade = if req.version() == Version::HTTP_11 {
+        remove_hop_by_hop(req.headers_mut())
+    } else {
+        remove_hop_by_hop(req.headers_mut());
+        None
+    };
+    set_forwarded_headers(
+        req.headers_mut(),
+        conn.peer.ip().to_canonical(),
+        host.as_ref(),
+        conn.tls,
+        config.forward_headers,
+    );
+    if let Some(h) = &host {
+        req.headers_mut().insert(header::HOST, h.clone());
+    }
+    let client_on_upgrade = client_upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
+    if let Some(proto) = &client_upgrade {
+        let h = req.headers_mut();
+        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        h.insert(header::UPGRADE, proto.clone());
+    }
+
+    let path = req.uri().path().to_string();
+    let (mut parts, body) = req.into_parts();
+    parts.uri = pipeline.upstream.uri_for(parts.uri.path_and_query());
+    parts.version = Version::HTTP_11;
+    let upstream_req = Request::from_parts(parts, body.map_err(BoxError::from).boxed_unsync());
+
+    let sent = pipeline.upstream.send(upstream_req);
+    let result = match config.http_write_timeout {
+        Some(limit) => match tokio::time::timeout(limit, sent).await {
+            Ok(result) => result,
+            Err(_) => {
+                log::info(
+                    "Upstream response timed out",
+                    &[
+                        ("path", path.into()),
+                        ("timeout_seconds", limit.as_secs().into()),
+                    ],
+                );
+                return error_response(StatusCode::GATEWAY_TIMEOUT, Default::default());
+            }
+        },
+        None => sent.await,
+    };
+    let mut response = match result {
+        Ok(response) => response,
+        Err(err) => {
+            log::info(
+                "Unable to proxy request",
+                &[("path", path.into()), ("error", error_chain(&err).into())],
+            );
+            return bad_gateway(pipeline);
+        }
+    };
+
+    if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+        if let Some(client_on_upgrade) = client_on_upgrade {
+            let upstream_on_upgrade = hyper::upgrade::on(&mut response);
+            tokio::spawn(tunnel(client_on_upgrade, upstream_on_upgrade));
+        }
+        let (parts, _) = response.into_parts();
+        return Response::from_parts(parts, full_body(bytes::Bytes::new()));
+    }
+    let upstream_upgrade = remove_hop_by_hop(response.headers_mut());
+    debug_assert!(upstream_upgrade.is_none() || response.status() != StatusCode::SWITCHING_PROTOCOLS);
+    response.map(|b| b.map_err(BoxError::from).boxed_unsync())
+}
+
+/// Copies bytes both ways between client and app once both sides switched
+/// protocols (WebSocket). Request timeouts no longer apply.
+async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+    let (client, upstream) = match tokio::try_join!(client, upstream) {
+        Ok(pair) => pair,
+        Err(err) => {
+            log::debug("Upgrade failed", &[("error", err.to_string().into())]);
+            return;
+        }
+    };
+    let mut client = hyper_util::rt::TokioIo::new(client);
+    let mut upstream = hyper_util::rt::TokioIo::new(upstream);
+    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+}
+
+fn bad_gateway(pipeline: &Pipeline) -> Response<ResponseBody> {
+    // Read on each use (502s are rare), so a page deployed after start-up is
+    // served; Thruster reads it once at start.
+    let page = std::fs::read(&pipeline.config().bad_gateway_page).ok();
+    error_response(StatusCode::BAD_GATEWAY, page)
+}
+
+fn error_response(status: StatusCode, page: Option<Vec<u8>>) -> Response<ResponseBody> {
+    let mut builder = Response::builder().status(status);
+    if page.is_some() {
+        builder = builder.header(header::CONTENT_TYPE, "text/html; charset=utf-8");
+    }
+    builder
+        .body(full_body(page.unwrap_or_default()))
+        .expect("static status and header form a valid response")
+}
+
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap());
+        }
+        h
+    }
+
+    fn values(h: &HeaderMap, name: &str) -> Vec<String> {
+        h.get_all(name).iter().map(|v| v.to_str().unwrap().to_string()).collect()
+    }
+
+    /// (rule, input headers, headers that must be gone, headers that must remain)
+    #[test]
+    fn hop_by_hop_rules() {
+        let cases: &[(&str, &[(&str, &str)], &[&str], &[(&str, &str)])] = &[
+            (
+                "RFC 9110 §7.6.1: Connection and the fields it names are removed",
+                &[("connection", "close, x-private"), ("x-private", "1"), ("x-kept", "2")],
+                &["connection", "x-private"],
+                &[("x-kept", "2")],
+            ),
+            (
+                "RFC 9110 §7.6.1: Keep-Alive and Proxy-Connection are hop-by-hop",
+                &[("keep-alive", "timeout=5"), ("proxy-connection", "keep-alive")],
+                &["keep-alive", "proxy-connection"],
+                &[],
+            ),
+            (
+                "RFC 9112 §6.1: Transfer-Encoding is a property of one connection",
+                &[("transfer-encoding", "chunked")],
+                &["transfer-encoding"],
+                &[],
+            ),
+            (
+                "RFC 9110 §6.6.2: Trailer announcement is per connection",
+                &[("trailer", "x-checksum")],
+                &["trailer"],
+                &[],
+            ),
+            (
+                "RFC 9110 §11.7.1-2: proxy credentials are for this hop only",
+                &[("proxy-authorization", "Basic eA=="), ("proxy-authenticate", "Basic")],
+                &["proxy-authorization", "proxy-authenticate"],
+                &[],
+            ),
+            (
+                "RFC 9110 §10.1.4: TE keeps only `trailers`",
+                &[("te", "gzip, trailers;q=1")],
+                &[],
+                &[("te", "trailers")],
+            ),
+            (
+                "RFC 9110 §10.1.4: TE without trailers is dropped",
+                &[("te", "gzip")],
+                &["te"],
+                &[],
+            ),
+            (
+                "RFC 9110 §7.8: Upgrade without Connection: upgrade is dropped",
+                &[("upgrade", "websocket")],
+                &["upgrade"],
+                &[],
+            ),
+            (
+                "end-to-end fields pass",
+                &[("cookie", "a=1"), ("authorization", "Bearer x"), ("accept-encoding", "gzip")],
+                &[],
+                &[("cookie", "a=1"), ("authorization", "Bearer x"), ("accept-encoding", "gzip")],
+            ),
+        ];
+        for (rule, input, gone, kept) in cases {
+            let mut h = headers(input);
+            let upgrade = remove_hop_by_hop(&mut h);
+            assert!(upgrade.is_none(), "{rule}");
+            for name in *gone {
+                assert!(!h.contains_key(*name), "{rule}: {name} should be removed");
+            }
+            for (name, value) in *kept {
+                assert_eq!(values(&h, name), vec![value.to_string()], "{rule}");
+            }
+        }
+    }
+
+    #[test]
+    fn upgrade_is_reported_when_connection_asks_for_it() {
+        // RFC 9110 §7.8: Upgrade is honoured only with `Connection: upgrade`.
+        let mut h = headers(&[("connection", "keep-alive, Upgrade"), ("upgrade", "websocket")]);
+        assert_eq!(remove_hop_by_hop(&mut h).unwrap(), "websocket");
+        assert!(!h.contains_key("upgrade") && !h.contains_key("connection"));
+    }
+
+    #[test]
+    fn forwarded_header_rules() {
+        let ip: IpAddr = "192.0.2.7".parse().unwrap();
+        let host = HeaderValue::from_static("app.test:8443");
+        // (rule, trust, tls, inbound, expected XFF, XFH, XFP)
+        let cases: &[(&str, bool, bool, &[(&str, &str)], &str, &str, &str)] = &[
+            ("no inbound, plain", true, false, &[], "192.0.2.7", "app.test:8443", "http"),
+            ("no inbound, tls", false, true, &[], "192.0.2.7", "app.test:8443", "https"),
+            (
+                "trusted chain is extended (RFC 7239 §5.2 practice)",
+                true,
+                false,
+                &[("x-forwarded-for", "203.0.113.1"), ("x-forwarded-for", "10.0.0.1")],
+                "203.0.113.1, 10.0.0.1, 192.0.2.7",
+                "app.test:8443",
+                "http",
+            ),
+            (
+                "trusted host and proto are kept",
+                true,
+                false,
+                &[("x-forwarded-host", "public.test"), ("x-forwarded-proto", "https")],
+                "192.0.2.7",
+                "public.test",
+                "https",
+            ),
+            (
+                "untrusted values are replaced",
+                false,
+                false,
+                &[
+                    ("x-forwarded-for", "6.6.6.6"),
+                    ("x-forwarded-host", "evil.test"),
+                    ("x-forwarded-proto", "https"),
+                ],
+                "192.0.2.7",
+                "app.test:8443",
+                "http",
+            ),
+        ];
+        for (rule, trust, tls, inbound, xff, xfh, xfp) in cases {
+            let mut h = headers(inbound);
+            h.insert(header::FORWARDED, HeaderValue::from_static("for=6.6.6.6"));
+            set_forwarded_headers(&mut h, ip, Some(&host), *tls, *trust);
+            assert_eq!(values(&h, X_FORWARDED_FOR), vec![xff.to_string()], "{rule}");
+            assert_eq!(values(&h, X_FORWARDED_HOST), vec![xfh.to_string()], "{rule}");
+            assert_eq!(values(&h, X_FORWARDED_PROTO), vec![xfp.to_string()], "{rule}");
+            assert!(!h.contains_key(header::FORWARDED), "{rule}: Forwarded is dropped");
+        }
+    }
+
+    #[test]
+    fn ipv6_client_address_has_no_brackets() {
+        let mut h = HeaderMap::new();
+        set_forwarded_headers(&mut h, "::1".parse().unwrap(), None, false, true);
+        assert_eq!(values(&h, X_FORWARDED_FOR), vec!["::1"]);
+        assert!(!h.contains_key(X_FORWARDED_HOST));
+    }
+}

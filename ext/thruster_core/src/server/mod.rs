@@ -1,0 +1,236 @@
+//! Listeners, the accept loop and graceful drain, on a Tokio runtime the
+//! server owns.
+//!
+//! Binding happens synchronously in `Server::start`, so a busy port is an
+//! error the caller sees before anything else starts (the wrapper then never
+//! starts its child; the Ruby API raises).
+
+use std::io;
+use std::net::{Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::TcpListener;
+use tokio::runtime::Runtime;
+use tokio::sync::watch;
+
+use crate::config::Config;
+use crate::log;
+use crate::pipeline::{ConnInfo, Pipeline};
+use crate::upstream::{Upstream, UpstreamAddr};
+
+/// How long `stop` waits by default for in-flight requests (Thruster: 5 s).
+pub const DEFAULT_DRAIN: Duration = Duration::from_secs(5);
+const LISTEN_BACKLOG: i32 = 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("could not start the proxy runtime: {0}")]
+    Runtime(#[source] io::Error),
+    #[error("Failed to start HTTP listener on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Where and how to run, beyond the user's `Config`.
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    pub upstream: UpstreamAddr,
+    /// `None` listens on all interfaces (IPv6 and IPv4) at `HTTP_PORT`.
+    pub http_bind: Option<SocketAddr>,
+    pub worker_threads: usize,
+}
+
+impl ServerOptions {
+    /// The wrapper's defaults: the app on `127.0.0.1:TARGET_PORT`.
+    pub fn for_wrapper(config: &Config) -> ServerOptions {
+        ServerOptions {
+            upstream: UpstreamAddr::Tcp(SocketAddr::from(([127, 0, 0, 1], config.target_port))),
+            http_bind: None,
+            worker_threads: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2),
+        }
+    }
+}
+
+/// A running proxy. Dropping it without `stop` aborts connections.
+pub struct Server {
+    runtime: Option<Runtime>,
+    shutdown: watch::Sender<bool>,
+    accept_task: Option<tokio::task::JoinHandle<()>>,
+    http_addr: SocketAddr,
+}
+
+impl Server {
+    pub fn start(config: Config, options: ServerOptions) -> Result<Server, ServerError> {
+        log::set_debug(config.debug);
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(options.worker_threads.max(1))
+            .thread_name("thruster-worker")
+            .on_thread_start(block_all_signals)
+            .enable_io()
+            .enable_time()
+            .build()
+            .map_err(ServerError::Runtime)?;
+
+        let std_listener = bind_listener(options.http_bind, config.http_port)?;
+        let http_addr = std_listener.local_addr().map_err(ServerError::Runtime)?;
+        let listener = {
+            let _guard = runtime.enter();
+            TcpListener::from_std(std_listener).map_err(ServerError::Runtime)?
+        };
+
+        let config = Arc::new(config);
+        let builder = connection_builder(&config);
+        let pipeline = Arc::new(Pipeline::new(config.clone(), Upstream::new(options.upstream)));
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let accept_task = runtime.spawn(accept_loop(listener, builder, pipeline, shutdown_rx));
+
+        log::info("Server started", &[("http", format!(":{}", http_addr.port()).into())]);
+        Ok(Server {
+            runtime: Some(runtime),
+            shutdown,
+            accept_task: Some(accept_task),
+            http_addr,
+        })
+    }
+
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    /// Stops accepting, lets in-flight requests finish for up to `drain`,
+    /// then closes every connection and the runtime.
+    pub fn stop(mut self, drain: Duration) {
+        self.stop_inner(drain);
+    }
+
+    fn stop_inner(&mut self, drain: Duration) {
+        let Some(runtime) = self.runtime.take() else { return };
+        log::info("Server stopping", &[]);
+        let _ = self.shutdown.send(true);
+        if let Some(task) = self.accept_task.take() {
+            let _ = runtime.block_on(async { tokio::time::timeout(drain, task).await });
+        }
+        runtime.shutdown_timeout(Duration::from_millis(100));
+        log::info("Server stopped", &[]);
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop_inner(Duration::ZERO);
+    }
+}
+
+fn bind_listener(bind: Option<SocketAddr>, port: u16) -> Result<std::net::TcpListener, ServerError> {
+    match bind {
+        Some(addr) => bind_one(addr, false),
+        None => {
+            // One dual-stack socket serves IPv6 and IPv4 clients alike; fall
+            // back to IPv4 where the kernel has no IPv6.
+            let any6 = SocketAddr::from((Ipv6Addr::UNSPECIFIED, port));
+            match bind_one(any6, true) {
+                Err(ServerError::Bind { source, .. })
+                    if source.raw_os_error() == Some(libc::EAFNOSUPPORT) =>
+                {
+                    bind_one(SocketAddr::from(([0, 0, 0, 0], port)), false)
+                }
+                other => other,
+            }
+        }
+    }
+}
+
+fn bind_one(addr: SocketAddr, dual_stack: bool) -> Result<std::net::TcpListener, ServerError> {
+    let err = |source| ServerError::Bind { addr, source };
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)).map_err(err)?;
+    if dual_stack {
+        socket.set_only_v6(false).map_err(err)?;
+    }
+    // Lets a restarted proxy re-bind while old connections sit in TIME_WAIT.
+    socket.set_reuse_address(true).map_err(err)?;
+    socket.bind(&addr.into()).map_err(err)?;
+    socket.listen(LISTEN_BACKLOG).map_err(err)?;
+    socket.set_nonblocking(true).map_err(err)?;
+    Ok(socket.into())
+}
+
+fn connection_builder(config: &Config) -> Arc<auto::Builder<TokioExecutor>> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    if !config.h2c_enabled {
+        builder = builder.http1_only();
+    }
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .keep_alive(true)
+        .header_read_timeout(config.http_read_timeout);
+    builder.http2().timer(TokioTimer::new());
+    Arc::new(builder)
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    pipeline: Arc<Pipeline>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let graceful = GracefulShutdown::new();
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = shutdown.changed() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(err) => {
+                    // Out of file descriptors and the like: back off instead
+                    // of spinning, and keep serving the connections we have.
+                    log::error("Accept failed", &[("error", err.to_string().into())]);
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let conn_info = ConnInfo { peer, tls: false };
+        let pipeline = pipeline.clone();
+        let service = service_fn(move |req| {
+            let pipeline = pipeline.clone();
+            async move { Ok::<_, std::convert::Infallible>(pipeline.handle(req, conn_info).await) }
+        });
+        let conn = builder
+            .serve_connection_with_upgrades(TokioIo::new(stream), service)
+            .into_owned();
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(err) = conn.await {
+                log::debug("Connection ended with an error", &[("error", err.to_string().into())]);
+            }
+        });
+    }
+    // Closing the listener now makes new connections fail fast instead of
+    // queueing in the backlog while we drain.
+    drop(listener);
+    graceful.shutdown().await;
+}
+
+/// Runtime threads never take signals: in-process, they belong to Puma's
+/// handlers; in the wrapper, to its relay thread.
+fn block_all_signals() {
+    // SAFETY: sigfillset/pthread_sigmask only touch the thread-local mask and
+    // a stack value.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut set);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    }
+}
