@@ -1,0 +1,70 @@
+# frozen_string_literal: true
+
+require "socket"
+require "net/http"
+require "json"
+require "tmpdir"
+require "timeout"
+require_relative "support/child_process"
+
+ROOT = File.expand_path("..", __dir__)
+FIXTURES = File.join(__dir__, "fixtures")
+
+module SpecHelpers
+  def free_port
+    server = TCPServer.new("127.0.0.1", 0)
+    server.addr[1]
+  ensure
+    server&.close
+  end
+
+  def thrust_path
+    path = File.join(ROOT, "lib/thruster/thrust")
+    raise "#{path} is missing: run `bundle exec rake compile` first" unless File.executable?(path)
+
+    path
+  end
+
+  # Polls until the block returns a truthy value; a readiness probe, never a
+  # fixed sleep.
+  def wait_until(timeout: 10, interval: 0.05, message: "condition")
+    deadline = Process.clock_gettime(Process::CLOCK_MONOTONIC) + timeout
+    loop do
+      result = yield
+      return result if result
+      raise "timed out after #{timeout}s waiting for #{message}" if Process.clock_gettime(Process::CLOCK_MONOTONIC) > deadline
+
+      sleep interval
+    end
+  end
+
+  def http_get(port, path, headers = {}, host: "127.0.0.1")
+    Net::HTTP.start(host, port, open_timeout: 5, read_timeout: 10) do |http|
+      http.get(path, headers)
+    end
+  end
+
+  # Starts `thrust` in front of the fixture Puma app and waits until a
+  # request passes through to the app.
+  def start_thrust_with_puma(env: {}, config: "puma.rb", app: "app.ru")
+    target = free_port
+    thrust = ChildProcess.start(
+      { "HTTP_PORT" => "0", "TARGET_PORT" => target.to_s }.merge(env),
+      thrust_path, "puma", "-C", File.join(FIXTURES, config), File.join(FIXTURES, app)
+    )
+    port = thrust.http_port
+    wait_until(message: "Puma behind thrust") do
+      http_get(port, "/up").code == "200"
+    rescue SystemCallError, Net::ReadTimeout, EOFError
+      false
+    end
+    [thrust, port]
+  end
+end
+
+RSpec.configure do |config|
+  config.include SpecHelpers
+  config.disable_monkey_patching!
+  config.order = :defined
+  config.after { ChildProcess.reap_all }
+end
