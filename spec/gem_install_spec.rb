@@ -17,7 +17,7 @@ RSpec.describe "installed gems" do
   end
 
   def sh!(env, *cmd, chdir: ROOT)
-    out = IO.popen(env, cmd, chdir: chdir, err: %i[child out], &:read)
+    out = IO.popen(env, cmd, chdir:, err: %i[child out], &:read)
     raise "#{cmd.join(' ')} failed (#{$CHILD_STATUS.exitstatus}):\n#{out}" unless $CHILD_STATUS.success?
 
     out
@@ -40,7 +40,13 @@ RSpec.describe "installed gems" do
       nil
     end
     expect(response.body).to eq("up")
-    loaded = sh!(env, RbConfig.ruby, "-e", 'require "thruster-rs"; print $LOADED_FEATURES.grep(/thruster_rs\.so/).first, " ", Thruster::Native.core_version', chdir: outside)
+    expect_native_extension_from_gem_home(env)
+  end
+
+  def expect_native_extension_from_gem_home(env)
+    script = 'require "thruster-rs"; print $LOADED_FEATURES.grep(/thruster_rs\.so/).first, " ", ' \
+             "Thruster::Native.core_version"
+    loaded = sh!(env, RbConfig.ruby, "-e", script, chdir: outside)
     expect(loaded).to start_with(gem_home).and end_with(version)
   end
 

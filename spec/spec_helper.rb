@@ -6,6 +6,7 @@ require "json"
 require "tmpdir"
 require "timeout"
 require_relative "support/child_process"
+require_relative "../lib/thruster/version"
 
 ROOT = File.expand_path("..", __dir__)
 FIXTURES = File.join(__dir__, "fixtures")
@@ -28,14 +29,20 @@ module SpecHelpers
   # Polls until the block returns a truthy value; a readiness probe, never a
   # fixed sleep.
   def wait_until(timeout: 10, interval: 0.05, message: "condition")
-    deadline = Process.clock_gettime(Process::CLOCK_MONOTONIC) + timeout
+    deadline = monotonic + timeout
     loop do
       result = yield
       return result if result
-      raise "timed out after #{timeout}s waiting for #{message}" if Process.clock_gettime(Process::CLOCK_MONOTONIC) > deadline
+      if Process.clock_gettime(Process::CLOCK_MONOTONIC) > deadline
+        raise "timed out after #{timeout}s waiting for #{message}"
+      end
 
       sleep interval
     end
+  end
+
+  def monotonic
+    Process.clock_gettime(Process::CLOCK_MONOTONIC)
   end
 
   def http_get(port, path, headers = {}, host: "127.0.0.1")

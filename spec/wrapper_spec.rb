@@ -4,7 +4,7 @@ require "spec_helper"
 
 RSpec.describe "thrust wrapper" do
   def run_thrust(env, *argv, stdin: :close)
-    child = ChildProcess.start(env, thrust_path, *argv, stdin: stdin)
+    child = ChildProcess.start(env, thrust_path, *argv, stdin:)
     status = child.wait
     [status, child.output]
   end
@@ -27,7 +27,7 @@ RSpec.describe "thrust wrapper" do
         "HTTP_X_FORWARDED_PROTO" => "http"
       )
       expect(seen["headers"]["HTTP_X_REQUEST_START"]).to match(/\At=\d{13}\z/)
-      expect(seen["port_env"]).to eq(thrust.output[/Listening on http:\/\/127.0.0.1:(\d+)/, 1])
+      expect(seen["port_env"]).to eq(thrust.output[%r{Listening on http://127.0.0.1:(\d+)}, 1])
       request_log = wait_until(message: "request log line") do
         thrust.log_lines.find { |l| l["msg"] == "Request" && l["path"] == "/echo" }
       end
@@ -92,7 +92,8 @@ RSpec.describe "thrust wrapper" do
     end
 
     it "treats empty values as unset" do
-      status, output = run_thrust({ "HTTP_PORT" => "0", "THRUSTER_CACHE_SIZE" => "", "CACHE_SIZE" => "" }, *marker_child)
+      status, output = run_thrust({ "HTTP_PORT" => "0", "THRUSTER_CACHE_SIZE" => "", "CACHE_SIZE" => "" },
+                                  *marker_child)
       expect(status.exitstatus).to eq(0), output
       expect(File.exist?(marker)).to be(true)
     end
@@ -145,7 +146,7 @@ RSpec.describe "thrust wrapper" do
 
     { "KILL" => 137, "TERM" => 143, "SEGV" => 139 }.each do |sig, expected|
       it "exits #{expected} (128+N) when the child dies of SIG#{sig}" do
-        status, = run_thrust({ "HTTP_PORT" => "0" }, "sh", "-c", "kill -#{sig} \$\$; sleep 5")
+        status, = run_thrust({ "HTTP_PORT" => "0" }, "sh", "-c", "kill -#{sig} $$; sleep 5")
         expect(status.exitstatus).to eq(expected)
       end
     end

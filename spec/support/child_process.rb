@@ -12,7 +12,7 @@ class ChildProcess
     attr_reader :all
 
     def start(env, *argv, stdin: :close, chdir: Dir.pwd)
-      new(env, argv, stdin: stdin, chdir: chdir).tap { |child| all << child }
+      new(env, argv, stdin:, chdir:).tap { |child| all << child }
     end
 
     def reap_all
@@ -27,7 +27,7 @@ class ChildProcess
     out_r, out_w = IO.pipe
     err_r, err_w = IO.pipe
     in_opt = stdin == :close ? :close : stdin
-    @pid = Process.spawn(env, *argv, out: out_w, err: err_w, in: in_opt, pgroup: true, chdir: chdir)
+    @pid = Process.spawn(env, *argv, out: out_w, err: err_w, in: in_opt, pgroup: true, chdir:)
     out_w.close
     err_w.close
     @readers = [out_r, err_r].map { |io| Thread.new { pump(io) } }
@@ -48,11 +48,9 @@ class ChildProcess
   end
 
   def wait_for_output(pattern, timeout: 15)
-    deadline = Process.clock_gettime(Process::CLOCK_MONOTONIC) + timeout
+    deadline = monotonic + timeout
     until (match = output.match(pattern))
-      if Process.clock_gettime(Process::CLOCK_MONOTONIC) > deadline
-        raise "timed out waiting for #{pattern.inspect}; output so far:\n#{output}"
-      end
+      raise "timed out waiting for #{pattern.inspect}; output so far:\n#{output}" if monotonic > deadline
       raise "process exited (#{@status.inspect}) before #{pattern.inspect}:\n#{output}" if exited?
 
       sleep 0.02
@@ -79,9 +77,9 @@ class ChildProcess
 
   # Waits for exit and returns the Process::Status.
   def wait(timeout: 20)
-    deadline = Process.clock_gettime(Process::CLOCK_MONOTONIC) + timeout
+    deadline = monotonic + timeout
     until exited?
-      raise "pid #{@pid} still running after #{timeout}s; output:\n#{output}" if Process.clock_gettime(Process::CLOCK_MONOTONIC) > deadline
+      raise "pid #{@pid} still running after #{timeout}s; output:\n#{output}" if monotonic > deadline
 
       sleep 0.02
     end
@@ -103,11 +101,15 @@ class ChildProcess
 
   private
 
+  def monotonic
+    Process.clock_gettime(Process::CLOCK_MONOTONIC)
+  end
+
   def pump(io)
     while (chunk = io.readpartial(4096))
       @mutex.synchronize { @output << chunk }
     end
-  rescue EOFError, IOError
+  rescue IOError
     nil
   end
 end

@@ -60,7 +60,10 @@ fn main() -> ExitCode {
     let mut signals = match Signals::new(RELAYED) {
         Ok(signals) => signals,
         Err(err) => {
-            log::error("Failed to install signal handlers", &[("error", err.to_string().into())]);
+            log::error(
+                "Failed to install signal handlers",
+                &[("error", err.to_string().into())],
+            );
             return ExitCode::from(1);
         }
     };
@@ -69,7 +72,10 @@ fn main() -> ExitCode {
     let server = match Server::start(config, options) {
         Ok(server) => server,
         Err(err) => {
-            log::error("Failed to start HTTP listener", &[("error", err.to_string().into())]);
+            log::error(
+                "Failed to start HTTP listener",
+                &[("error", err.to_string().into())],
+            );
             return ExitCode::from(1);
         }
     };
@@ -144,7 +150,10 @@ fn main() -> ExitCode {
             (None, None) => ExitCode::from(1),
         },
         Err(err) => {
-            log::error("Failed to wait for wrapped process", &[("error", err.to_string().into())]);
+            log::error(
+                "Failed to wait for wrapped process",
+                &[("error", err.to_string().into())],
+            );
             ExitCode::from(1)
         }
     }

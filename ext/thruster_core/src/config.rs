@@ -49,10 +49,7 @@ impl SettingSource for Environment {
 
 /// Applies the prefix rule over any key/value lookup; empty values count as
 /// unset at each level.
-pub fn prefixed_lookup(
-    name: &str,
-    lookup: impl Fn(&str) -> Option<String>,
-) -> Option<RawSetting> {
+pub fn prefixed_lookup(name: &str, lookup: impl Fn(&str) -> Option<String>) -> Option<RawSetting> {
     let prefixed = format!("{ENV_PREFIX}{name}");
     [prefixed, name.to_string()].into_iter().find_map(|key| {
         lookup(&key)
@@ -404,7 +401,16 @@ mod tests {
     fn go_style_integers() {
         assert_eq!(parse_int("+5"), Some(5));
         assert_eq!(parse_int("-5"), Some(-5));
-        for v in ["", "+", " 5", "5 ", "1_000", "1e6", "0x10", "99999999999999999999"] {
+        for v in [
+            "",
+            "+",
+            " 5",
+            "5 ",
+            "1_000",
+            "1e6",
+            "0x10",
+            "99999999999999999999",
+        ] {
             assert_eq!(parse_int(v), None, "{v}");
         }
     }

@@ -115,7 +115,11 @@ mod tests {
 
     #[test]
     fn strings_are_escaped() {
-        let line = format_line(Level::Error, "a \"quoted\"\nmsg", &[("p", Value::from("\\"))]);
+        let line = format_line(
+            Level::Error,
+            "a \"quoted\"\nmsg",
+            &[("p", Value::from("\\"))],
+        );
         let parsed: Value = serde_json::from_str(&line).unwrap();
         assert_eq!(parsed["msg"], "a \"quoted\"\nmsg");
         assert_eq!(parsed["p"], "\\");

@@ -60,7 +60,8 @@ impl Upstream {
             // ourselves when the client sent none.
             .set_host(false)
             .build(connector);
-        let authority = Authority::try_from(sock.to_string()).expect("socket address is an authority");
+        let authority =
+            Authority::try_from(sock.to_string()).expect("socket address is an authority");
         Upstream { client, authority }
     }
 
@@ -70,7 +71,11 @@ impl Upstream {
         Uri::builder()
             .scheme(Scheme::HTTP)
             .authority(self.authority.clone())
-            .path_and_query(path_and_query.cloned().unwrap_or_else(|| PathAndQuery::from_static("/")))
+            .path_and_query(
+                path_and_query
+                    .cloned()
+                    .unwrap_or_else(|| PathAndQuery::from_static("/")),
+            )
             .build()
             .expect("scheme, authority and path form a valid URI")
     }

@@ -43,7 +43,10 @@ impl RequestRecord {
         let remote_addr = if trust_forwarded && !forwarded_for.is_empty() {
             forwarded_for
         } else {
-            format!("{}", std::net::SocketAddr::new(conn.peer.ip().to_canonical(), conn.peer.port()))
+            format!(
+                "{}",
+                std::net::SocketAddr::new(conn.peer.ip().to_canonical(), conn.peer.port())
+            )
         };
         let req_content_length = req
             .body()

@@ -46,7 +46,11 @@ impl Pipeline {
         &self.config
     }
 
-    pub async fn handle(&self, mut req: Request<Incoming>, conn: ConnInfo) -> Response<ResponseBody> {
+    pub async fn handle(
+        &self,
+        mut req: Request<Incoming>,
+        conn: ConnInfo,
+    ) -> Response<ResponseBody> {
         let started = Instant::now();
         let record = self
             .config

@@ -51,12 +51,19 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) -> Option<HeaderValue> {
     // the client; keep that token, drop the rest.
     for te in headers.get_all(header::TE) {
         if let Ok(v) = te.to_str() {
-            trailers_accepted |= v
-                .split(',')
-                .any(|t| t.split(';').next().unwrap_or("").trim().eq_ignore_ascii_case("trailers"));
+            trailers_accepted |= v.split(',').any(|t| {
+                t.split(';')
+                    .next()
+                    .unwrap_or("")
+                    .trim()
+                    .eq_ignore_ascii_case("trailers")
+            });
         }
     }
-    let upgrade = headers.get(header::UPGRADE).cloned().filter(|_| upgrade_requested);
+    let upgrade = headers
+        .get(header::UPGRADE)
+        .cloned()
+        .filter(|_| upgrade_requested);
     for name in named {
         headers.remove(name);
     }
@@ -157,7 +164,9 @@ pub async fn forward(
     if let Some(h) = &host {
         req.headers_mut().insert(header::HOST, h.clone());
     }
-    let client_on_upgrade = client_upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
+    let client_on_upgrade = client_upgrade
+        .as_ref()
+        .map(|_| hyper::upgrade::on(&mut req));
     if let Some(proto) = &client_upgrade {
         let h = req.headers_mut();
         h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
@@ -207,7 +216,9 @@ pub async fn forward(
         return Response::from_parts(parts, full_body(bytes::Bytes::new()));
     }
     let upstream_upgrade = remove_hop_by_hop(response.headers_mut());
-    debug_assert!(upstream_upgrade.is_none() || response.status() != StatusCode::SWITCHING_PROTOCOLS);
+    debug_assert!(
+        upstream_upgrade.is_none() || response.status() != StatusCode::SWITCHING_PROTOCOLS
+    );
     response.map(|b| b.map_err(BoxError::from).boxed_unsync())
 }
 
@@ -258,31 +269,46 @@ fn error_chain(err: &dyn std::error::Error) -> String {
 mod tests {
     use super::*;
 
+    type Fields = &'static [(&'static str, &'static str)];
+
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
         for (k, v) in pairs {
-            h.append(HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap());
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
         }
         h
     }
 
     fn values(h: &HeaderMap, name: &str) -> Vec<String> {
-        h.get_all(name).iter().map(|v| v.to_str().unwrap().to_string()).collect()
+        h.get_all(name)
+            .iter()
+            .map(|v| v.to_str().unwrap().to_string())
+            .collect()
     }
 
     /// (rule, input headers, headers that must be gone, headers that must remain)
     #[test]
     fn hop_by_hop_rules() {
-        let cases: &[(&str, &[(&str, &str)], &[&str], &[(&str, &str)])] = &[
+        let cases: &[(&str, Fields, &[&str], Fields)] = &[
             (
                 "RFC 9110 §7.6.1: Connection and the fields it names are removed",
-                &[("connection", "close, x-private"), ("x-private", "1"), ("x-kept", "2")],
+                &[
+                    ("connection", "close, x-private"),
+                    ("x-private", "1"),
+                    ("x-kept", "2"),
+                ],
                 &["connection", "x-private"],
                 &[("x-kept", "2")],
             ),
             (
                 "RFC 9110 §7.6.1: Keep-Alive and Proxy-Connection are hop-by-hop",
-                &[("keep-alive", "timeout=5"), ("proxy-connection", "keep-alive")],
+                &[
+                    ("keep-alive", "timeout=5"),
+                    ("proxy-connection", "keep-alive"),
+                ],
                 &["keep-alive", "proxy-connection"],
                 &[],
             ),
@@ -300,7 +326,10 @@ mod tests {
             ),
             (
                 "RFC 9110 §11.7.1-2: proxy credentials are for this hop only",
-                &[("proxy-authorization", "Basic eA=="), ("proxy-authenticate", "Basic")],
+                &[
+                    ("proxy-authorization", "Basic eA=="),
+                    ("proxy-authenticate", "Basic"),
+                ],
                 &["proxy-authorization", "proxy-authenticate"],
                 &[],
             ),
@@ -324,9 +353,17 @@ mod tests {
             ),
             (
                 "end-to-end fields pass",
-                &[("cookie", "a=1"), ("authorization", "Bearer x"), ("accept-encoding", "gzip")],
+                &[
+                    ("cookie", "a=1"),
+                    ("authorization", "Bearer x"),
+                    ("accept-encoding", "gzip"),
+                ],
                 &[],
-                &[("cookie", "a=1"), ("authorization", "Bearer x"), ("accept-encoding", "gzip")],
+                &[
+                    ("cookie", "a=1"),
+                    ("authorization", "Bearer x"),
+                    ("accept-encoding", "gzip"),
+                ],
             ),
         ];
         for (rule, input, gone, kept) in cases {
@@ -345,7 +382,10 @@ mod tests {
     #[test]
     fn upgrade_is_reported_when_connection_asks_for_it() {
         // RFC 9110 §7.8: Upgrade is honoured only with `Connection: upgrade`.
-        let mut h = headers(&[("connection", "keep-alive, Upgrade"), ("upgrade", "websocket")]);
+        let mut h = headers(&[
+            ("connection", "keep-alive, Upgrade"),
+            ("upgrade", "websocket"),
+        ]);
         assert_eq!(remove_hop_by_hop(&mut h).unwrap(), "websocket");
         assert!(!h.contains_key("upgrade") && !h.contains_key("connection"));
     }
@@ -355,14 +395,33 @@ mod tests {
         let ip: IpAddr = "192.0.2.7".parse().unwrap();
         let host = HeaderValue::from_static("app.test:8443");
         // (rule, trust, tls, inbound, expected XFF, XFH, XFP)
-        let cases: &[(&str, bool, bool, &[(&str, &str)], &str, &str, &str)] = &[
-            ("no inbound, plain", true, false, &[], "192.0.2.7", "app.test:8443", "http"),
-            ("no inbound, tls", false, true, &[], "192.0.2.7", "app.test:8443", "https"),
+        let cases: &[(&str, bool, bool, Fields, &str, &str, &str)] = &[
+            (
+                "no inbound, plain",
+                true,
+                false,
+                &[],
+                "192.0.2.7",
+                "app.test:8443",
+                "http",
+            ),
+            (
+                "no inbound, tls",
+                false,
+                true,
+                &[],
+                "192.0.2.7",
+                "app.test:8443",
+                "https",
+            ),
             (
                 "trusted chain is extended (RFC 7239 §5.2 practice)",
                 true,
                 false,
-                &[("x-forwarded-for", "203.0.113.1"), ("x-forwarded-for", "10.0.0.1")],
+                &[
+                    ("x-forwarded-for", "203.0.113.1"),
+                    ("x-forwarded-for", "10.0.0.1"),
+                ],
                 "203.0.113.1, 10.0.0.1, 192.0.2.7",
                 "app.test:8443",
                 "http",
@@ -371,7 +430,10 @@ mod tests {
                 "trusted host and proto are kept",
                 true,
                 false,
-                &[("x-forwarded-host", "public.test"), ("x-forwarded-proto", "https")],
+                &[
+                    ("x-forwarded-host", "public.test"),
+                    ("x-forwarded-proto", "https"),
+                ],
                 "192.0.2.7",
                 "public.test",
                 "https",
@@ -395,9 +457,20 @@ mod tests {
             h.insert(header::FORWARDED, HeaderValue::from_static("for=6.6.6.6"));
             set_forwarded_headers(&mut h, ip, Some(&host), *tls, *trust);
             assert_eq!(values(&h, X_FORWARDED_FOR), vec![xff.to_string()], "{rule}");
-            assert_eq!(values(&h, X_FORWARDED_HOST), vec![xfh.to_string()], "{rule}");
-            assert_eq!(values(&h, X_FORWARDED_PROTO), vec![xfp.to_string()], "{rule}");
-            assert!(!h.contains_key(header::FORWARDED), "{rule}: Forwarded is dropped");
+            assert_eq!(
+                values(&h, X_FORWARDED_HOST),
+                vec![xfh.to_string()],
+                "{rule}"
+            );
+            assert_eq!(
+                values(&h, X_FORWARDED_PROTO),
+                vec![xfp.to_string()],
+                "{rule}"
+            );
+            assert!(
+                !h.contains_key(header::FORWARDED),
+                "{rule}: Forwarded is dropped"
+            );
         }
     }
 

@@ -19,7 +19,10 @@ pub fn stamp(headers: &mut HeaderMap) {
 }
 
 fn header_value(now: SystemTime) -> HeaderValue {
-    let millis = now.duration_since(UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
+    let millis = now
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0);
     HeaderValue::try_from(format!("t={millis}")).expect("digits form a valid header value")
 }
 
@@ -34,7 +37,10 @@ mod tests {
             if let Some(v) = initial {
                 h.insert(X_REQUEST_START, HeaderValue::from_static(v));
             }
-            let before = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis();
+            let before = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap()
+                .as_millis();
             stamp(&mut h);
             let value = h[X_REQUEST_START].to_str().unwrap();
             let millis: u128 = value.strip_prefix("t=").unwrap().parse().unwrap();

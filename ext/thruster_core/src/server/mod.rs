@@ -91,11 +91,17 @@ impl Server {
 
         let config = Arc::new(config);
         let builder = connection_builder(&config);
-        let pipeline = Arc::new(Pipeline::new(config.clone(), Upstream::new(options.upstream)));
+        let pipeline = Arc::new(Pipeline::new(
+            config.clone(),
+            Upstream::new(options.upstream),
+        ));
         let (shutdown, shutdown_rx) = watch::channel(false);
         let accept_task = runtime.spawn(accept_loop(listener, builder, pipeline, shutdown_rx));
 
-        log::info("Server started", &[("http", format!(":{}", http_addr.port()).into())]);
+        log::info(
+            "Server started",
+            &[("http", format!(":{}", http_addr.port()).into())],
+        );
         Ok(Server {
             runtime: Some(runtime),
             shutdown,
@@ -115,7 +121,9 @@ impl Server {
     }
 
     fn stop_inner(&mut self, drain: Duration) {
-        let Some(runtime) = self.runtime.take() else { return };
+        let Some(runtime) = self.runtime.take() else {
+            return;
+        };
         log::info("Server stopping", &[]);
         let _ = self.shutdown.send(true);
         if let Some(task) = self.accept_task.take() {
@@ -132,7 +140,10 @@ impl Drop for Server {
     }
 }
 
-fn bind_listener(bind: Option<SocketAddr>, port: u16) -> Result<std::net::TcpListener, ServerError> {
+fn bind_listener(
+    bind: Option<SocketAddr>,
+    port: u16,
+) -> Result<std::net::TcpListener, ServerError> {
     match bind {
         Some(addr) => bind_one(addr, false),
         None => {
@@ -153,7 +164,8 @@ fn bind_listener(bind: Option<SocketAddr>, port: u16) -> Result<std::net::TcpLis
 
 fn bind_one(addr: SocketAddr, dual_stack: bool) -> Result<std::net::TcpListener, ServerError> {
     let err = |source| ServerError::Bind { addr, source };
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)).map_err(err)?;
+    let socket =
+        Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)).map_err(err)?;
     if dual_stack {
         socket.set_only_v6(false).map_err(err)?;
     }
@@ -213,7 +225,10 @@ async fn accept_loop(
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
             if let Err(err) = conn.await {
-                log::debug("Connection ended with an error", &[("error", err.to_string().into())]);
+                log::debug(
+                    "Connection ended with an error",
+                    &[("error", err.to_string().into())],
+                );
             }
         });
     }

@@ -1,0 +1,169 @@
+//! End to end through `Server`: a real hyper upstream on loopback, raw TCP
+//! clients, the proxy in between.
+
+use std::convert::Infallible;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use thruster_core::config::{prefixed_lookup, Config, RawSetting, SettingSource};
+use thruster_core::upstream::UpstreamAddr;
+use thruster_core::{Server, ServerOptions};
+
+struct Pairs(Vec<(&'static str, String)>);
+impl SettingSource for Pairs {
+    fn get(&self, name: &str) -> Option<RawSetting> {
+        prefixed_lookup(name, |k| {
+            self.0.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone())
+        })
+    }
+}
+
+/// An upstream that echoes the request head it received as the body, or
+/// sleeps first on `/slow`.
+fn start_upstream(rt: &tokio::runtime::Runtime) -> SocketAddr {
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    rt.spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let service = service_fn(|req: Request<hyper::body::Incoming>| async move {
+                    if req.uri().path() == "/slow" {
+                        tokio::time::sleep(Duration::from_secs(3)).await;
+                    }
+                    let mut head = format!("{} {}\n", req.method(), req.uri());
+                    for (name, value) in req.headers() {
+                        head.push_str(&format!("{}: {}\n", name, value.to_str().unwrap_or("?")));
+                    }
+                    Ok::<_, Infallible>(
+                        Response::builder()
+                            .header("connection", "x-hop")
+                            .header("x-hop", "should not reach the client")
+                            .header("keep-alive", "timeout=5")
+                            .body(Full::new(Bytes::from(head)))
+                            .unwrap(),
+                    )
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+fn start_proxy(upstream: SocketAddr, settings: Vec<(&'static str, String)>) -> Server {
+    let config = Config::from_source(&Pairs(settings)).unwrap();
+    Server::start(
+        config,
+        ServerOptions {
+            upstream: UpstreamAddr::Tcp(upstream),
+            http_bind: Some("127.0.0.1:0".parse().unwrap()),
+            worker_threads: 1,
+        },
+    )
+    .unwrap()
+}
+
+fn exchange(addr: SocketAddr, request: &str) -> String {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut out = String::new();
+    stream.read_to_string(&mut out).unwrap();
+    out
+}
+
+fn unused_port() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
+#[test]
+fn forwards_with_rewritten_headers_and_strips_hop_by_hop_both_ways() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let upstream = start_upstream(&rt);
+    let proxy = start_proxy(upstream, vec![("LOG_REQUESTS", "false".into())]);
+    let response = exchange(
+        proxy.http_addr(),
+        "GET /a/b?c=d HTTP/1.1\r\nHost: app.test\r\nConnection: close, x-secret\r\nx-secret: 1\r\n\
+         Proxy-Authorization: Basic eA==\r\nX-Forwarded-For: 6.6.6.6\r\n\r\n",
+    );
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let head_lower = head.to_ascii_lowercase();
+    assert!(!head_lower.contains("x-hop"), "{head}");
+    assert!(!head_lower.contains("keep-alive: timeout"), "{head}");
+    assert!(body.starts_with("GET /a/b?c=d\n"), "{body}");
+    assert!(body.contains("host: app.test\n"), "{body}");
+    assert!(
+        body.contains("x-forwarded-for: 6.6.6.6, 127.0.0.1\n"),
+        "{body}"
+    );
+    assert!(body.contains("x-forwarded-proto: http\n"), "{body}");
+    assert!(body.contains("x-request-start: t="), "{body}");
+    assert!(!body.contains("x-secret"), "{body}");
+    assert!(!body.contains("proxy-authorization"), "{body}");
+    proxy.stop(Duration::from_secs(1));
+}
+
+#[test]
+fn unreachable_app_gives_502_with_the_page() {
+    let dir = std::env::temp_dir().join(format!("thruster-e2e-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let page = dir.join("502.html");
+    std::fs::write(&page, "<p>be right back</p>").unwrap();
+    let proxy = start_proxy(
+        unused_port(),
+        vec![
+            ("LOG_REQUESTS", "false".into()),
+            ("BAD_GATEWAY_PAGE", page.display().to_string()),
+        ],
+    );
+    let response = exchange(
+        proxy.http_addr(),
+        "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    assert!(response.starts_with("HTTP/1.1 502"), "{response}");
+    assert!(response.ends_with("<p>be right back</p>"), "{response}");
+    proxy.stop(Duration::from_secs(1));
+}
+
+#[test]
+fn app_slower_than_write_timeout_gives_504() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let upstream = start_upstream(&rt);
+    let proxy = start_proxy(
+        upstream,
+        vec![
+            ("LOG_REQUESTS", "false".into()),
+            ("HTTP_WRITE_TIMEOUT", "1".into()),
+        ],
+    );
+    let response = exchange(
+        proxy.http_addr(),
+        "GET /slow HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    assert!(response.starts_with("HTTP/1.1 504"), "{response}");
+    proxy.stop(Duration::from_secs(1));
+}
+
+#[test]
+fn stop_frees_the_port() {
+    let proxy = start_proxy(unused_port(), vec![]);
+    let addr = proxy.http_addr();
+    proxy.stop(Duration::from_secs(1));
+    assert!(TcpStream::connect(addr).is_err());
+    std::net::TcpListener::bind(addr).expect("port can be bound again");
+}
