@@ -1,20 +1,28 @@
-//! The HTTP/1.1 client that forwards requests to the app server (Puma).
+//! The HTTP/1.1 client that forwards requests to the app server (Puma), over
+//! TCP or a Unix socket.
 //!
 //! A keep-alive pool sized for a proxy in front of one app: connections are
 //! reused across requests so the app never sees a connect per request.
 //! Puma closes idle keep-alive connections after 20 s, so the pool drops
 //! them sooner: a connection the app already closed is never picked.
 
+use std::future::Future;
+use std::io;
 use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, Uri};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpStream, UnixStream};
 
 use crate::pipeline::BoxError;
 
@@ -26,31 +34,147 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub type RequestBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
 
+/// Where the app listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum UpstreamAddr {
     Tcp(SocketAddr),
+    Unix(PathBuf),
 }
 
 impl std::fmt::Display for UpstreamAddr {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             UpstreamAddr::Tcp(addr) => write!(f, "{addr}"),
+            UpstreamAddr::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
+}
+
+/// Connects every request to the one app address, whatever the URI says.
+#[derive(Clone)]
+pub struct AppConnector {
+    addr: std::sync::Arc<UpstreamAddr>,
+}
+
+impl tower_service::Service<Uri> for AppConnector {
+    type Response = TokioIo<AppStream>;
+    type Error = io::Error;
+    type Future = Pin<Box<dyn Future<Output = io::Result<Self::Response>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _uri: Uri) -> Self::Future {
+        let addr = self.addr.clone();
+        Box::pin(async move {
+            let connect = async {
+                match &*addr {
+                    UpstreamAddr::Tcp(sock) => {
+                        let stream = TcpStream::connect(sock).await?;
+                        stream.set_nodelay(true)?;
+                        Ok(AppStream::Tcp(stream))
+                    }
+                    UpstreamAddr::Unix(path) => {
+                        UnixStream::connect(path).await.map(AppStream::Unix)
+                    }
+                }
+            };
+            match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
+                Ok(result) => result.map(TokioIo::new),
+                Err(_) => Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "connect to the app timed out",
+                )),
+            }
+        })
+    }
+}
+
+/// A connection to the app.
+pub enum AppStream {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl Connection for AppStream {
+    fn connected(&self) -> Connected {
+        Connected::new()
+    }
+}
+
+impl AsyncRead for AppStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            AppStream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            AppStream::Unix(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for AppStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            AppStream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            AppStream::Unix(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            AppStream::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            AppStream::Unix(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            AppStream::Tcp(s) => Pin::new(s).poll_flush(cx),
+            AppStream::Unix(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            AppStream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            AppStream::Unix(s) => Pin::new(s).poll_shutdown(cx),
         }
     }
 }
 
 #[derive(Clone)]
 pub struct Upstream {
-    client: Client<HttpConnector, RequestBody>,
+    client: Client<AppConnector, RequestBody>,
     authority: Authority,
 }
 
 impl Upstream {
     pub fn new(addr: UpstreamAddr) -> Upstream {
-        let UpstreamAddr::Tcp(sock) = addr;
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
+        // The URI authority only keys the pool; the connector ignores it.
+        let authority = match &addr {
+            UpstreamAddr::Tcp(sock) => Authority::try_from(sock.to_string()),
+            UpstreamAddr::Unix(_) => Authority::try_from("localhost"),
+        }
+        .expect("a socket address or `localhost` is a valid authority");
+        let connector = AppConnector {
+            addr: std::sync::Arc::new(addr),
+        };
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(POOL_IDLE_TIMEOUT)
             .pool_max_idle_per_host(POOL_MAX_IDLE)
@@ -60,8 +184,6 @@ impl Upstream {
             // ourselves when the client sent none.
             .set_host(false)
             .build(connector);
-        let authority =
-            Authority::try_from(sock.to_string()).expect("socket address is an authority");
         Upstream { client, authority }
     }
 
@@ -78,10 +200,6 @@ impl Upstream {
             )
             .build()
             .expect("scheme, authority and path form a valid URI")
-    }
-
-    pub fn authority(&self) -> &Authority {
-        &self.authority
     }
 
     pub async fn send(

@@ -36,7 +36,7 @@ fn header_text<B>(req: &Request<B>, name: header::HeaderName) -> String {
 }
 
 impl RequestRecord {
-    pub fn new<B: Body>(req: &Request<B>, conn: ConnInfo, trust_forwarded: bool) -> RequestRecord {
+    pub fn new<B: Body>(req: &Request<B>, conn: &ConnInfo, trust_forwarded: bool) -> RequestRecord {
         let forwarded_for = header_text(req, header::HeaderName::from_static("x-forwarded-for"));
         // Thruster logs the raw client X-Forwarded-For whatever FORWARD_HEADERS
         // says; we only believe it when forwarded headers are trusted.

@@ -5,6 +5,7 @@
 
 pub mod logging;
 pub mod proxy;
+pub mod request_body;
 pub mod request_start;
 
 use std::net::SocketAddr;
@@ -12,23 +13,26 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use http::{Request, Response};
+use http::{header, Request, Response, StatusCode, Version};
+use http_body::Body as _;
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
 use crate::config::Config;
+use crate::server::timed_io::ConnState;
 use crate::upstream::Upstream;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type ResponseBody = UnsyncBoxBody<Bytes, BoxError>;
 
 /// What the pipeline knows about the client connection a request came on.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ConnInfo {
     pub peer: SocketAddr,
     /// Whether the client connection is TLS (drives `X-Forwarded-Proto`).
     pub tls: bool,
+    pub state: Arc<ConnState>,
 }
 
 /// Shared, immutable state of the request path.
@@ -49,20 +53,69 @@ impl Pipeline {
     pub async fn handle(
         &self,
         mut req: Request<Incoming>,
-        conn: ConnInfo,
+        conn: &ConnInfo,
     ) -> Response<ResponseBody> {
         let started = Instant::now();
         let record = self
             .config
             .log_requests
             .then(|| logging::RequestRecord::new(&req, conn, self.config.forward_headers));
-        request_start::stamp(req.headers_mut());
-        let response = proxy::forward(self, req, conn).await;
+        let response = match self.reject(&req) {
+            Some(rejection) => rejection,
+            None => {
+                request_start::stamp(req.headers_mut());
+                proxy::forward(self, req, conn).await
+            }
+        };
         match record {
             Some(record) => logging::log_on_completion(response, record, started),
             None => response,
         }
     }
+}
+
+impl Pipeline {
+    /// Requests answered without involving the app.
+    fn reject(&self, req: &Request<Incoming>) -> Option<Response<ResponseBody>> {
+        // RFC 9112 §3.2: an HTTP/1.1 request without exactly one Host is a 400.
+        let hosts = req.headers().get_all(header::HOST).iter().count();
+        if req.version() == Version::HTTP_11 && hosts != 1 {
+            let reason = if hosts == 0 {
+                "missing required Host header"
+            } else {
+                "more than one Host header"
+            };
+            let mut response = plain_response(StatusCode::BAD_REQUEST, reason);
+            response.headers_mut().insert(
+                header::CONNECTION,
+                header::HeaderValue::from_static("close"),
+            );
+            return Some(response);
+        }
+        // Refuse an announced oversized body before anything reaches the app.
+        if let (Some(max), Some(len)) =
+            (self.config.max_request_body, req.body().size_hint().exact())
+        {
+            if len > max {
+                let mut response = proxy::error_response(StatusCode::PAYLOAD_TOO_LARGE, None);
+                response.headers_mut().insert(
+                    header::CONNECTION,
+                    header::HeaderValue::from_static("close"),
+                );
+                return Some(response);
+            }
+        }
+        None
+    }
+}
+
+/// A short `text/plain` response made by the proxy itself.
+pub fn plain_response(status: StatusCode, text: &str) -> Response<ResponseBody> {
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
+        .body(full_body(format!("{text}\n")))
+        .expect("a status and a static header form a valid response")
 }
 
 /// A body of fixed bytes, boxed into the pipeline's response body type.

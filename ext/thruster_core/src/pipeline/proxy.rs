@@ -5,9 +5,13 @@ use std::net::IpAddr;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Version};
+use http_body::Body as _;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
+use bytes::Bytes;
+
+use super::request_body::{BodyCut, CutFlag, LimitedBody};
 use super::{full_body, BoxError, ConnInfo, Pipeline, ResponseBody};
 use crate::log;
 
@@ -144,16 +148,13 @@ fn request_host<B>(req: &Request<B>) -> Option<HeaderValue> {
 pub async fn forward(
     pipeline: &Pipeline,
     mut req: Request<Incoming>,
-    conn: ConnInfo,
+    conn: &ConnInfo,
 ) -> Response<ResponseBody> {
     let config = pipeline.config();
     let host = request_host(&req);
-    let client_upgrade = if req.version() == Version::HTTP_11 {
-        remove_hop_by_hop(req.headers_mut())
-    } else {
-        remove_hop_by_hop(req.headers_mut());
-        None
-    };
+    let upgrade = remove_hop_by_hop(req.headers_mut());
+    // Only HTTP/1.1 has Upgrade (RFC 9110 §7.8); HTTP/2 uses extended CONNECT.
+    let client_upgrade = upgrade.filter(|_| req.version() == Version::HTTP_11);
     set_forwarded_headers(
         req.headers_mut(),
         conn.peer.ip().to_canonical(),
@@ -177,12 +178,82 @@ pub async fn forward(
     let (mut parts, body) = req.into_parts();
     parts.uri = pipeline.upstream.uri_for(parts.uri.path_and_query());
     parts.version = Version::HTTP_11;
-    let upstream_req = Request::from_parts(parts, body.map_err(BoxError::from).boxed_unsync());
 
-    let sent = pipeline.upstream.send(upstream_req);
-    let result = match config.http_write_timeout {
+    let cut = CutFlag::default();
+    // A request without a body can be replayed on a fresh connection if a
+    // pooled one fails under it (the app closed it as we sent).
+    let replay = (body.is_end_stream() && client_upgrade.is_none()).then(|| parts.clone());
+    let body = if body.is_end_stream() {
+        body.map_err(BoxError::from).boxed_unsync()
+    } else {
+        LimitedBody::new(
+            body,
+            config.max_request_body,
+            config.http_read_timeout,
+            cut.clone(),
+        )
+        .boxed_unsync()
+    };
+
+    let mut result = send_with_timeout(pipeline, Request::from_parts(parts, body), &path).await;
+    if let (Some(Err(err)), Some(parts)) = (&result, replay) {
+        if !err.is_connect() {
+            log::debug(
+                "Retrying request on a new upstream connection",
+                &[
+                    ("path", path.as_str().into()),
+                    ("error", error_chain(err).into()),
+                ],
+            );
+            let retry = Request::from_parts(parts, full_body(Bytes::new()));
+            result = send_with_timeout(pipeline, retry, &path).await;
+        }
+    }
+    let mut response = match result {
+        None => return error_response(StatusCode::GATEWAY_TIMEOUT, None),
+        Some(Ok(response)) => response,
+        Some(Err(err)) => {
+            let status = match cut.get() {
+                Some(BodyCut::TooLarge) => StatusCode::PAYLOAD_TOO_LARGE,
+                Some(BodyCut::TooSlow) => StatusCode::REQUEST_TIMEOUT,
+                None => StatusCode::BAD_GATEWAY,
+            };
+            log::info(
+                "Unable to proxy request",
+                &[("path", path.into()), ("error", error_chain(&err).into())],
+            );
+            return match status {
+                StatusCode::BAD_GATEWAY => bad_gateway(pipeline),
+                status => closing(error_response(status, None)),
+            };
+        }
+    };
+
+    if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+        if let Some(client_on_upgrade) = client_on_upgrade {
+            conn.state.mark_upgraded();
+            let upstream_on_upgrade = hyper::upgrade::on(&mut response);
+            tokio::spawn(tunnel(client_on_upgrade, upstream_on_upgrade));
+        }
+        let (parts, _) = response.into_parts();
+        return Response::from_parts(parts, full_body(Bytes::new()));
+    }
+    remove_hop_by_hop(response.headers_mut());
+    response.map(|b| b.map_err(BoxError::from).boxed_unsync())
+}
+
+/// Sends upstream, bounding the wait for the response head by
+/// `HTTP_WRITE_TIMEOUT`. `None` means the app did not answer in time.
+async fn send_with_timeout(
+    pipeline: &Pipeline,
+    req: Request<ResponseBody>,
+    path: &str,
+) -> Option<Result<Response<Incoming>, hyper_util::client::legacy::Error>> {
+    let sent = pipeline.upstream.send(req);
+    match pipeline.config().http_write_timeout {
+        None => Some(sent.await),
         Some(limit) => match tokio::time::timeout(limit, sent).await {
-            Ok(result) => result,
+            Ok(result) => Some(result),
             Err(_) => {
                 log::info(
                     "Upstream response timed out",
@@ -191,35 +262,19 @@ pub async fn forward(
                         ("timeout_seconds", limit.as_secs().into()),
                     ],
                 );
-                return error_response(StatusCode::GATEWAY_TIMEOUT, Default::default());
+                None
             }
         },
-        None => sent.await,
-    };
-    let mut response = match result {
-        Ok(response) => response,
-        Err(err) => {
-            log::info(
-                "Unable to proxy request",
-                &[("path", path.into()), ("error", error_chain(&err).into())],
-            );
-            return bad_gateway(pipeline);
-        }
-    };
-
-    if response.status() == StatusCode::SWITCHING_PROTOCOLS {
-        if let Some(client_on_upgrade) = client_on_upgrade {
-            let upstream_on_upgrade = hyper::upgrade::on(&mut response);
-            tokio::spawn(tunnel(client_on_upgrade, upstream_on_upgrade));
-        }
-        let (parts, _) = response.into_parts();
-        return Response::from_parts(parts, full_body(bytes::Bytes::new()));
     }
-    let upstream_upgrade = remove_hop_by_hop(response.headers_mut());
-    debug_assert!(
-        upstream_upgrade.is_none() || response.status() != StatusCode::SWITCHING_PROTOCOLS
-    );
-    response.map(|b| b.map_err(BoxError::from).boxed_unsync())
+}
+
+/// The client may still be sending a body we will not read: close after the
+/// response rather than parse the rest as a new request.
+fn closing(mut response: Response<ResponseBody>) -> Response<ResponseBody> {
+    response
+        .headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    response
 }
 
 /// Copies bytes both ways between client and app once both sides switched
@@ -244,7 +299,7 @@ fn bad_gateway(pipeline: &Pipeline) -> Response<ResponseBody> {
     error_response(StatusCode::BAD_GATEWAY, page)
 }
 
-fn error_response(status: StatusCode, page: Option<Vec<u8>>) -> Response<ResponseBody> {
+pub(crate) fn error_response(status: StatusCode, page: Option<Vec<u8>>) -> Response<ResponseBody> {
     let mut builder = Response::builder().status(status);
     if page.is_some() {
         builder = builder.header(header::CONTENT_TYPE, "text/html; charset=utf-8");

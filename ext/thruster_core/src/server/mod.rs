@@ -19,10 +19,13 @@ use tokio::net::TcpListener;
 use tokio::runtime::Runtime;
 use tokio::sync::watch;
 
+pub mod timed_io;
+
 use crate::config::Config;
 use crate::log;
-use crate::pipeline::{ConnInfo, Pipeline};
+use crate::pipeline::{ConnInfo, Pipeline, ResponseBody};
 use crate::upstream::{Upstream, UpstreamAddr};
+use timed_io::{ConnState, ConnTimeouts, InFlight, TimedIo};
 
 /// How long `stop` waits by default for in-flight requests (Thruster: 5 s).
 pub const DEFAULT_DRAIN: Duration = Duration::from_secs(5);
@@ -186,7 +189,8 @@ fn connection_builder(config: &Config) -> Arc<auto::Builder<TokioExecutor>> {
         .http1()
         .timer(TokioTimer::new())
         .keep_alive(true)
-        .header_read_timeout(config.http_read_timeout);
+        // Enforced by TimedIo instead, which tells idle from a slow head.
+        .header_read_timeout(None);
     builder.http2().timer(TokioTimer::new());
     Arc::new(builder)
 }
@@ -198,6 +202,11 @@ async fn accept_loop(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let graceful = GracefulShutdown::new();
+    let timeouts = ConnTimeouts {
+        idle: pipeline.config().http_idle_timeout,
+        header: pipeline.config().http_read_timeout,
+        write_stall: pipeline.config().http_write_timeout,
+    };
     loop {
         let (stream, peer) = tokio::select! {
             _ = shutdown.changed() => break,
@@ -213,14 +222,28 @@ async fn accept_loop(
             },
         };
         let _ = stream.set_nodelay(true);
-        let conn_info = ConnInfo { peer, tls: false };
+        let state = Arc::new(ConnState::default());
+        let conn_info = ConnInfo {
+            peer,
+            tls: false,
+            state: state.clone(),
+        };
         let pipeline = pipeline.clone();
         let service = service_fn(move |req| {
             let pipeline = pipeline.clone();
-            async move { Ok::<_, std::convert::Infallible>(pipeline.handle(req, conn_info).await) }
+            let conn_info = conn_info.clone();
+            async move {
+                let in_flight = conn_info.state.begin_request();
+                let response = pipeline.handle(req, &conn_info).await;
+                Ok::<_, std::convert::Infallible>(response.map(|body| InFlightBody {
+                    body,
+                    _in_flight: in_flight,
+                }))
+            }
         });
+        let io = TimedIo::new(stream, state, timeouts);
         let conn = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), service)
+            .serve_connection_with_upgrades(TokioIo::new(io), service)
             .into_owned();
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
@@ -247,5 +270,35 @@ fn block_all_signals() {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigfillset(&mut set);
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// Keeps the connection counted as busy until the response body is done,
+    /// so idle and header timeouts never hit a request being answered.
+    struct InFlightBody {
+        #[pin]
+        body: ResponseBody,
+        _in_flight: InFlight,
+    }
+}
+
+impl http_body::Body for InFlightBody {
+    type Data = bytes::Bytes;
+    type Error = crate::pipeline::BoxError;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        self.project().body.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
     }
 }

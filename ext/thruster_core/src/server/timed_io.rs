@@ -1,0 +1,253 @@
+//! Connection-level timeouts, enforced on the client socket itself so they
+//! follow what the connection is doing rather than a fixed request deadline:
+//!
+//! - idle: no request in flight and no bytes arrive for `HTTP_IDLE_TIMEOUT`
+//!   → the keep-alive connection is closed;
+//! - header: the first byte of a request arrived but the whole head did not
+//!   within `HTTP_READ_TIMEOUT` → the connection is dropped (slowloris);
+//! - write stall: the client stops reading our response and the socket
+//!   accepts nothing for `HTTP_WRITE_TIMEOUT` → the connection is dropped.
+//!   A response that keeps flowing (a long download, SSE) is never cut.
+//!
+//! After a protocol upgrade (WebSocket) none of them apply.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::{sleep, Instant, Sleep};
+
+/// What the request path tells the socket about the connection.
+#[derive(Debug, Default)]
+pub struct ConnState {
+    in_flight: AtomicUsize,
+    upgraded: AtomicBool,
+    /// The connection task's waker, so the end of a response can make the
+    /// socket start its idle clock even if nothing else polls it.
+    reader: Mutex<Option<Waker>>,
+}
+
+impl ConnState {
+    /// Marks a request as in flight until the guard is dropped (when its
+    /// response body is done).
+    pub fn begin_request(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        InFlight(self.clone())
+    }
+
+    /// The connection now carries another protocol; timeouts stop.
+    pub fn mark_upgraded(&self) {
+        self.upgraded.store(true, Ordering::Release);
+    }
+
+    fn busy(&self) -> bool {
+        self.in_flight.load(Ordering::Acquire) > 0
+    }
+
+    fn upgraded(&self) -> bool {
+        self.upgraded.load(Ordering::Acquire)
+    }
+}
+
+/// Held while a request is in flight.
+#[derive(Debug)]
+pub struct InFlight(Arc<ConnState>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            let waker = self.0.reader.lock().ok().and_then(|mut w| w.take());
+            if let Some(waker) = waker {
+                waker.wake();
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ConnTimeouts {
+    pub idle: Option<Duration>,
+    pub header: Option<Duration>,
+    pub write_stall: Option<Duration>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ReadPhase {
+    /// A request is being served; its body has its own deadline.
+    Busy,
+    /// Waiting for the next request.
+    Idle,
+    /// Part of a request head has arrived.
+    Head,
+}
+
+pin_project_lite::pin_project! {
+    pub struct TimedIo<T> {
+        #[pin]
+        inner: T,
+        state: Arc<ConnState>,
+        timeouts: ConnTimeouts,
+        phase: ReadPhase,
+        read_deadline: Option<Pin<Box<Sleep>>>,
+        write_deadline: Option<Pin<Box<Sleep>>>,
+    }
+}
+
+impl<T> TimedIo<T> {
+    /// A new connection must send its first request head within the header
+    /// timeout, like any later one.
+    pub fn new(inner: T, state: Arc<ConnState>, timeouts: ConnTimeouts) -> TimedIo<T> {
+        let mut read_deadline = None;
+        arm(&mut read_deadline, timeouts.header);
+        TimedIo {
+            inner,
+            state,
+            timeouts,
+            phase: ReadPhase::Head,
+            read_deadline,
+            write_deadline: None,
+        }
+    }
+}
+
+fn arm(slot: &mut Option<Pin<Box<Sleep>>>, limit: Option<Duration>) {
+    match (slot.as_mut(), limit) {
+        (_, None) => *slot = None,
+        (Some(s), Some(limit)) => s.as_mut().reset(Instant::now() + limit),
+        (None, Some(limit)) => *slot = Some(Box::pin(sleep(limit))),
+    }
+}
+
+fn expired(slot: &mut Option<Pin<Box<Sleep>>>, cx: &mut Context<'_>) -> bool {
+    slot.as_mut()
+        .is_some_and(|s| s.as_mut().poll(cx).is_ready())
+}
+
+impl<T: AsyncRead> AsyncRead for TimedIo<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.project();
+        let before = buf.filled().len();
+        let polled = this.inner.poll_read(cx, buf);
+        if this.state.upgraded() {
+            *this.read_deadline = None;
+            return polled;
+        }
+        let got_bytes = matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before;
+        if polled.is_pending() {
+            if let Ok(mut reader) = this.state.reader.lock() {
+                if !reader.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                    *reader = Some(cx.waker().clone());
+                }
+            }
+        }
+        let phase = match (this.state.busy(), *this.phase, got_bytes) {
+            (true, _, _) => ReadPhase::Busy,
+            (false, ReadPhase::Head, _) | (false, _, true) => ReadPhase::Head,
+            (false, _, false) => ReadPhase::Idle,
+        };
+        if phase != *this.phase {
+            *this.phase = phase;
+            match phase {
+                ReadPhase::Busy => *this.read_deadline = None,
+                ReadPhase::Idle => arm(this.read_deadline, this.timeouts.idle),
+                ReadPhase::Head => arm(this.read_deadline, this.timeouts.header),
+            }
+        }
+        if polled.is_pending() && expired(this.read_deadline, cx) {
+            let what = match phase {
+                ReadPhase::Head => "request headers not received in time",
+                _ => "idle connection timed out",
+            };
+            return Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, what)));
+        }
+        polled
+    }
+}
+
+impl<T: AsyncWrite> TimedIo<T> {
+    fn track_write<R>(
+        polled: Poll<io::Result<R>>,
+        state: &ConnState,
+        limit: Option<Duration>,
+        deadline: &mut Option<Pin<Box<Sleep>>>,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<R>> {
+        if polled.is_ready() || state.upgraded() || limit.is_none() {
+            *deadline = None;
+            return polled;
+        }
+        if deadline.is_none() {
+            arm(deadline, limit);
+        }
+        if expired(deadline, cx) {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "client stopped reading the response",
+            )));
+        }
+        polled
+    }
+}
+
+impl<T: AsyncWrite> AsyncWrite for TimedIo<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.project();
+        let polled = this.inner.poll_write(cx, buf);
+        Self::track_write(
+            polled,
+            this.state,
+            this.timeouts.write_stall,
+            this.write_deadline,
+            cx,
+        )
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.project();
+        let polled = this.inner.poll_write_vectored(cx, bufs);
+        Self::track_write(
+            polled,
+            this.state,
+            this.timeouts.write_stall,
+            this.write_deadline,
+            cx,
+        )
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.project();
+        let polled = this.inner.poll_flush(cx);
+        Self::track_write(
+            polled,
+            this.state,
+            this.timeouts.write_stall,
+            this.write_deadline,
+            cx,
+        )
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_shutdown(cx)
+    }
+}
