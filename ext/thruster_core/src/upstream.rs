@@ -162,6 +162,13 @@ impl AsyncWrite for AppStream {
 pub struct Upstream {
     client: Client<AppConnector, RequestBody>,
     authority: Authority,
+    addr: std::sync::Arc<UpstreamAddr>,
+}
+
+impl std::fmt::Display for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.addr.fmt(f)
+    }
 }
 
 impl Upstream {
@@ -172,9 +179,8 @@ impl Upstream {
             UpstreamAddr::Unix(_) => Authority::try_from("localhost"),
         }
         .expect("a socket address or `localhost` is a valid authority");
-        let connector = AppConnector {
-            addr: std::sync::Arc::new(addr),
-        };
+        let addr = std::sync::Arc::new(addr);
+        let connector = AppConnector { addr: addr.clone() };
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(POOL_IDLE_TIMEOUT)
             .pool_max_idle_per_host(POOL_MAX_IDLE)
@@ -184,7 +190,11 @@ impl Upstream {
             // ourselves when the client sent none.
             .set_host(false)
             .build(connector);
-        Upstream { client, authority }
+        Upstream {
+            client,
+            authority,
+            addr,
+        }
     }
 
     /// The URI the upstream request is sent to: the app's address plus the

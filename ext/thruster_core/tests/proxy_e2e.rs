@@ -34,39 +34,61 @@ fn start_upstream(rt: &tokio::runtime::Runtime) -> SocketAddr {
     rt.spawn(async move {
         loop {
             let (stream, _) = listener.accept().await.unwrap();
-            tokio::spawn(async move {
-                let service = service_fn(|req: Request<hyper::body::Incoming>| async move {
-                    if req.uri().path() == "/slow" {
-                        tokio::time::sleep(Duration::from_secs(3)).await;
-                    }
-                    let mut head = format!("{} {}\n", req.method(), req.uri());
-                    for (name, value) in req.headers() {
-                        head.push_str(&format!("{}: {}\n", name, value.to_str().unwrap_or("?")));
-                    }
-                    Ok::<_, Infallible>(
-                        Response::builder()
-                            .header("connection", "x-hop")
-                            .header("x-hop", "should not reach the client")
-                            .header("keep-alive", "timeout=5")
-                            .body(Full::new(Bytes::from(head)))
-                            .unwrap(),
-                    )
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            });
+            tokio::spawn(serve_echo(stream));
         }
     });
     addr
 }
 
+fn start_unix_upstream(rt: &tokio::runtime::Runtime, path: &std::path::Path) {
+    let listener = {
+        let _guard = rt.enter();
+        tokio::net::UnixListener::bind(path).unwrap()
+    };
+    rt.spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            tokio::spawn(serve_echo(stream));
+        }
+    });
+}
+
+async fn serve_echo<S>(stream: S)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = service_fn(|req: Request<hyper::body::Incoming>| async move {
+        if req.uri().path() == "/slow" {
+            tokio::time::sleep(Duration::from_secs(3)).await;
+        }
+        let mut head = format!("{} {}\n", req.method(), req.uri());
+        for (name, value) in req.headers() {
+            head.push_str(&format!("{}: {}\n", name, value.to_str().unwrap_or("?")));
+        }
+        Ok::<_, Infallible>(
+            Response::builder()
+                .header("connection", "x-hop")
+                .header("x-hop", "should not reach the client")
+                .header("keep-alive", "timeout=5")
+                .body(Full::new(Bytes::from(head)))
+                .unwrap(),
+        )
+    });
+    let _ = hyper::server::conn::http1::Builder::new()
+        .serve_connection(TokioIo::new(stream), service)
+        .await;
+}
+
 fn start_proxy(upstream: SocketAddr, settings: Vec<(&'static str, String)>) -> Server {
+    start_proxy_to(UpstreamAddr::Tcp(upstream), settings)
+}
+
+fn start_proxy_to(upstream: UpstreamAddr, settings: Vec<(&'static str, String)>) -> Server {
     let config = Config::from_source(&Pairs(settings)).unwrap();
     Server::start(
         config,
         ServerOptions {
-            upstream: UpstreamAddr::Tcp(upstream),
+            upstream,
             http_bind: Some("127.0.0.1:0".parse().unwrap()),
             worker_threads: 1,
         },
@@ -166,4 +188,29 @@ fn stop_frees_the_port() {
     proxy.stop(Duration::from_secs(1));
     assert!(TcpStream::connect(addr).is_err());
     std::net::TcpListener::bind(addr).expect("port can be bound again");
+}
+
+#[test]
+fn forwards_to_an_app_on_a_unix_socket() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let dir = std::env::temp_dir().join(format!("thruster-unix-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let socket = dir.join("app.sock");
+    let _ = std::fs::remove_file(&socket);
+    start_unix_upstream(&rt, &socket);
+    let proxy = start_proxy_to(
+        UpstreamAddr::Unix(socket.clone()),
+        vec![("LOG_REQUESTS", "false".into())],
+    );
+    for _ in 0..3 {
+        let response = exchange(
+            proxy.http_addr(),
+            "GET /over-unix HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n",
+        );
+        assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+        assert!(response.contains("GET /over-unix\n"), "{response}");
+        assert!(response.contains("host: app.test\n"), "{response}");
+    }
+    proxy.stop(Duration::from_secs(1));
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -195,6 +195,15 @@ pub async fn forward(
         .boxed_unsync()
     };
 
+    if log::enabled(log::Level::Debug) {
+        log::debug(
+            "Proxying request",
+            &[
+                ("path", path.as_str().into()),
+                ("upstream", pipeline.upstream.to_string().into()),
+            ],
+        );
+    }
     let mut result = send_with_timeout(pipeline, Request::from_parts(parts, body), &path).await;
     if let (Some(Err(err)), Some(parts)) = (&result, replay) {
         if !err.is_connect() {

@@ -1,0 +1,242 @@
+# frozen_string_literal: true
+
+require "spec_helper"
+
+# HTTP/1.1 proxy semantics through `thrust`, against a real Puma.
+RSpec.describe "proxy semantics" do
+  # Sends raw bytes and returns what comes back until the server closes the
+  # connection (or `timeout` passes).
+  def raw_exchange(port, data, timeout: 5)
+    socket = TCPSocket.new("127.0.0.1", port)
+    socket.write(data)
+    read_until_close(socket, timeout)
+  ensure
+    socket&.close
+  end
+
+  def read_until_close(socket, timeout)
+    out = +""
+    deadline = monotonic + timeout
+    while monotonic < deadline
+      break unless socket.wait_readable(deadline - monotonic)
+
+      out << socket.readpartial(65_536)
+    end
+    out
+  rescue EOFError, Errno::ECONNRESET
+    out
+  end
+
+  def request_log(thrust, path)
+    wait_until(message: "log line for #{path}") do
+      thrust.log_lines.find { |l| l["msg"] == "Request" && l["path"] == path }
+    end
+  end
+
+  describe "streaming" do
+    it "delivers SSE events as they are produced, not when the stream ends" do
+      _thrust, port = start_thrust_with_puma
+      socket = TCPSocket.new("127.0.0.1", port)
+      socket.write("GET /sse?n=3&gap=0.7 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+      started = monotonic
+      received = +""
+      first_event_at = nil
+      while (chunk = begin
+        socket.readpartial(4096)
+      rescue EOFError
+        nil
+      end)
+        received << chunk
+        first_event_at ||= monotonic - started if received.include?("data: event 0")
+      end
+      ended_at = monotonic - started
+      expect(received).to include("text/event-stream", "data: event 0", "data: event 2")
+      # Three events 0.7 s apart: the first must arrive well before the end.
+      expect(first_event_at).to be < (ended_at - 1.0)
+    ensure
+      socket&.close
+    end
+
+    it "streams a large request body to the app" do
+      _thrust, port = start_thrust_with_puma
+      payload = "y" * 3_000_000
+      response = Net::HTTP.start("127.0.0.1", port, read_timeout: 20) { |http| http.post("/upload", payload) }
+      expect(JSON.parse(response.body)["body"].bytesize).to eq(payload.bytesize)
+    end
+  end
+
+  describe "WebSocket" do
+    def ws_frame(text)
+      mask = [1, 2, 3, 4]
+      masked = text.bytes.each_with_index.map { |b, i| b ^ mask[i % 4] }
+      [0x81, 0x80 | text.bytesize, *mask, *masked].pack("C*")
+    end
+
+    def read_ws_frame(socket)
+      head = socket.read(2)
+      socket.read(head.getbyte(1) & 0x7f)
+    end
+
+    it "tunnels an upgraded connection both ways, unaffected by the request timeouts" do
+      env = { "HTTP_IDLE_TIMEOUT" => "1", "HTTP_READ_TIMEOUT" => "1", "HTTP_WRITE_TIMEOUT" => "1" }
+      thrust, port = start_thrust_with_puma(env: env)
+      socket = TCPSocket.new("127.0.0.1", port)
+      socket.write("GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n" \
+                   "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+      head = +""
+      head << socket.readpartial(1) until head.end_with?("\r\n\r\n")
+      expect(head).to start_with("HTTP/1.1 101")
+      expect(head).to include("s3pPLMBiTxaQ9kYGzzhZRbK+xOo=")
+      socket.write(ws_frame("hello"))
+      expect(read_ws_frame(socket)).to eq("hello")
+      # Idle for longer than every timeout: the tunnel stays up.
+      thrust.wait_for_output(/"status":101/)
+      sleep 2.5
+      socket.write(ws_frame("still here"))
+      expect(read_ws_frame(socket)).to eq("still here")
+    ensure
+      socket&.close
+    end
+  end
+
+  describe "forwarded headers" do
+    let(:spoofed) do
+      { "X-Forwarded-For" => "203.0.113.9", "X-Forwarded-Host" => "cdn.test", "X-Forwarded-Proto" => "https",
+        "Forwarded" => "for=6.6.6.6" }
+    end
+
+    it "trusts and extends them by default (no TLS)" do
+      _thrust, port = start_thrust_with_puma
+      seen = JSON.parse(http_get(port, "/h", spoofed.merge("Host" => "app.test")).body)["headers"]
+      expect(seen).to include("HTTP_X_FORWARDED_FOR" => "203.0.113.9, 127.0.0.1",
+                              "HTTP_X_FORWARDED_HOST" => "cdn.test", "HTTP_X_FORWARDED_PROTO" => "https")
+      expect(seen).not_to have_key("HTTP_FORWARDED")
+    end
+
+    it "replaces client values with FORWARD_HEADERS=false" do
+      _thrust, port = start_thrust_with_puma(env: { "FORWARD_HEADERS" => "false" })
+      seen = JSON.parse(http_get(port, "/h", spoofed.merge("Host" => "app.test")).body)["headers"]
+      expect(seen).to include("HTTP_X_FORWARDED_FOR" => "127.0.0.1", "HTTP_X_FORWARDED_HOST" => "app.test",
+                              "HTTP_X_FORWARDED_PROTO" => "http")
+      expect(seen).not_to have_key("HTTP_FORWARDED")
+    end
+
+    it "keeps a client X-Request-Start and strips hop-by-hop headers" do
+      _thrust, port = start_thrust_with_puma
+      headers = { "X-Request-Start" => "t=1", "Connection" => "keep-alive, X-Secret", "X-Secret" => "s",
+                  "Proxy-Authorization" => "Basic eA==" }
+      seen = JSON.parse(http_get(port, "/h", headers).body)["headers"]
+      expect(seen["HTTP_X_REQUEST_START"]).to eq("t=1")
+      expect(seen.keys).not_to include("HTTP_X_SECRET", "HTTP_PROXY_AUTHORIZATION")
+    end
+  end
+
+  describe "errors" do
+    it "answers 502 when the app hangs up without a response" do
+      dir = Dir.mktmpdir("thrust-502")
+      File.write(File.join(dir, "502.html"), "<p>down</p>")
+      thrust, port = start_thrust_with_puma(env: { "BAD_GATEWAY_PAGE" => File.join(dir, "502.html") })
+      response = http_get(port, "/hang-up")
+      expect(response.code).to eq("502")
+      expect(response.body).to eq("<p>down</p>")
+      expect(request_log(thrust, "/hang-up")["status"]).to eq(502)
+    end
+
+    it "answers 413 to an announced oversized body without the app seeing it" do
+      thrust, port = start_thrust_with_puma(env: { "MAX_REQUEST_BODY" => "1000" })
+      response = Net::HTTP.start("127.0.0.1", port) { |http| http.post("/big", "z" * 5000) }
+      expect(response.code).to eq("413")
+      ok = Net::HTTP.start("127.0.0.1", port) { |http| http.post("/small", "z" * 1000) }
+      expect(ok.code).to eq("200")
+      expect(thrust.output).to include("app saw POST /small")
+      expect(thrust.output).not_to include("app saw POST /big")
+    end
+
+    it "answers 413 when a chunked body passes the limit mid-stream" do
+      _thrust, port = start_thrust_with_puma(env: { "MAX_REQUEST_BODY" => "1000" })
+      chunk = "a" * 600
+      body = "#{chunk.bytesize.to_s(16)}\r\n#{chunk}\r\n" * 3 + "0\r\n\r\n"
+      response = raw_exchange(port, "POST /chunked HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n#{body}")
+      expect(response).to start_with("HTTP/1.1 413")
+    end
+
+    it "answers 504 and logs 504 when the app's headers take longer than HTTP_WRITE_TIMEOUT" do
+      thrust, port = start_thrust_with_puma(env: { "HTTP_WRITE_TIMEOUT" => "1" })
+      response = http_get(port, "/slow?s=3")
+      expect(response.code).to eq("504")
+      expect(request_log(thrust, "/slow")["status"]).to eq(504)
+    end
+
+    it "answers 431 to oversized headers, 400 to a missing Host or garbage, and keeps serving" do
+      thrust, port = start_thrust_with_puma
+      expect(raw_exchange(port, "GET / HTTP/1.1\r\nHost: x\r\nX-Big: #{'a' * 600_000}\r\n\r\n"))
+        .to start_with("HTTP/1.1 431")
+      expect(raw_exchange(port, "GET /nohost HTTP/1.1\r\n\r\n")).to start_with("HTTP/1.1 400")
+      expect(raw_exchange(port, "BLAH\r\n\r\n")).to start_with("HTTP/1.1 400")
+      expect(http_get(port, "/after").code).to eq("200")
+      expect(thrust.output).not_to include("app saw GET /nohost")
+    end
+  end
+
+  describe "timeouts" do
+    it "closes an idle keep-alive connection after HTTP_IDLE_TIMEOUT" do
+      _thrust, port = start_thrust_with_puma(env: { "HTTP_IDLE_TIMEOUT" => "1" })
+      started = monotonic
+      response = raw_exchange(port, "GET /up HTTP/1.1\r\nHost: x\r\n\r\n", timeout: 10)
+      expect(response).to start_with("HTTP/1.1 200")
+      expect(monotonic - started).to be < 5
+    end
+
+    it "drops a client that does not finish its request head within HTTP_READ_TIMEOUT" do
+      thrust, port = start_thrust_with_puma(env: { "HTTP_READ_TIMEOUT" => "1" })
+      started = monotonic
+      response = raw_exchange(port, "GET /partial HTTP/1.1\r\nHost: x\r\n", timeout: 10)
+      expect(response).to eq("")
+      expect(monotonic - started).to be < 5
+      expect(thrust.output).not_to include("app saw GET /partial")
+    end
+
+    it "does not cut a response that keeps streaming past HTTP_WRITE_TIMEOUT" do
+      _thrust, port = start_thrust_with_puma(env: { "HTTP_WRITE_TIMEOUT" => "1" })
+      response = raw_exchange(port, "GET /sse?n=4&gap=0.6 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+                              timeout: 10)
+      expect(response).to include("data: event 3")
+    end
+
+    it "reuses upstream connections that Puma has since closed without client errors" do
+      _thrust, port = start_thrust_with_puma(env: { "PUMA_PERSISTENT_TIMEOUT" => "1" })
+      codes = Array.new(4) do
+        code = http_get(port, "/h").code
+        sleep 1.3 # longer than Puma's keep-alive: Puma closes the pooled connection
+        code
+      end
+      expect(codes).to all(eq("200"))
+    end
+  end
+
+  describe "request log" do
+    it "writes Thruster's fields, and nothing with LOG_REQUESTS=false" do
+      thrust, port = start_thrust_with_puma
+      Net::HTTP.start("127.0.0.1", port) { |http| http.post("/logged?x=1", "abc", "Content-Type" => "text/plain") }
+      line = request_log(thrust, "/logged")
+      expect(line.keys).to eq(%w[time level msg path status dur method req_content_length req_content_type
+                                 resp_content_length resp_content_type remote_addr user_agent cache query proto])
+      expect(line).to include("status" => 200, "method" => "POST", "req_content_length" => 3,
+                              "req_content_type" => "text/plain", "resp_content_type" => "application/json",
+                              "cache" => "bypass", "query" => "x=1", "proto" => "HTTP/1.1")
+      expect(line["remote_addr"]).to start_with("127.0.0.1:")
+
+      quiet, quiet_port = start_thrust_with_puma(env: { "LOG_REQUESTS" => "false" })
+      http_get(quiet_port, "/silent")
+      wait_until(message: "app to see /silent") { quiet.output.include?("app saw GET /silent") }
+      expect(quiet.log_lines.select { |l| l["msg"] == "Request" }).to be_empty
+    end
+
+    it "adds debug lines with DEBUG=1" do
+      thrust, port = start_thrust_with_puma(env: { "DEBUG" => "1" })
+      expect(http_get(port, "/h").code).to eq("200")
+      debug = thrust.log_lines.select { |l| l["level"] == "DEBUG" }
+      expect(debug.map { |l| l["msg"] }).to include("Proxying request")
+    end
+  end
+end
