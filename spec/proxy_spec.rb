@@ -99,6 +99,32 @@ RSpec.describe "proxy semantics" do
     end
   end
 
+  describe "103 Early Hints" do
+    it "reaches the client as soon as the app sends it, before the final response" do
+      _thrust, port = start_thrust_with_puma
+      socket = TCPSocket.new("127.0.0.1", port)
+      socket.write("GET /early?wait=1.5 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+      started = monotonic
+      received = +""
+      received << socket.readpartial(4096) until received.include?("\r\n\r\n")
+      hints_at = monotonic - started
+      expect(received).to start_with("HTTP/1.1 103 Early Hints\r\n")
+      expect(received).to include("link: </style.css>; rel=preload; as=style")
+      received << read_until_close(socket, 10)
+      expect(received).to match(%r{\r\n\r\nHTTP/1.1 200 OK\r\n.*after hints\z}m)
+      expect(hints_at).to be < 1.0
+    ensure
+      socket&.close
+    end
+
+    it "is not sent to HTTP/1.0 clients (RFC 9110 §15.2)" do
+      _thrust, port = start_thrust_with_puma
+      response = raw_exchange(port, "GET /early HTTP/1.0\r\nHost: x\r\n\r\n")
+      expect(response).to start_with("HTTP/1.0 200 OK")
+      expect(response).not_to include("103")
+    end
+  end
+
   describe "forwarded headers" do
     let(:spoofed) do
       { "X-Forwarded-For" => "203.0.113.9", "X-Forwarded-Host" => "cdn.test", "X-Forwarded-Proto" => "https",

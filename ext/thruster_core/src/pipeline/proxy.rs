@@ -175,6 +175,9 @@ pub async fn forward(
     }
 
     let path = req.uri().path().to_string();
+    // RFC 9110 §15.2: no 1xx for HTTP/1.0 clients; HTTP/2 clients miss out
+    // because hyper's server cannot send informational responses there.
+    let forward_informational = req.version() == Version::HTTP_11;
     let (mut parts, body) = req.into_parts();
     parts.uri = pipeline.upstream.uri_for(parts.uri.path_and_query());
     parts.version = Version::HTTP_11;
@@ -204,7 +207,12 @@ pub async fn forward(
             ],
         );
     }
-    let mut result = send_with_timeout(pipeline, Request::from_parts(parts, body), &path).await;
+    let mut upstream_req = Request::from_parts(parts, body);
+    if forward_informational {
+        relay_informational(&mut upstream_req, conn);
+    }
+    let mut result = send_with_timeout(pipeline, upstream_req, &path).await;
+    conn.state.mark_final_response();
     if let (Some(Err(err)), Some(parts)) = (&result, replay) {
         if !err.is_connect() {
             log::debug(
@@ -249,6 +257,34 @@ pub async fn forward(
     }
     remove_hop_by_hop(response.headers_mut());
     response.map(|b| b.map_err(BoxError::from).boxed_unsync())
+}
+
+/// Passes the app's 1xx responses (103 Early Hints) on to the client as they
+/// arrive. 100 Continue is hyper's business on each side; 101 is an upgrade.
+fn relay_informational(req: &mut Request<ResponseBody>, conn: &ConnInfo) {
+    let state = conn.state.clone();
+    hyper::ext::on_informational(req, move |res| {
+        let status = res.status();
+        if status == StatusCode::CONTINUE || status == StatusCode::SWITCHING_PROTOCOLS {
+            return;
+        }
+        let mut headers = res.headers().clone();
+        remove_hop_by_hop(&mut headers);
+        let mut head = format!(
+            "HTTP/1.1 {} {}\r\n",
+            status.as_u16(),
+            status.canonical_reason().unwrap_or("Informational")
+        )
+        .into_bytes();
+        for (name, value) in &headers {
+            head.extend_from_slice(name.as_str().as_bytes());
+            head.extend_from_slice(b": ");
+            head.extend_from_slice(value.as_bytes());
+            head.extend_from_slice(b"\r\n");
+        }
+        head.extend_from_slice(b"\r\n");
+        state.send_informational(&head);
+    });
 }
 
 /// Sends upstream, bounding the wait for the response head by

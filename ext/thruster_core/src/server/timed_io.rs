@@ -10,6 +10,12 @@
 //!   A response that keeps flowing (a long download, SSE) is never cut.
 //!
 //! After a protocol upgrade (WebSocket) none of them apply.
+//!
+//! The same wrapper writes HTTP/1.1 informational responses (103 Early
+//! Hints) from the app ahead of the final response: hyper's server cannot
+//! emit 1xx itself, but while a request waits for the app nothing else
+//! writes to the socket, so bytes queued here cannot interleave with a
+//! response.
 
 use std::future::Future;
 use std::io;
@@ -30,6 +36,11 @@ pub struct ConnState {
     /// The connection task's waker, so the end of a response can make the
     /// socket start its idle clock even if nothing else polls it.
     reader: Mutex<Option<Waker>>,
+    /// Informational response bytes waiting to be written.
+    informational: Mutex<Vec<u8>>,
+    /// Set once the final response of the current request exists; no
+    /// informational response may follow it.
+    final_response: AtomicBool,
 }
 
 impl ConnState {
@@ -37,7 +48,37 @@ impl ConnState {
     /// response body is done).
     pub fn begin_request(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
+        self.final_response.store(false, Ordering::Release);
         InFlight(self.clone())
+    }
+
+    /// Queues a serialized HTTP/1.1 informational response for the client.
+    /// Refused (false) once the final response is under way.
+    pub fn send_informational(&self, head: &[u8]) -> bool {
+        let Ok(mut queue) = self.informational.lock() else {
+            return false;
+        };
+        if self.final_response.load(Ordering::Acquire) {
+            return false;
+        }
+        queue.extend_from_slice(head);
+        drop(queue);
+        self.wake_reader();
+        true
+    }
+
+    /// The app's final response arrived: informational responses end here.
+    pub fn mark_final_response(&self) {
+        // Taking the lock orders this after any informational queued before.
+        let _queue = self.informational.lock();
+        self.final_response.store(true, Ordering::Release);
+    }
+
+    fn wake_reader(&self) {
+        let waker = self.reader.lock().ok().and_then(|mut w| w.take());
+        if let Some(waker) = waker {
+            waker.wake();
+        }
     }
 
     /// The connection now carries another protocol; timeouts stop.
@@ -61,10 +102,7 @@ pub struct InFlight(Arc<ConnState>);
 impl Drop for InFlight {
     fn drop(&mut self) {
         if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
-            let waker = self.0.reader.lock().ok().and_then(|mut w| w.take());
-            if let Some(waker) = waker {
-                waker.wake();
-            }
+            self.0.wake_reader();
         }
     }
 }
@@ -128,13 +166,39 @@ fn expired(slot: &mut Option<Pin<Box<Sleep>>>, cx: &mut Context<'_>) -> bool {
         .is_some_and(|s| s.as_mut().poll(cx).is_ready())
 }
 
-impl<T: AsyncRead> AsyncRead for TimedIo<T> {
+/// Writes queued informational bytes; `Ready(Ok)` once none are left.
+fn flush_informational<T: AsyncWrite>(
+    mut inner: Pin<&mut T>,
+    state: &ConnState,
+    cx: &mut Context<'_>,
+) -> Poll<io::Result<()>> {
+    let Ok(mut queue) = state.informational.lock() else {
+        return Poll::Ready(Ok(()));
+    };
+    while !queue.is_empty() {
+        match std::task::ready!(inner.as_mut().poll_write(cx, &queue)) {
+            Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+            Ok(n) => {
+                queue.drain(..n);
+            }
+            Err(err) => return Poll::Ready(Err(err)),
+        }
+    }
+    Poll::Ready(Ok(()))
+}
+
+impl<T: AsyncRead + AsyncWrite> AsyncRead for TimedIo<T> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let this = self.project();
+        let mut this = self.project();
+        // hyper polls reads while it waits for the app (to notice a client
+        // that went away); that is when early hints go out.
+        if let Poll::Ready(Err(err)) = flush_informational(this.inner.as_mut(), this.state, cx) {
+            return Poll::Ready(Err(err));
+        }
         let before = buf.filled().len();
         let polled = this.inner.poll_read(cx, buf);
         if this.state.upgraded() {
@@ -220,7 +284,8 @@ impl<T: AsyncWrite> AsyncWrite for TimedIo<T> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let this = self.project();
+        let mut this = self.project();
+        std::task::ready!(flush_informational(this.inner.as_mut(), this.state, cx))?;
         let polled = this.inner.poll_write_vectored(cx, bufs);
         Self::track_write(
             polled,
@@ -236,7 +301,8 @@ impl<T: AsyncWrite> AsyncWrite for TimedIo<T> {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = self.project();
+        let mut this = self.project();
+        std::task::ready!(flush_informational(this.inner.as_mut(), this.state, cx))?;
         let polled = this.inner.poll_flush(cx);
         Self::track_write(
             polled,
