@@ -240,6 +240,21 @@ RSpec.describe "proxy semantics" do
     end
   end
 
+  describe "h2c" do
+    it "serves cleartext HTTP/2 by prior knowledge with H2C_ENABLED, and only then" do
+      thrust, port = start_thrust_with_puma(env: { "H2C_ENABLED" => "true" })
+      out = IO.popen(["curl", "-s", "--http2-prior-knowledge", "-o", "/dev/null", "-w", "%{http_version} %{http_code}",
+                      "http://127.0.0.1:#{port}/h2"], &:read)
+      expect(out).to eq("2 200")
+      expect(request_log(thrust, "/h2")["proto"]).to eq("HTTP/2.0")
+
+      _plain, plain_port = start_thrust_with_puma
+      out = IO.popen(["curl", "-s", "--http2-prior-knowledge", "-o", "/dev/null", "-w", "%{http_code}",
+                      "http://127.0.0.1:#{plain_port}/h2"], &:read)
+      expect(out).not_to eq("200")
+    end
+  end
+
   describe "request log" do
     it "writes Thruster's fields, and nothing with LOG_REQUESTS=false" do
       thrust, port = start_thrust_with_puma

@@ -13,7 +13,6 @@ use std::time::Duration;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::TcpListener;
 use tokio::runtime::Runtime;
@@ -180,28 +179,39 @@ fn bind_one(addr: SocketAddr, dual_stack: bool) -> Result<std::net::TcpListener,
     Ok(socket.into())
 }
 
-fn connection_builder(config: &Config) -> Arc<auto::Builder<TokioExecutor>> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    if !config.h2c_enabled {
-        builder = builder.http1_only();
-    }
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .keep_alive(true)
-        // Enforced by TimedIo instead, which tells idle from a slow head.
-        .header_read_timeout(None);
-    builder.http2().timer(TokioTimer::new());
+/// How client connections are served: HTTP/1 only, or HTTP/1 and HTTP/2 by
+/// prior knowledge (`H2C_ENABLED`). hyper-util's auto builder ignores
+/// "HTTP/1 only" once upgrades are on, so plain HTTP/1 uses hyper directly
+/// (which also skips sniffing for the HTTP/2 preface).
+enum ConnBuilder {
+    Http1(hyper::server::conn::http1::Builder),
+    Auto(auto::Builder<TokioExecutor>),
+}
+
+fn connection_builder(config: &Config) -> Arc<ConnBuilder> {
+    let builder = if config.h2c_enabled {
+        let mut auto = auto::Builder::new(TokioExecutor::new());
+        auto.http1().timer(TokioTimer::new()).keep_alive(true);
+        auto.http2().timer(TokioTimer::new());
+        ConnBuilder::Auto(auto)
+    } else {
+        let mut http1 = hyper::server::conn::http1::Builder::new();
+        http1.timer(TokioTimer::new()).keep_alive(true);
+        ConnBuilder::Http1(http1)
+    };
     Arc::new(builder)
 }
 
 async fn accept_loop(
     listener: TcpListener,
-    builder: Arc<auto::Builder<TokioExecutor>>,
+    builder: Arc<ConnBuilder>,
     pipeline: Arc<Pipeline>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) {
-    let graceful = GracefulShutdown::new();
+    let mut stop_accepting = shutdown.clone();
+    // Each connection task holds a sender; the channel closes when the last
+    // connection has finished.
+    let (alive, mut all_closed) = tokio::sync::mpsc::channel::<()>(1);
     let timeouts = ConnTimeouts {
         idle: pipeline.config().http_idle_timeout,
         header: pipeline.config().http_read_timeout,
@@ -209,7 +219,7 @@ async fn accept_loop(
     };
     loop {
         let (stream, peer) = tokio::select! {
-            _ = shutdown.changed() => break,
+            _ = stop_accepting.changed() => break,
             accepted = listener.accept() => match accepted {
                 Ok(pair) => pair,
                 Err(err) => {
@@ -242,23 +252,86 @@ async fn accept_loop(
             }
         });
         let io = TimedIo::new(stream, state, timeouts);
-        let conn = builder
-            .serve_connection_with_upgrades(TokioIo::new(io), service)
-            .into_owned();
-        let conn = graceful.watch(conn);
-        tokio::spawn(async move {
-            if let Err(err) = conn.await {
-                log::debug(
-                    "Connection ended with an error",
-                    &[("error", err.to_string().into())],
-                );
+        let io = TokioIo::new(io);
+        let (stop, alive) = (shutdown.clone(), alive.clone());
+        match &*builder {
+            ConnBuilder::Http1(http1) => {
+                let conn = http1.serve_connection(io, service).with_upgrades();
+                tokio::spawn(serve_until_drained(conn, stop, alive));
             }
-        });
+            ConnBuilder::Auto(auto) => {
+                let conn = auto
+                    .serve_connection_with_upgrades(io, service)
+                    .into_owned();
+                tokio::spawn(serve_until_drained(conn, stop, alive));
+            }
+        }
     }
     // Closing the listener now makes new connections fail fast instead of
     // queueing in the backlog while we drain.
     drop(listener);
-    graceful.shutdown().await;
+    drop(alive);
+    // Resolves once every connection task has dropped its sender.
+    let _ = all_closed.recv().await;
+}
+
+/// A connection that can be asked to finish its in-flight requests and close.
+trait GracefulConnection: std::future::Future<Output = Result<(), Self::Error>> {
+    type Error: std::fmt::Display;
+    fn start_graceful_shutdown(self: std::pin::Pin<&mut Self>);
+}
+
+impl<I, S> GracefulConnection for hyper::server::conn::http1::UpgradeableConnection<I, S>
+where
+    S: hyper::service::HttpService<hyper::body::Incoming>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S::ResBody: http_body::Body + 'static,
+    <S::ResBody as http_body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    type Error = hyper::Error;
+    fn start_graceful_shutdown(self: std::pin::Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
+
+impl<I, S, E, B> GracefulConnection for auto::UpgradeableConnection<'static, I, S, E>
+where
+    S: hyper::service::Service<http::Request<hyper::body::Incoming>, Response = http::Response<B>>,
+    S::Future: 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: http_body::Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    E: auto::HttpServerConnExec<S::Future, B>,
+{
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+    fn start_graceful_shutdown(self: std::pin::Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
+
+/// Serves one connection; on shutdown, lets its in-flight requests finish
+/// (idle keep-alive connections close at once).
+async fn serve_until_drained<C: GracefulConnection>(
+    conn: C,
+    mut shutdown: watch::Receiver<bool>,
+    _alive: tokio::sync::mpsc::Sender<()>,
+) {
+    let mut conn = std::pin::pin!(conn);
+    let result = tokio::select! {
+        result = conn.as_mut() => result,
+        _ = shutdown.changed() => {
+            conn.as_mut().start_graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(err) = result {
+        log::debug(
+            "Connection ended with an error",
+            &[("error", err.to_string().into())],
+        );
+    }
 }
 
 /// Runtime threads never take signals: in-process, they belong to Puma's
