@@ -9,6 +9,7 @@
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -25,6 +26,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
 
 use crate::pipeline::BoxError;
+use crate::server::fd_registry::{self, Registration};
 
 /// Idle upstream connections are dropped after this long (below Puma's 20 s
 /// persistent timeout, so the app never closes one we are about to reuse).
@@ -73,11 +75,11 @@ impl tower_service::Service<Uri> for AppConnector {
                     UpstreamAddr::Tcp(sock) => {
                         let stream = TcpStream::connect(sock).await?;
                         stream.set_nodelay(true)?;
-                        Ok(AppStream::Tcp(stream))
+                        Ok(AppStream::new(AppIo::Tcp(stream)))
                     }
-                    UpstreamAddr::Unix(path) => {
-                        UnixStream::connect(path).await.map(AppStream::Unix)
-                    }
+                    UpstreamAddr::Unix(path) => UnixStream::connect(path)
+                        .await
+                        .map(|s| AppStream::new(AppIo::Unix(s))),
                 }
             };
             match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
@@ -91,10 +93,29 @@ impl tower_service::Service<Uri> for AppConnector {
     }
 }
 
-/// A connection to the app.
-pub enum AppStream {
+/// A connection to the app, registered for closing in forked children.
+pub struct AppStream {
+    // Declared first so it drops (unregisters) before the socket closes.
+    _registration: Registration,
+    io: AppIo,
+}
+
+enum AppIo {
     Tcp(TcpStream),
     Unix(UnixStream),
+}
+
+impl AppStream {
+    fn new(io: AppIo) -> AppStream {
+        let fd = match &io {
+            AppIo::Tcp(s) => s.as_raw_fd(),
+            AppIo::Unix(s) => s.as_raw_fd(),
+        };
+        AppStream {
+            _registration: fd_registry::register(fd),
+            io,
+        }
+    }
 }
 
 impl Connection for AppStream {
@@ -109,9 +130,9 @@ impl AsyncRead for AppStream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            AppStream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
-            AppStream::Unix(s) => Pin::new(s).poll_read(cx, buf),
+        match &mut self.get_mut().io {
+            AppIo::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            AppIo::Unix(s) => Pin::new(s).poll_read(cx, buf),
         }
     }
 }
@@ -122,9 +143,9 @@ impl AsyncWrite for AppStream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            AppStream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
-            AppStream::Unix(s) => Pin::new(s).poll_write(cx, buf),
+        match &mut self.get_mut().io {
+            AppIo::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            AppIo::Unix(s) => Pin::new(s).poll_write(cx, buf),
         }
     }
 
@@ -133,9 +154,9 @@ impl AsyncWrite for AppStream {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            AppStream::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            AppStream::Unix(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+        match &mut self.get_mut().io {
+            AppIo::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            AppIo::Unix(s) => Pin::new(s).poll_write_vectored(cx, bufs),
         }
     }
 
@@ -144,16 +165,16 @@ impl AsyncWrite for AppStream {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            AppStream::Tcp(s) => Pin::new(s).poll_flush(cx),
-            AppStream::Unix(s) => Pin::new(s).poll_flush(cx),
+        match &mut self.get_mut().io {
+            AppIo::Tcp(s) => Pin::new(s).poll_flush(cx),
+            AppIo::Unix(s) => Pin::new(s).poll_flush(cx),
         }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            AppStream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
-            AppStream::Unix(s) => Pin::new(s).poll_shutdown(cx),
+        match &mut self.get_mut().io {
+            AppIo::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            AppIo::Unix(s) => Pin::new(s).poll_shutdown(cx),
         }
     }
 }

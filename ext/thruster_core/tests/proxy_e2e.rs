@@ -89,7 +89,8 @@ fn start_proxy_to(upstream: UpstreamAddr, settings: Vec<(&'static str, String)>)
         config,
         ServerOptions {
             upstream,
-            http_bind: Some("127.0.0.1:0".parse().unwrap()),
+            http_binds: vec!["127.0.0.1:0".parse().unwrap()],
+            inherited_fds: Vec::new(),
             worker_threads: 1,
         },
     )

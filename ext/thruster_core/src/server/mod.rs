@@ -7,6 +7,7 @@
 
 use std::io;
 use std::net::{Ipv6Addr, SocketAddr};
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,6 +19,7 @@ use tokio::net::TcpListener;
 use tokio::runtime::Runtime;
 use tokio::sync::watch;
 
+pub mod fd_registry;
 pub mod timed_io;
 
 use crate::config::Config;
@@ -46,8 +48,13 @@ pub enum ServerError {
 #[derive(Debug, Clone)]
 pub struct ServerOptions {
     pub upstream: UpstreamAddr,
-    /// `None` listens on all interfaces (IPv6 and IPv4) at `HTTP_PORT`.
-    pub http_bind: Option<SocketAddr>,
+    /// Addresses to listen on; empty listens on all interfaces (IPv6 and
+    /// IPv4) at `HTTP_PORT`.
+    pub http_binds: Vec<SocketAddr>,
+    /// Listening sockets handed over by a previous process (across an exec),
+    /// used for the bind addresses they match instead of binding anew, so no
+    /// connection is refused in between. Unmatched ones are closed.
+    pub inherited_fds: Vec<RawFd>,
     pub worker_threads: usize,
 }
 
@@ -56,7 +63,8 @@ impl ServerOptions {
     pub fn for_wrapper(config: &Config) -> ServerOptions {
         ServerOptions {
             upstream: UpstreamAddr::Tcp(SocketAddr::from(([127, 0, 0, 1], config.target_port))),
-            http_bind: None,
+            http_binds: Vec::new(),
+            inherited_fds: Vec::new(),
             worker_threads: std::thread::available_parallelism()
                 .map(|n| n.get())
                 .unwrap_or(2),
@@ -68,8 +76,9 @@ impl ServerOptions {
 pub struct Server {
     runtime: Option<Runtime>,
     shutdown: watch::Sender<bool>,
-    accept_task: Option<tokio::task::JoinHandle<()>>,
-    http_addr: SocketAddr,
+    accept_tasks: Vec<tokio::task::JoinHandle<()>>,
+    http_addrs: Vec<SocketAddr>,
+    listener_fds: Vec<RawFd>,
 }
 
 impl Server {
@@ -84,11 +93,20 @@ impl Server {
             .build()
             .map_err(ServerError::Runtime)?;
 
-        let std_listener = bind_listener(options.http_bind, config.http_port)?;
-        let http_addr = std_listener.local_addr().map_err(ServerError::Runtime)?;
-        let listener = {
+        let std_listeners = open_listeners(&options, config.http_port)?;
+        let http_addrs = std_listeners
+            .iter()
+            .map(|l| l.local_addr())
+            .collect::<io::Result<Vec<_>>>()
+            .map_err(ServerError::Runtime)?;
+        let listener_fds = std_listeners.iter().map(|l| l.as_raw_fd()).collect();
+        let listeners = {
             let _guard = runtime.enter();
-            TcpListener::from_std(std_listener).map_err(ServerError::Runtime)?
+            std_listeners
+                .into_iter()
+                .map(TcpListener::from_std)
+                .collect::<io::Result<Vec<_>>>()
+                .map_err(ServerError::Runtime)?
         };
 
         let config = Arc::new(config);
@@ -98,22 +116,65 @@ impl Server {
             Upstream::new(options.upstream),
         ));
         let (shutdown, shutdown_rx) = watch::channel(false);
-        let accept_task = runtime.spawn(accept_loop(listener, builder, pipeline, shutdown_rx));
+        let accept_tasks = listeners
+            .into_iter()
+            .map(|listener| {
+                runtime.spawn(accept_loop(
+                    listener,
+                    builder.clone(),
+                    pipeline.clone(),
+                    shutdown_rx.clone(),
+                ))
+            })
+            .collect();
 
-        log::info(
-            "Server started",
-            &[("http", format!(":{}", http_addr.port()).into())],
-        );
+        let shown = if options.http_binds.is_empty() {
+            format!(":{}", http_addrs[0].port())
+        } else {
+            http_addrs
+                .iter()
+                .map(|a| a.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        log::info("Server started", &[("http", shown.into())]);
         Ok(Server {
             runtime: Some(runtime),
             shutdown,
-            accept_task: Some(accept_task),
-            http_addr,
+            accept_tasks,
+            http_addrs,
+            listener_fds,
         })
     }
 
+    /// The first listening address (the only one unless several were bound).
     pub fn http_addr(&self) -> SocketAddr {
-        self.http_addr
+        self.http_addrs[0]
+    }
+
+    pub fn http_addrs(&self) -> &[SocketAddr] {
+        &self.http_addrs
+    }
+
+    /// Duplicates the listening sockets into fds that survive `exec`, so a
+    /// re-executed process (Puma's hot restart) can keep listening without
+    /// a gap: connections arriving meanwhile wait in the kernel's backlog.
+    /// The caller then stops this server; the duplicates stay open.
+    pub fn handoff_fds(&self) -> io::Result<Vec<(RawFd, SocketAddr)>> {
+        self.listener_fds
+            .iter()
+            .zip(&self.http_addrs)
+            .map(|(&fd, &addr)| {
+                // SAFETY: F_DUPFD on a listener fd we own; the new fd has no
+                // FD_CLOEXEC, which is the point.
+                let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD, 3) };
+                if dup < 0 {
+                    Err(io::Error::last_os_error())
+                } else {
+                    Ok((dup, addr))
+                }
+            })
+            .collect()
     }
 
     /// Stops accepting, lets in-flight requests finish for up to `drain`,
@@ -128,9 +189,15 @@ impl Server {
         };
         log::info("Server stopping", &[]);
         let _ = self.shutdown.send(true);
-        if let Some(task) = self.accept_task.take() {
-            let _ = runtime.block_on(async { tokio::time::timeout(drain, task).await });
-        }
+        let tasks = std::mem::take(&mut self.accept_tasks);
+        let _ = runtime.block_on(async {
+            tokio::time::timeout(drain, async {
+                for task in tasks {
+                    let _ = task.await;
+                }
+            })
+            .await
+        });
         runtime.shutdown_timeout(Duration::from_millis(100));
         log::info("Server stopped", &[]);
     }
@@ -142,26 +209,58 @@ impl Drop for Server {
     }
 }
 
-fn bind_listener(
-    bind: Option<SocketAddr>,
+fn open_listeners(
+    options: &ServerOptions,
     port: u16,
-) -> Result<std::net::TcpListener, ServerError> {
-    match bind {
-        Some(addr) => bind_one(addr, false),
-        None => {
+) -> Result<Vec<std::net::TcpListener>, ServerError> {
+    let mut inherited: Vec<Option<Socket>> = options
+        .inherited_fds
+        .iter()
+        // SAFETY: the caller hands these fds over to us; we own them now.
+        .map(|&fd| Some(unsafe { Socket::from_raw_fd(fd) }))
+        .collect();
+    let mut take_inherited = |addr: SocketAddr| {
+        inherited.iter_mut().find_map(|slot| {
+            let matches = slot
+                .as_ref()
+                .and_then(|s| s.local_addr().ok())
+                .and_then(|a| a.as_socket())
+                .is_some_and(|a| a == addr);
+            if matches {
+                slot.take()
+            } else {
+                None
+            }
+        })
+    };
+    let binds: Vec<(SocketAddr, bool)> = if options.http_binds.is_empty() {
+        vec![(SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)), true)]
+    } else {
+        options.http_binds.iter().map(|&a| (a, false)).collect()
+    };
+    let mut listeners = Vec::with_capacity(binds.len());
+    for (addr, default) in binds {
+        if let Some(socket) = take_inherited(addr) {
+            let err = |source| ServerError::Bind { addr, source };
+            socket.set_cloexec(true).map_err(err)?;
+            socket.set_nonblocking(true).map_err(err)?;
+            listeners.push(socket.into());
+            continue;
+        }
+        let bound = match bind_one(addr, default) {
             // One dual-stack socket serves IPv6 and IPv4 clients alike; fall
             // back to IPv4 where the kernel has no IPv6.
-            let any6 = SocketAddr::from((Ipv6Addr::UNSPECIFIED, port));
-            match bind_one(any6, true) {
-                Err(ServerError::Bind { source, .. })
-                    if source.raw_os_error() == Some(libc::EAFNOSUPPORT) =>
-                {
-                    bind_one(SocketAddr::from(([0, 0, 0, 0], port)), false)
-                }
-                other => other,
+            Err(ServerError::Bind { source, .. })
+                if default && source.raw_os_error() == Some(libc::EAFNOSUPPORT) =>
+            {
+                bind_one(SocketAddr::from(([0, 0, 0, 0], port)), false)
             }
-        }
+            other => other,
+        }?;
+        listeners.push(bound);
     }
+    // Inherited sockets nobody asked for are closed here (dropped).
+    Ok(listeners)
 }
 
 fn bind_one(addr: SocketAddr, dual_stack: bool) -> Result<std::net::TcpListener, ServerError> {
@@ -209,6 +308,7 @@ async fn accept_loop(
     shutdown: watch::Receiver<bool>,
 ) {
     let mut stop_accepting = shutdown.clone();
+    let listener_registration = fd_registry::register(listener.as_raw_fd());
     // Each connection task holds a sender; the channel closes when the last
     // connection has finished.
     let (alive, mut all_closed) = tokio::sync::mpsc::channel::<()>(1);
@@ -232,6 +332,7 @@ async fn accept_loop(
             },
         };
         let _ = stream.set_nodelay(true);
+        let registration = fd_registry::register(stream.as_raw_fd());
         let state = Arc::new(ConnState::default());
         let conn_info = ConnInfo {
             peer,
@@ -251,7 +352,7 @@ async fn accept_loop(
                 }))
             }
         });
-        let io = TimedIo::new(stream, state, timeouts);
+        let io = TimedIo::new(stream, registration, state, timeouts);
         let io = TokioIo::new(io);
         let (stop, alive) = (shutdown.clone(), alive.clone());
         match &*builder {
@@ -269,6 +370,7 @@ async fn accept_loop(
     }
     // Closing the listener now makes new connections fail fast instead of
     // queueing in the backlog while we drain.
+    drop(listener_registration);
     drop(listener);
     drop(alive);
     // Resolves once every connection task has dropped its sender.

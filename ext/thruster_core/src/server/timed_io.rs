@@ -28,6 +28,8 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{sleep, Instant, Sleep};
 
+use super::fd_registry::Registration;
+
 /// What the request path tells the socket about the connection.
 #[derive(Debug, Default)]
 pub struct ConnState {
@@ -126,6 +128,8 @@ enum ReadPhase {
 
 pin_project_lite::pin_project! {
     pub struct TimedIo<T> {
+        // Declared first so it drops (unregisters) before the socket closes.
+        registration: Registration,
         #[pin]
         inner: T,
         state: Arc<ConnState>,
@@ -139,10 +143,16 @@ pin_project_lite::pin_project! {
 impl<T> TimedIo<T> {
     /// A new connection must send its first request head within the header
     /// timeout, like any later one.
-    pub fn new(inner: T, state: Arc<ConnState>, timeouts: ConnTimeouts) -> TimedIo<T> {
+    pub fn new(
+        inner: T,
+        registration: Registration,
+        state: Arc<ConnState>,
+        timeouts: ConnTimeouts,
+    ) -> TimedIo<T> {
         let mut read_deadline = None;
         arm(&mut read_deadline, timeouts.header);
         TimedIo {
+            registration,
             inner,
             state,
             timeouts,
