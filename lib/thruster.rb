@@ -5,7 +5,8 @@ require_relative "thruster/conflict"
 require_relative "thruster/binary"
 
 # thruster-rs: a zero-config HTTP/2 proxy for Puma/Rails apps, with a Rust
-# core. Run it as a wrapper (`bundle exec thrust bin/rails server`).
+# core. Run it as a wrapper (`bundle exec thrust bin/rails server`) or inside
+# the Puma master (`plugin :thruster_rs` in config/puma.rb).
 module Thruster
   class Error < StandardError; end
 
@@ -32,3 +33,4 @@ end
 
 Thruster::Conflict.warn_if_present
 Thruster.load_native
+require_relative "thruster/api"

@@ -82,7 +82,11 @@ fn main() -> ExitCode {
 
     let (program, rest) = (&args[0], &args[1..]);
     let mut command = Command::new(program);
-    command.args(rest).env("PORT", target_port.to_string());
+    // The Puma plugin sees this and stands aside: one proxy per request.
+    command
+        .args(rest)
+        .env("PORT", target_port.to_string())
+        .env("THRUSTER_RS_WRAPPED", "1");
     // If thrust itself is killed outright, the app server is told to stop
     // rather than left running without its proxy.
     // SAFETY: prctl is async-signal-safe and touches no shared state.

@@ -47,6 +47,67 @@ impl SettingSource for Environment {
     }
 }
 
+/// Explicit values (the Ruby API's keyword arguments) over another source
+/// (the environment): keyword > `THRUSTER_X` > `X` > default.
+pub struct Layered<'a> {
+    explicit: std::collections::HashMap<&'static str, RawSetting>,
+    fallback: &'a dyn SettingSource,
+}
+
+impl<'a> Layered<'a> {
+    /// `keywords` are snake_case setting names (`http_port`) with their
+    /// values. An unknown name is an error listing the accepted ones.
+    pub fn new(
+        keywords: impl IntoIterator<Item = (String, String)>,
+        fallback: &'a dyn SettingSource,
+    ) -> Result<Layered<'a>, UnknownSetting> {
+        let mut explicit = std::collections::HashMap::new();
+        for (keyword, value) in keywords {
+            let name =
+                setting_for_keyword(&keyword).ok_or_else(|| UnknownSetting(keyword.clone()))?;
+            if !value.is_empty() {
+                explicit.insert(
+                    name,
+                    RawSetting {
+                        source_name: keyword,
+                        value,
+                    },
+                );
+            }
+        }
+        Ok(Layered { explicit, fallback })
+    }
+}
+
+impl SettingSource for Layered<'_> {
+    fn get(&self, name: &str) -> Option<RawSetting> {
+        self.explicit
+            .get(name)
+            .cloned()
+            .or_else(|| self.fallback.get(name))
+    }
+}
+
+/// A keyword that names no setting.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown option {0:?}; accepted: {list}", list = keyword_list())]
+pub struct UnknownSetting(pub String);
+
+/// The setting a snake_case keyword stands for (`http_port` → `HTTP_PORT`).
+pub fn setting_for_keyword(keyword: &str) -> Option<&'static str> {
+    SETTINGS.iter().map(|(name, _)| *name).find(|name| {
+        name.eq_ignore_ascii_case(keyword) && !keyword.contains(|c: char| c.is_ascii_uppercase())
+    })
+}
+
+fn keyword_list() -> String {
+    SETTINGS
+        .iter()
+        .map(|(name, _)| name.to_ascii_lowercase())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// Applies the prefix rule over any key/value lookup; empty values count as
 /// unset at each level.
 pub fn prefixed_lookup(name: &str, lookup: impl Fn(&str) -> Option<String>) -> Option<RawSetting> {
@@ -433,6 +494,35 @@ mod tests {
         assert_eq!(c.http_idle_timeout, Some(Duration::from_secs(7)));
         let c = config(&[("HTTP_IDLE_TIMEOUT", "-1")]).unwrap();
         assert_eq!(c.http_idle_timeout, None);
+    }
+
+    #[test]
+    fn keywords_win_over_the_environment_and_unknown_ones_are_named() {
+        let env = Map([
+            ("THRUSTER_HTTP_PORT", "81"),
+            ("HTTP_PORT", "82"),
+            ("DEBUG", "1"),
+        ]
+        .into_iter()
+        .collect());
+        let layered = Layered::new([("http_port".to_string(), "8080".to_string())], &env).unwrap();
+        let c = Config::from_source(&layered).unwrap();
+        assert_eq!(c.http_port, 8080);
+        assert!(c.debug, "unset keywords fall through to the environment");
+
+        let layered = Layered::new([("http_port".to_string(), "abc".to_string())], &env).unwrap();
+        let err = Config::from_source(&layered).unwrap_err();
+        assert_eq!(err.source_name, "http_port");
+
+        let err = Layered::new([("http_prot".to_string(), "1".to_string())], &env)
+            .err()
+            .unwrap();
+        let text = err.to_string();
+        assert!(
+            text.contains("http_prot") && text.contains("http_port"),
+            "{text}"
+        );
+        assert!(Layered::new([("HTTP_PORT".to_string(), "1".to_string())], &env).is_err());
     }
 
     #[test]

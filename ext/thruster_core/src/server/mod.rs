@@ -177,6 +177,12 @@ impl Server {
             .collect()
     }
 
+    /// Stops accepting and asks every connection to finish its current
+    /// request and close, without waiting; `stop` then waits for them.
+    pub fn begin_shutdown(&self) {
+        let _ = self.shutdown.send(true);
+    }
+
     /// Stops accepting, lets in-flight requests finish for up to `drain`,
     /// then closes every connection and the runtime.
     pub fn stop(mut self, drain: Duration) {

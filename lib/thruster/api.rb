@@ -1,0 +1,96 @@
+# frozen_string_literal: true
+
+# The Ruby API of the in-process mode: start, stop and hand over the proxy
+# running on a background runtime in this process.
+module Thruster
+  # Environment variable carrying listening sockets across Puma's hot restart
+  # (exec): "fd:addr,fd:addr".
+  INHERIT_ENV = "THRUSTER_RS_INHERIT_FDS"
+  # Set by `thrust` for its child: the Puma plugin then stands aside.
+  WRAPPED_ENV = "THRUSTER_RS_WRAPPED"
+
+  class << self
+    # Starts the proxy in this process on a background runtime. Low level:
+    # never touches Puma's binds (the plugin does that).
+    #
+    #   Thruster.start(upstream: "unix:/app/tmp/sockets/puma.sock", http_port: 8080)
+    #
+    # upstream: "unix:/path" or "IP:PORT" of the app server.
+    # bind: "IP:PORT" or an array of them; default all interfaces at http_port.
+    # options: the environment settings as snake_case keywords (http_port:,
+    # max_request_body:, ...). keyword > THRUSTER_X > X > default.
+    # Returns the addresses listened on.
+    def start(upstream:, bind: nil, **options)
+      check_options!(options)
+      Native.start(stringify(options), upstream.to_s, Array(bind).map(&:to_s), take_inherited_fds)
+    end
+
+    # Stops accepting, lets in-flight requests finish for up to `timeout`
+    # seconds, then closes. Other Ruby threads keep running meanwhile.
+    def stop(timeout: 5)
+      Native.stop(Float(timeout))
+    end
+
+    def running?
+      Native.running?
+    end
+
+    # Options for the Puma plugin, given before `plugin :thruster_rs` in
+    # config/puma.rb. Same keywords as `start`, plus the plugin's own
+    # (`puma_socket:`, `takeover:`, `upstream:`).
+    def configure(**options)
+      plugin = options.slice(*PLUGIN_OPTIONS)
+      check_options!(options.except(*PLUGIN_OPTIONS))
+      @plugin_options = (@plugin_options || {}).merge(plugin).merge(options.except(*PLUGIN_OPTIONS))
+    end
+
+    def plugin_options
+      @plugin_options || {}
+    end
+
+    # The keywords `start` accepts, one per environment setting.
+    def option_names
+      @option_names ||= Native.setting_names.map { |name| name.downcase.to_sym }.freeze
+    end
+
+    # Starts handing the listening sockets to the next process image (Puma's
+    # hot restart): stops accepting (new connections wait in the kernel
+    # backlog, not refused) while in-flight requests finish; the sockets
+    # survive exec. Returns "fd:addr" strings: keep those fds open across
+    # exec and pass the list in ENV[INHERIT_ENV] (see `export_handoff`);
+    # call `stop` right before exec.
+    def begin_handoff
+      Native.handoff_begin
+    end
+
+    # Puts handed-over sockets where `start` in the next process image finds
+    # them; returns their fds.
+    def export_handoff(pairs)
+      ENV[INHERIT_ENV] = pairs.join(",") unless pairs.empty?
+      pairs.map { |pair| Integer(pair.split(":", 2).first) }
+    end
+
+    private
+
+    PLUGIN_OPTIONS = %i[puma_socket takeover upstream].freeze
+
+    def check_options!(options)
+      unknown = options.keys.map(&:to_sym) - option_names
+      return if unknown.empty?
+
+      raise ConfigError, "unknown option#{'s' if unknown.size > 1} #{unknown.map(&:inspect).join(', ')}; " \
+                         "accepted: #{option_names.join(', ')}"
+    end
+
+    def stringify(options)
+      options.to_h { |key, value| [key.to_s, value.nil? ? "" : value.to_s] }
+    end
+
+    # Listening sockets a previous process image handed over (see
+    # handoff_for_exec); consumed once.
+    def take_inherited_fds
+      value = ENV.delete(INHERIT_ENV).to_s
+      value.split(",").filter_map { |pair| Integer(pair.split(":", 2).first, exception: false) }
+    end
+  end
+end
