@@ -79,7 +79,7 @@ RSpec.describe "proxy semantics" do
 
     it "tunnels an upgraded connection both ways, unaffected by the request timeouts" do
       env = { "HTTP_IDLE_TIMEOUT" => "1", "HTTP_READ_TIMEOUT" => "1", "HTTP_WRITE_TIMEOUT" => "1" }
-      thrust, port = start_thrust_with_puma(env: env)
+      thrust, port = start_thrust_with_puma(env:)
       socket = TCPSocket.new("127.0.0.1", port)
       socket.write("GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n" \
                    "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
@@ -181,7 +181,7 @@ RSpec.describe "proxy semantics" do
     it "answers 413 when a chunked body passes the limit mid-stream" do
       _thrust, port = start_thrust_with_puma(env: { "MAX_REQUEST_BODY" => "1000" })
       chunk = "a" * 600
-      body = "#{chunk.bytesize.to_s(16)}\r\n#{chunk}\r\n" * 3 + "0\r\n\r\n"
+      body = "#{"#{chunk.bytesize.to_s(16)}\r\n#{chunk}\r\n" * 3}0\r\n\r\n"
       response = raw_exchange(port, "POST /chunked HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n#{body}")
       expect(response).to start_with("HTTP/1.1 413")
     end
@@ -243,7 +243,8 @@ RSpec.describe "proxy semantics" do
   describe "h2c" do
     it "serves cleartext HTTP/2 by prior knowledge with H2C_ENABLED, and only then" do
       thrust, port = start_thrust_with_puma(env: { "H2C_ENABLED" => "true" })
-      out = IO.popen(["curl", "-s", "--http2-prior-knowledge", "-o", "/dev/null", "-w", "%{http_version} %{http_code}",
+      format = "%{http_version} %{http_code}"
+      out = IO.popen(["curl", "-s", "--http2-prior-knowledge", "-o", "/dev/null", "-w", format,
                       "http://127.0.0.1:#{port}/h2"], &:read)
       expect(out).to eq("2 200")
       expect(request_log(thrust, "/h2")["proto"]).to eq("HTTP/2.0")
