@@ -20,7 +20,13 @@ const MAX_FDS: usize = 1 << 20;
 static BITS: OnceLock<Box<[AtomicU64]>> = OnceLock::new();
 
 fn bits() -> &'static [AtomicU64] {
-    BITS.get_or_init(|| (0..MAX_FDS / 64).map(|_| AtomicU64::new(0)).collect())
+    BITS.get_or_init(|| {
+        // `vec![0; n]` comes from calloc: untouched zero pages that cost no
+        // memory (no PSS in the Puma master) until an fd lands in them.
+        let zeroed: Box<[u64]> = vec![0u64; MAX_FDS / 64].into_boxed_slice();
+        // SAFETY: AtomicU64 has the size, alignment and bit validity of u64.
+        unsafe { Box::from_raw(Box::into_raw(zeroed) as *mut [AtomicU64]) }
+    })
 }
 
 fn slot(fd: RawFd) -> Option<(usize, u64)> {

@@ -1,0 +1,125 @@
+# frozen_string_literal: true
+
+# Memory of a Puma cluster (2 workers) as PSS, the measure that counts pages
+# shared copy-on-write between master and workers once:
+#
+#   1. Puma alone (TCP bind)
+#   2. Puma with the proxy in-process (plugin :thruster_rs)
+#   3. Puma wrapped by `thrust`
+#
+# Each setup is started, warmed with a few requests, left idle, then measured
+# over its whole process tree (sum of Pss from /proc/<pid>/smaps_rollup).
+# Repeated REPEAT times (default 3), interleaved; medians are reported.
+#
+#   ruby bench/memory.rb            # prints a markdown table, writes bench/results/memory.md
+#   REPEAT=5 ruby bench/memory.rb
+
+require "json"
+require "net/http"
+require "socket"
+require "tmpdir"
+require "fileutils"
+require "rbconfig"
+
+ROOT = File.expand_path("..", __dir__)
+FIXTURES = File.join(ROOT, "spec", "fixtures")
+THRUST = File.join(ROOT, "lib", "thruster", "thrust")
+REPEAT = Integer(ENV.fetch("REPEAT", "3"))
+PUMA = Gem.bin_path("puma", "puma")
+
+abort "bench/memory: #{THRUST} missing; run `bundle exec rake compile`" unless File.executable?(THRUST)
+
+def free_port
+  server = TCPServer.new("127.0.0.1", 0)
+  server.addr[1]
+ensure
+  server&.close
+end
+
+def children(pid)
+  File.read("/proc/#{pid}/task/#{pid}/children").split.map(&:to_i)
+rescue Errno::ENOENT
+  []
+end
+
+def tree(pid) = [pid] + children(pid).flat_map { |c| tree(c) }
+
+def pss_kib(pid)
+  File.read("/proc/#{pid}/smaps_rollup")[/^Pss:\s+(\d+)/, 1].to_i
+rescue Errno::ENOENT
+  0
+end
+
+def wait_for(port, deadline: Time.now + 30)
+  loop do
+    return if Net::HTTP.get_response(URI("http://127.0.0.1:#{port}/up")).code == "200"
+  rescue SystemCallError, EOFError
+    raise "nothing answered on #{port}" if Time.now > deadline
+
+    sleep 0.1
+  end
+end
+
+def measure(name)
+  dir = Dir.mktmpdir("thruster-mem")
+  port = free_port
+  env = { "APP_DIR" => dir, "WORKERS" => "2", "RUBYLIB" => File.join(ROOT, "lib"), "RUBYOPT" => nil,
+          "BUNDLE_GEMFILE" => nil, "LOG_REQUESTS" => "false" }
+  argv =
+    case name
+    when "puma alone"
+      env.merge!("PORT" => port.to_s, "NO_PLUGIN" => "1")
+      [RbConfig.ruby, PUMA, "-C", File.join(FIXTURES, "puma_plugin.rb"), File.join(FIXTURES, "app.ru")]
+    when "puma + in-process proxy"
+      env["PORT"] = port.to_s
+      [RbConfig.ruby, PUMA, "-C", File.join(FIXTURES, "puma_plugin.rb"), File.join(FIXTURES, "app.ru")]
+    when "puma under thrust"
+      # Under thrust the plugin stands aside: this is Puma alone plus the wrapper.
+      env.merge!("HTTP_PORT" => port.to_s, "TARGET_PORT" => free_port.to_s, "NO_PLUGIN" => "1")
+      [THRUST, RbConfig.ruby, PUMA, "-C", File.join(FIXTURES, "puma_plugin.rb"), File.join(FIXTURES, "app.ru")]
+    end
+  pid = Process.spawn(env, *argv, out: File::NULL, err: File::NULL, pgroup: true)
+  wait_for(port)
+  sleep 1 until tree(pid).size >= (name == "puma under thrust" ? 4 : 3)
+  50.times { Net::HTTP.get_response(URI("http://127.0.0.1:#{port}/h")) }
+  sleep 2 # idle
+  pids = tree(pid)
+  { pss: pids.sum { |p| pss_kib(p) }, processes: pids.size }
+ensure
+  if pid
+    Process.kill("TERM", -pid)
+    Process.wait(pid)
+  end
+  FileUtils.rm_rf(dir) if dir
+end
+
+setups = ["puma alone", "puma + in-process proxy", "puma under thrust"]
+samples = Hash.new { |h, k| h[k] = [] }
+REPEAT.times do |i|
+  setups.each do |name|
+    samples[name] << measure(name)[:pss]
+    warn format("run %<run>d/%<total>d  %-24<name>s PSS %<pss>.1f MiB",
+                run: i + 1, total: REPEAT, name: name, pss: samples[name].last / 1024.0)
+  end
+end
+
+median = ->(xs) { xs.sort[xs.size / 2] }
+base = median.(samples["puma alone"])
+rows = setups.map do |name|
+  m = median.(samples[name])
+  spread = (samples[name].max - samples[name].min) / 1024.0
+  added = name == "puma alone" ? "–" : format("%+.1f", (m - base) / 1024.0)
+  format("| %-24<name>s | %6.1<pss>f | %4.1<spread>f | %6<added>s |",
+         name: name, pss: m / 1024.0, spread: spread, added: added)
+end
+table = <<~MD
+  Idle PSS of the whole process tree, Puma 5.6 cluster with 2 workers; median of #{REPEAT} interleaved runs,
+  #{Time.now.utc.strftime('%Y-%m-%d')}, #{RUBY_DESCRIPTION.split(' [').first}.
+
+  | setup                    | PSS MiB | spread | added MiB |
+  |--------------------------|--------:|-------:|----------:|
+  #{rows.join("\n")}
+MD
+puts table
+FileUtils.mkdir_p(File.join(ROOT, "bench", "results"))
+File.write(File.join(ROOT, "bench", "results", "memory.md"), table)
