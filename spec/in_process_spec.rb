@@ -103,6 +103,19 @@ RSpec.describe "in-process mode (Puma plugin)" do
     end
   end
 
+  [0, 2].each do |workers|
+    it "finishes an in-flight request on TERM (#{workers.zero? ? 'single' : 'cluster'} mode)" do
+      puma, port = start_puma(workers: workers)
+      slow = Thread.new { http_get(port, "/slow?s=1.5") }
+      puma.wait_for_output(/slow request started/)
+      puma.signal("TERM")
+      expect(slow.value.code).to eq("200")
+      expect(slow.value.body).to eq("slow done")
+      puma.wait(timeout: 15)
+      expect(port_free?(port)).to be(true)
+    end
+  end
+
   it "stops promptly on INT with the port freed" do
     puma, port = start_puma(workers: 2)
     puma.signal("INT")

@@ -35,6 +35,12 @@ module Thruster
       Native.running?
     end
 
+    # Closes the listeners now; connections finish their current request.
+    # `stop` then waits for them. Quick: safe from a signal trap.
+    def stop_accepting
+      Native.stop_accepting
+    end
+
     # Options for the Puma plugin, given before `plugin :thruster_rs` in
     # config/puma.rb. Same keywords as `start`, plus the plugin's own
     # (`puma_socket:`, `takeover:`, `upstream:`).

@@ -231,6 +231,21 @@ fn handoff_begin(ruby: &Ruby) -> Result<Vec<String>, Error> {
         .collect())
 }
 
+/// `Thruster::Native.stop_accepting`: closes the listeners and lets
+/// connections finish their current request; `stop` then waits for them.
+fn stop_accepting() -> bool {
+    if !is_owner() {
+        return false;
+    }
+    match proxy_slot().as_ref() {
+        Some(server) => {
+            server.begin_shutdown();
+            true
+        }
+        None => false,
+    }
+}
+
 fn running() -> bool {
     is_owner() && proxy_slot().is_some()
 }
@@ -264,6 +279,7 @@ fn init(ruby: &Ruby) -> Result<(), Error> {
     native.define_singleton_method("start", function!(start, 4))?;
     native.define_singleton_method("stop", function!(stop, 1))?;
     native.define_singleton_method("handoff_begin", function!(handoff_begin, 0))?;
+    native.define_singleton_method("stop_accepting", function!(stop_accepting, 0))?;
     native.define_singleton_method("running?", function!(running, 0))?;
     native.define_singleton_method("owned_fd_count", function!(owned_fd_count, 0))?;
     Ok(())

@@ -30,7 +30,15 @@ module Thruster
     # hand-over is exported to ENV there (in `redirects_for_restart`).
     # Puma fires `on_restart` for phased restarts too, where the proxy must
     # keep running, so that event is not used.
-    module HandOffOnHotRestart
+    module LauncherHooks
+      # Cluster mode's TERM handler calls this first, before stopping the
+      # workers: stop accepting there, so no new request is sent to workers
+      # that are going away; in-flight ones finish, and `on_stopped` waits.
+      def close_binder_listeners
+        Thruster.stop_accepting if Thruster.running?
+        super
+      end
+
       def restart
         if Thruster.running?
           PumaIntegration.handoff.replace(Thruster.begin_handoff)
@@ -122,7 +130,7 @@ module Thruster
       def hook_lifecycle(launcher)
         on(launcher.events, :after_stopped, :on_stopped) { Thruster.stop }
         Puma::Binder.prepend(KeepHandoffFdsOpen) unless Puma::Binder < KeepHandoffFdsOpen
-        Puma::Launcher.prepend(HandOffOnHotRestart) unless Puma::Launcher < HandOffOnHotRestart
+        Puma::Launcher.prepend(LauncherHooks) unless Puma::Launcher < LauncherHooks
       end
 
       def on(events, *names, &)
