@@ -60,31 +60,30 @@ def wait_for(port, deadline: Time.now + 30)
   end
 end
 
+# The command and environment of one setup, listening on `port`.
+def setup_command(name, port, dir)
+  env = { "APP_DIR" => dir, "WORKERS" => "2", "RUBYLIB" => File.join(ROOT, "lib"), "RUBYOPT" => nil,
+          "BUNDLE_GEMFILE" => nil, "LOG_REQUESTS" => "false", "PORT" => port.to_s }
+  puma = [RbConfig.ruby, PUMA, "-C", File.join(FIXTURES, "puma_plugin.rb"), File.join(FIXTURES, "app.ru")]
+  case name
+  when "puma alone" then [env.merge("NO_PLUGIN" => "1"), puma]
+  when "puma + in-process proxy" then [env, puma]
+  else
+    # Under thrust the plugin stands aside: this is Puma alone plus the wrapper.
+    [env.merge("HTTP_PORT" => port.to_s, "TARGET_PORT" => free_port.to_s, "NO_PLUGIN" => "1"), [THRUST, *puma]]
+  end
+end
+
 def measure(name)
   dir = Dir.mktmpdir("thruster-mem")
   port = free_port
-  env = { "APP_DIR" => dir, "WORKERS" => "2", "RUBYLIB" => File.join(ROOT, "lib"), "RUBYOPT" => nil,
-          "BUNDLE_GEMFILE" => nil, "LOG_REQUESTS" => "false" }
-  argv =
-    case name
-    when "puma alone"
-      env.merge!("PORT" => port.to_s, "NO_PLUGIN" => "1")
-      [RbConfig.ruby, PUMA, "-C", File.join(FIXTURES, "puma_plugin.rb"), File.join(FIXTURES, "app.ru")]
-    when "puma + in-process proxy"
-      env["PORT"] = port.to_s
-      [RbConfig.ruby, PUMA, "-C", File.join(FIXTURES, "puma_plugin.rb"), File.join(FIXTURES, "app.ru")]
-    when "puma under thrust"
-      # Under thrust the plugin stands aside: this is Puma alone plus the wrapper.
-      env.merge!("HTTP_PORT" => port.to_s, "TARGET_PORT" => free_port.to_s, "NO_PLUGIN" => "1")
-      [THRUST, RbConfig.ruby, PUMA, "-C", File.join(FIXTURES, "puma_plugin.rb"), File.join(FIXTURES, "app.ru")]
-    end
+  env, argv = setup_command(name, port, dir)
   pid = Process.spawn(env, *argv, out: File::NULL, err: File::NULL, pgroup: true)
   wait_for(port)
   sleep 1 until tree(pid).size >= (name == "puma under thrust" ? 4 : 3)
   50.times { Net::HTTP.get_response(URI("http://127.0.0.1:#{port}/h")) }
   sleep 2 # idle
-  pids = tree(pid)
-  { pss: pids.sum { |p| pss_kib(p) }, processes: pids.size }
+  tree(pid).sum { |p| pss_kib(p) }
 ensure
   if pid
     Process.kill("TERM", -pid)
@@ -97,20 +96,20 @@ setups = ["puma alone", "puma + in-process proxy", "puma under thrust"]
 samples = Hash.new { |h, k| h[k] = [] }
 REPEAT.times do |i|
   setups.each do |name|
-    samples[name] << measure(name)[:pss]
+    samples[name] << measure(name)
     warn format("run %<run>d/%<total>d  %-24<name>s PSS %<pss>.1f MiB",
-                run: i + 1, total: REPEAT, name: name, pss: samples[name].last / 1024.0)
+                run: i + 1, total: REPEAT, name:, pss: samples[name].last / 1024.0)
   end
 end
 
 median = ->(xs) { xs.sort[xs.size / 2] }
-base = median.(samples["puma alone"])
+base = median.call(samples["puma alone"])
 rows = setups.map do |name|
-  m = median.(samples[name])
+  m = median.call(samples[name])
   spread = (samples[name].max - samples[name].min) / 1024.0
   added = name == "puma alone" ? "–" : format("%+.1f", (m - base) / 1024.0)
   format("| %-24<name>s | %6.1<pss>f | %4.1<spread>f | %6<added>s |",
-         name: name, pss: m / 1024.0, spread: spread, added: added)
+         name:, pss: m / 1024.0, spread:, added:)
 end
 table = <<~MD
   Idle PSS of the whole process tree, Puma 5.6 cluster with 2 workers; median of #{REPEAT} interleaved runs,

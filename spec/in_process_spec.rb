@@ -105,7 +105,7 @@ RSpec.describe "in-process mode (Puma plugin)" do
 
   [0, 2].each do |workers|
     it "finishes an in-flight request on TERM (#{workers.zero? ? 'single' : 'cluster'} mode)" do
-      puma, port = start_puma(workers: workers)
+      puma, port = start_puma(workers:)
       slow = Thread.new { http_get(port, "/slow?s=1.5") }
       puma.wait_for_output(/slow request started/)
       puma.signal("TERM")
