@@ -20,6 +20,7 @@ require "socket"
 require "tmpdir"
 require "fileutils"
 require "rbconfig"
+require_relative "support"
 
 ROOT = File.expand_path("..", __dir__)
 FIXTURES = File.join(ROOT, "spec", "fixtures")
@@ -28,27 +29,6 @@ REPEAT = Integer(ENV.fetch("REPEAT", "3"))
 PUMA = Gem.bin_path("puma", "puma")
 
 abort "bench/memory: #{THRUST} missing; run `bundle exec rake compile`" unless File.executable?(THRUST)
-
-def free_port
-  server = TCPServer.new("127.0.0.1", 0)
-  server.addr[1]
-ensure
-  server&.close
-end
-
-def children(pid)
-  File.read("/proc/#{pid}/task/#{pid}/children").split.map(&:to_i)
-rescue Errno::ENOENT
-  []
-end
-
-def tree(pid) = [pid] + children(pid).flat_map { |c| tree(c) }
-
-def pss_kib(pid)
-  File.read("/proc/#{pid}/smaps_rollup")[/^Pss:\s+(\d+)/, 1].to_i
-rescue Errno::ENOENT
-  0
-end
 
 def wait_for(port, deadline: Time.now + 30)
   loop do
@@ -70,20 +50,21 @@ def setup_command(name, port, dir)
   when "puma + in-process proxy" then [env, puma]
   else
     # Under thrust the plugin stands aside: this is Puma alone plus the wrapper.
-    [env.merge("HTTP_PORT" => port.to_s, "TARGET_PORT" => free_port.to_s, "NO_PLUGIN" => "1"), [THRUST, *puma]]
+    [env.merge("HTTP_PORT" => port.to_s, "TARGET_PORT" => BenchSupport.free_port.to_s, "NO_PLUGIN" => "1"),
+     [THRUST, *puma]]
   end
 end
 
 def measure(name)
   dir = Dir.mktmpdir("thruster-mem")
-  port = free_port
+  port = BenchSupport.free_port
   env, argv = setup_command(name, port, dir)
   pid = Process.spawn(env, *argv, out: File::NULL, err: File::NULL, pgroup: true)
   wait_for(port)
-  sleep 1 until tree(pid).size >= (name == "puma under thrust" ? 4 : 3)
+  sleep 1 until BenchSupport.tree(pid).size >= (name == "puma under thrust" ? 4 : 3)
   50.times { Net::HTTP.get_response(URI("http://127.0.0.1:#{port}/h")) }
   sleep 2 # idle
-  tree(pid).sum { |p| pss_kib(p) }
+  BenchSupport.pss_kib(BenchSupport.tree(pid))
 ensure
   if pid
     Process.kill("TERM", -pid)

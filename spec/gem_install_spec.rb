@@ -33,12 +33,7 @@ RSpec.describe "installed gems" do
       chdir: outside
     )
     port = thrust.http_port
-    response = wait_until(message: "Puma behind the installed thrust") do
-      r = http_get(port, "/up")
-      r if r.code == "200"
-    rescue SystemCallError, EOFError
-      nil
-    end
+    response = wait_for_ok(port, message: "Puma behind the installed thrust")
     expect(response.body).to eq("up")
     expect_native_extension_from_gem_home(env)
   end

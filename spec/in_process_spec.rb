@@ -17,11 +17,7 @@ RSpec.describe "in-process mode (Puma plugin)" do
             "RUBYOPT" => nil, "BUNDLE_GEMFILE" => nil, "BUNDLE_BIN_PATH" => nil, "BUNDLER_SETUP" => nil }
     puma = ChildProcess.start(env, RbConfig.ruby, Gem.bin_path("puma", "puma"),
                               "-C", File.join(FIXTURES, "puma_plugin.rb"), File.join(FIXTURES, "app.ru"))
-    wait_until(timeout: 20, message: "Puma with the in-process proxy") do
-      http_get(port, "/up").code == "200"
-    rescue SystemCallError, EOFError, Net::ReadTimeout
-      false
-    end
+    wait_for_ok(port, message: "Puma with the in-process proxy")
     [puma, port]
   end
 
@@ -224,12 +220,7 @@ RSpec.describe "in-process mode (Puma plugin)" do
     thrust = ChildProcess.start(env, thrust_path, RbConfig.ruby, Gem.bin_path("puma", "puma"),
                                 "-C", File.join(FIXTURES, "puma_plugin.rb"), File.join(FIXTURES, "app.ru"))
     port = thrust.http_port
-    response = wait_until(message: "Puma behind thrust") do
-      r = http_get(port, "/h")
-      r if r.code == "200"
-    rescue SystemCallError, EOFError
-      nil
-    end
+    response = wait_for_ok(port, "/h", message: "Puma behind thrust")
     expect(JSON.parse(response.body)["headers"]["HTTP_X_FORWARDED_FOR"]).to eq("127.0.0.1")
     expect(thrust.output).to include("running under `thrust`, so the plugin stands aside")
   end

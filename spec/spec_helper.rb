@@ -51,6 +51,17 @@ module SpecHelpers
     end
   end
 
+  # Polls `path` until it answers 200 (the app behind the proxy is up);
+  # returns that response.
+  def wait_for_ok(port, path = "/up", timeout: 20, message: "a 200 from #{path}")
+    wait_until(timeout: timeout, message: message) do
+      response = http_get(port, path)
+      response if response.code == "200"
+    rescue SystemCallError, EOFError, Net::ReadTimeout
+      nil
+    end
+  end
+
   # Starts `thrust` in front of the fixture Puma app and waits until a
   # request passes through to the app.
   def start_thrust_with_puma(env: {}, config: "puma.rb", app: "app.ru")
@@ -60,11 +71,7 @@ module SpecHelpers
       thrust_path, "puma", "-C", File.join(FIXTURES, config), File.join(FIXTURES, app)
     )
     port = thrust.http_port
-    wait_until(message: "Puma behind thrust") do
-      http_get(port, "/up").code == "200"
-    rescue SystemCallError, Net::ReadTimeout, EOFError
-      false
-    end
+    wait_for_ok(port, message: "Puma behind thrust")
     [thrust, port]
   end
 end

@@ -248,19 +248,23 @@ impl<T: AsyncRead + AsyncWrite> AsyncRead for TimedIo<T> {
 }
 
 impl<T: AsyncWrite> TimedIo<T> {
-    fn track_write<R>(
-        polled: Poll<io::Result<R>>,
-        state: &ConnState,
-        limit: Option<Duration>,
-        deadline: &mut Option<Pin<Box<Sleep>>>,
+    /// Every write path: queued informational bytes go out first, then the
+    /// write itself, with the stall deadline armed while it cannot proceed.
+    fn write_with<R>(
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
+        write: impl FnOnce(Pin<&mut T>, &mut Context<'_>) -> Poll<io::Result<R>>,
     ) -> Poll<io::Result<R>> {
-        if polled.is_ready() || state.upgraded() || limit.is_none() {
+        let mut this = self.project();
+        std::task::ready!(flush_informational(this.inner.as_mut(), this.state, cx))?;
+        let polled = write(this.inner, cx);
+        let deadline = this.write_deadline;
+        if polled.is_ready() || this.state.upgraded() || this.timeouts.write_stall.is_none() {
             *deadline = None;
             return polled;
         }
         if deadline.is_none() {
-            arm(deadline, limit);
+            arm(deadline, this.timeouts.write_stall);
         }
         if expired(deadline, cx) {
             return Poll::Ready(Err(io::Error::new(
@@ -278,15 +282,7 @@ impl<T: AsyncWrite> AsyncWrite for TimedIo<T> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let this = self.project();
-        let polled = this.inner.poll_write(cx, buf);
-        Self::track_write(
-            polled,
-            this.state,
-            this.timeouts.write_stall,
-            this.write_deadline,
-            cx,
-        )
+        self.write_with(cx, |io, cx| io.poll_write(cx, buf))
     }
 
     fn poll_write_vectored(
@@ -294,16 +290,7 @@ impl<T: AsyncWrite> AsyncWrite for TimedIo<T> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let mut this = self.project();
-        std::task::ready!(flush_informational(this.inner.as_mut(), this.state, cx))?;
-        let polled = this.inner.poll_write_vectored(cx, bufs);
-        Self::track_write(
-            polled,
-            this.state,
-            this.timeouts.write_stall,
-            this.write_deadline,
-            cx,
-        )
+        self.write_with(cx, |io, cx| io.poll_write_vectored(cx, bufs))
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -311,16 +298,7 @@ impl<T: AsyncWrite> AsyncWrite for TimedIo<T> {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let mut this = self.project();
-        std::task::ready!(flush_informational(this.inner.as_mut(), this.state, cx))?;
-        let polled = this.inner.poll_flush(cx);
-        Self::track_write(
-            polled,
-            this.state,
-            this.timeouts.write_stall,
-            this.write_deadline,
-            cx,
-        )
+        self.write_with(cx, |io, cx| io.poll_flush(cx))
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

@@ -1,0 +1,36 @@
+# frozen_string_literal: true
+
+require "socket"
+
+# Helpers shared by the benchmark scripts: ports and process-tree memory.
+module BenchSupport
+  module_function
+
+  def free_port
+    server = TCPServer.new("127.0.0.1", 0)
+    server.addr[1]
+  ensure
+    server&.close
+  end
+
+  def children(pid)
+    File.read("/proc/#{pid}/task/#{pid}/children").split.map(&:to_i)
+  rescue Errno::ENOENT
+    []
+  end
+
+  def tree(pid) = [pid] + children(pid).flat_map { |c| tree(c) }
+
+  # Sum of one /proc/<pid>/<file> field (KiB) over pids; gone pids count 0.
+  def sum_kib(pids, file, field)
+    pids.sum do |pid|
+      File.read("/proc/#{pid}/#{file}")[/^#{field}:\s+(\d+)/, 1].to_i
+    rescue Errno::ENOENT, Errno::ESRCH
+      0
+    end
+  end
+
+  def pss_kib(pids) = sum_kib(pids, "smaps_rollup", "Pss")
+
+  def peak_rss_kib(pids) = sum_kib(pids, "status", "VmHWM")
+end
