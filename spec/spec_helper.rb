@@ -54,7 +54,7 @@ module SpecHelpers
   # Polls `path` until it answers 200 (the app behind the proxy is up);
   # returns that response.
   def wait_for_ok(port, path = "/up", timeout: 20, message: "a 200 from #{path}")
-    wait_until(timeout: timeout, message: message) do
+    wait_until(timeout:, message:) do
       response = http_get(port, path)
       response if response.code == "200"
     rescue SystemCallError, EOFError, Net::ReadTimeout
