@@ -3,6 +3,7 @@
 //! Order (outermost first): request logging, request start stamp, proxy.
 //! Later layers (cache, compression, X-Sendfile) slot in between.
 
+pub mod compression;
 pub mod logging;
 pub mod proxy;
 pub mod request_body;
@@ -60,13 +61,27 @@ impl Pipeline {
             .config
             .log_requests
             .then(|| logging::RequestRecord::new(&req, conn, self.config.forward_headers));
-        let response = match self.reject(&req) {
+        let compression = self.config.gzip_compression_enabled.then(|| {
+            compression::RequestFacts::new(
+                req.method(),
+                req.headers(),
+                self.config.gzip_compression_disable_on_auth,
+            )
+        });
+        let mut response = match self.reject(&req) {
             Some(rejection) => rejection,
             None => {
                 request_start::stamp(req.headers_mut());
                 proxy::forward(self, req, conn).await
             }
         };
+        if let Some(facts) = &compression {
+            response = compression::apply(
+                facts,
+                self.config.gzip_compression_disable_on_auth,
+                response,
+            );
+        }
         match record {
             Some(record) => logging::log_on_completion(response, record, started),
             None => response,
