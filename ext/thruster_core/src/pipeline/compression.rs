@@ -144,10 +144,39 @@ pub struct RequestFacts {
     pub head: bool,
     /// The request carries credentials and the guard is on.
     pub guarded: bool,
+    /// GZIP_COMPRESSION_JITTER: most padding bytes per response (0: none).
+    pub jitter: u32,
+}
+
+/// A random padding length in 1..=max (0 when off). Random per response,
+/// unlike Thruster's content-derived length, so repeating a request does not
+/// reproduce the same size.
+fn padding_len(max: u32) -> usize {
+    use std::hash::{BuildHasher, Hasher};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::OnceLock;
+    static KEYS: OnceLock<std::collections::hash_map::RandomState> = OnceLock::new();
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    if max == 0 {
+        return 0;
+    }
+    // SipHash with OS-random keys over a counter: unpredictable, no extra crate.
+    let mut hasher = KEYS.get_or_init(Default::default).build_hasher();
+    hasher.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
+    (hasher.finish() % u64::from(max)) as usize + 1
+}
+
+fn padding_text(len: usize) -> Vec<u8> {
+    b"Padding-".iter().copied().cycle().take(len).collect()
 }
 
 impl RequestFacts {
-    pub fn new(method: &Method, headers: &HeaderMap, guard_on_auth: bool) -> RequestFacts {
+    pub fn new(
+        method: &Method,
+        headers: &HeaderMap,
+        guard_on_auth: bool,
+        jitter: u32,
+    ) -> RequestFacts {
         let guarded = guard_on_auth
             && ["cookie", "authorization", "x-csrf-token"]
                 .iter()
@@ -156,6 +185,7 @@ impl RequestFacts {
             coding: negotiate(headers),
             head: method == Method::HEAD,
             guarded,
+            jitter,
         }
     }
 }
@@ -294,20 +324,28 @@ pub fn apply(
     if facts.head {
         return response;
     }
-    response.map(|body| CompressBody::new(body, coding).boxed_unsync())
+    let padding = padding_len(facts.jitter);
+    response.map(|body| CompressBody::new(body, coding, padding).boxed_unsync())
 }
 
 enum Encoder {
     Gzip(flate2::write::GzEncoder<Vec<u8>>),
     Brotli(Box<brotli::CompressorWriter<Vec<u8>>>),
-    Zstd(zstd::stream::write::Encoder<'static, Vec<u8>>),
+    Zstd(zstd::stream::write::Encoder<'static, Vec<u8>>, usize),
 }
 
 impl Encoder {
-    fn new(coding: Coding) -> std::io::Result<Encoder> {
+    /// `padding`: BREACH padding bytes, carried in the gzip header's comment
+    /// or a zstd skippable frame (brotli has no place for it).
+    fn new(coding: Coding, padding: usize) -> std::io::Result<Encoder> {
         Ok(match coding {
             // Levels tuned for on-the-fly work: most of the gain, a fraction
             // of the CPU of the maximum levels.
+            Coding::Gzip if padding > 0 => Encoder::Gzip(
+                flate2::GzBuilder::new()
+                    .comment(padding_text(padding))
+                    .write(Vec::new(), flate2::Compression::new(6)),
+            ),
             Coding::Gzip => Encoder::Gzip(flate2::write::GzEncoder::new(
                 Vec::new(),
                 flate2::Compression::new(6),
@@ -318,7 +356,9 @@ impl Encoder {
                 5,
                 22,
             ))),
-            Coding::Zstd => Encoder::Zstd(zstd::stream::write::Encoder::new(Vec::new(), 3)?),
+            Coding::Zstd => {
+                Encoder::Zstd(zstd::stream::write::Encoder::new(Vec::new(), 3)?, padding)
+            }
         })
     }
 
@@ -335,7 +375,7 @@ impl Encoder {
                 e.flush()?;
                 Ok(Bytes::from(std::mem::take(e.get_mut())))
             }
-            Encoder::Zstd(e) => {
+            Encoder::Zstd(e, _) => {
                 e.write_all(data)?;
                 e.flush()?;
                 Ok(Bytes::from(std::mem::take(e.get_mut())))
@@ -347,7 +387,16 @@ impl Encoder {
         Ok(Bytes::from(match self {
             Encoder::Gzip(e) => e.finish()?,
             Encoder::Brotli(e) => e.into_inner(),
-            Encoder::Zstd(e) => e.finish()?,
+            Encoder::Zstd(e, padding) => {
+                let mut out = e.finish()?;
+                if padding > 0 {
+                    // RFC 8878 §3.1.2: a skippable frame decoders ignore.
+                    out.extend_from_slice(&0x184D_2A50u32.to_le_bytes());
+                    out.extend_from_slice(&(padding as u32).to_le_bytes());
+                    out.extend_from_slice(&padding_text(padding));
+                }
+                out
+            }
         }))
     }
 }
@@ -360,8 +409,8 @@ struct CompressBody {
 }
 
 impl CompressBody {
-    fn new(inner: ResponseBody, coding: Coding) -> CompressBody {
-        match Encoder::new(coding) {
+    fn new(inner: ResponseBody, coding: Coding, padding: usize) -> CompressBody {
+        match Encoder::new(coding, padding) {
             Ok(encoder) => CompressBody {
                 inner,
                 encoder: Some(encoder),
@@ -537,6 +586,7 @@ mod tests {
             coding,
             head: false,
             guarded: false,
+            jitter: 0,
         }
     }
 
@@ -594,6 +644,54 @@ mod tests {
     }
 
     #[tokio::test(flavor = "current_thread")]
+    async fn jitter_pads_gzip_and_zstd_randomly_and_decoders_ignore_it() {
+        for coding in [Coding::Gzip, Coding::Zstd] {
+            let mut sizes = std::collections::BTreeSet::new();
+            for _ in 0..20 {
+                let f = RequestFacts {
+                    coding: Some(coding),
+                    head: false,
+                    guarded: false,
+                    jitter: 32,
+                };
+                let encoded = body_bytes(apply(&f, false, response("text/html", TEXT))).await;
+                assert_eq!(decode(coding, &encoded), TEXT, "{coding:?} still decodes");
+                sizes.insert(encoded.len());
+            }
+            let unpadded = body_bytes(apply(
+                &facts(Some(coding)),
+                false,
+                response("text/html", TEXT),
+            ))
+            .await;
+            assert!(
+                sizes.len() > 3,
+                "{coding:?}: padding varies per response: {sizes:?}"
+            );
+            let smallest = *sizes.iter().next().unwrap();
+            let largest = *sizes.iter().last().unwrap();
+            // gzip: FCOMMENT bytes + NUL; zstd: an 8-byte skippable frame header + bytes.
+            let overhead = if coding == Coding::Gzip { 1 } else { 8 };
+            assert!(
+                smallest > unpadded.len() && largest <= unpadded.len() + overhead + 32,
+                "{coding:?}"
+            );
+        }
+        let gz = body_bytes(apply(
+            &RequestFacts {
+                coding: Some(Coding::Gzip),
+                head: false,
+                guarded: false,
+                jitter: 32,
+            },
+            false,
+            response("text/html", TEXT),
+        ))
+        .await;
+        assert_eq!(gz[3] & 0x10, 0x10, "gzip FCOMMENT flag");
+    }
+
+    #[tokio::test(flavor = "current_thread")]
     async fn identity_when_not_worth_it_or_not_allowed() {
         let small: &'static [u8] = b"tiny";
         let cases: Vec<(&str, Response<ResponseBody>, RequestFacts)> = vec![
@@ -619,6 +717,7 @@ mod tests {
                     coding: Some(Coding::Gzip),
                     head: false,
                     guarded: true,
+                    jitter: 0,
                 },
             ),
             (
@@ -679,6 +778,7 @@ mod tests {
             coding: Some(Coding::Gzip),
             head: true,
             guarded: false,
+            jitter: 0,
         };
         let mut r = response("text/html", TEXT);
         // A HEAD body is empty; its Content-Length is the one GET would get.

@@ -66,6 +66,7 @@ impl Pipeline {
                 req.method(),
                 req.headers(),
                 self.config.gzip_compression_disable_on_auth,
+                self.config.gzip_compression_jitter,
             )
         });
         let mut response = match self.reject(&req) {
