@@ -101,24 +101,20 @@ impl Pipeline {
             } else {
                 "more than one Host header"
             };
-            let mut response = plain_response(StatusCode::BAD_REQUEST, reason);
-            response.headers_mut().insert(
-                header::CONNECTION,
-                header::HeaderValue::from_static("close"),
-            );
-            return Some(response);
+            return Some(proxy::closing(plain_response(
+                StatusCode::BAD_REQUEST,
+                reason,
+            )));
         }
         // Refuse an announced oversized body before anything reaches the app.
         if let (Some(max), Some(len)) =
             (self.config.max_request_body, req.body().size_hint().exact())
         {
             if len > max {
-                let mut response = proxy::error_response(StatusCode::PAYLOAD_TOO_LARGE, None);
-                response.headers_mut().insert(
-                    header::CONNECTION,
-                    header::HeaderValue::from_static("close"),
-                );
-                return Some(response);
+                return Some(proxy::closing(proxy::error_response(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    None,
+                )));
             }
         }
         None

@@ -313,9 +313,10 @@ async fn send_with_timeout(
     }
 }
 
-/// The client may still be sending a body we will not read: close after the
-/// response rather than parse the rest as a new request.
-fn closing(mut response: Response<ResponseBody>) -> Response<ResponseBody> {
+/// The client may still be sending a body we will not read (or sent a
+/// request we cannot frame): close after the response rather than parse the
+/// rest as a new request.
+pub(crate) fn closing(mut response: Response<ResponseBody>) -> Response<ResponseBody> {
     response
         .headers_mut()
         .insert(header::CONNECTION, HeaderValue::from_static("close"));
