@@ -68,8 +68,8 @@ RSpec.describe "compression" do
     decoded = +""
     first_event_at = nil
     chunked = rest
-    loop do
-      # Chunked framing: the decoder only sees payload bytes.
+    # Chunked framing: the decoder only sees payload bytes.
+    decode = lambda do
       while (m = chunked.match(/\A(\h+)\r\n/))
         size = m[1].to_i(16)
         break if chunked.bytesize < m[0].bytesize + size + 2
@@ -78,14 +78,11 @@ RSpec.describe "compression" do
         chunked = chunked.byteslice(m[0].bytesize + size + 2..)
       end
       first_event_at ||= monotonic - started if decoded.include?("data: event 0")
-      chunk = begin
-        socket.readpartial(4096)
-      rescue EOFError
-        nil
-      end
-      break unless chunk
-
+    end
+    decode.call
+    each_chunk(socket) do |chunk|
       chunked << chunk
+      decode.call
     end
     expect(decoded).to include("data: event 0", "data: event 2")
     expect(first_event_at).to be < (monotonic - started - 1.0)

@@ -41,11 +41,7 @@ RSpec.describe "proxy semantics" do
       started = monotonic
       received = +""
       first_event_at = nil
-      while (chunk = begin
-        socket.readpartial(4096)
-      rescue EOFError
-        nil
-      end)
+      each_chunk(socket) do |chunk|
         received << chunk
         first_event_at ||= monotonic - started if received.include?("data: event 0")
       end

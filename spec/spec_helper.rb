@@ -51,6 +51,13 @@ module SpecHelpers
     end
   end
 
+  # Yields what arrives on `socket` until the server closes it.
+  def each_chunk(socket)
+    loop { yield socket.readpartial(4096) }
+  rescue EOFError, Errno::ECONNRESET
+    nil
+  end
+
   # Polls `path` until it answers 200 (the app behind the proxy is up);
   # returns that response.
   def wait_for_ok(port, path = "/up", timeout: 20, message: "a 200 from #{path}")
