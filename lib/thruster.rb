@@ -14,6 +14,10 @@ module Thruster
   # setting, the value and what is accepted.
   class ConfigError < Error; end
 
+  # The Rack middleware that turns on X-Sendfile for proxied requests
+  # (lib/thruster/sendfile.rb; needs Rack, so loaded on first use).
+  autoload :Sendfile, File.expand_path("thruster/sendfile", __dir__)
+
   # The compiled extension for this Ruby: a platform gem ships one per Ruby
   # minor version under thruster/<major.minor>/, a source build one at
   # thruster/.
@@ -34,3 +38,4 @@ end
 Thruster::Conflict.warn_if_present
 Thruster.load_native
 require_relative "thruster/api"
+require_relative "thruster/railtie" if defined?(Rails::Railtie)
