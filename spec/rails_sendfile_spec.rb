@@ -1,0 +1,109 @@
+# frozen_string_literal: true
+
+require "spec_helper"
+require "English"
+require "fileutils"
+
+# The Railtie in a real Rails app (the system's Rails 6.1, no Bundler) under
+# a real Puma, requested directly the way the proxy would: X-Sendfile only
+# for requests carrying the proxy's token. Needs no compiled extension.
+RSpec.describe "X-Sendfile in a Rails app (Thruster::Railtie)" do
+  def token = "rails-spec-token-6f1d2c9e8a7b"
+  def token_header = "X-Thruster-Sendfile-Token"
+
+  # One Rails boot (a few seconds) for the whole group; the global
+  # after-each reaper only kills processes made with ChildProcess.start.
+  before(:context) do
+    @dir = Dir.mktmpdir("thruster-rails-sendfile")
+    @report = File.join(@dir, "report.txt")
+    @static = File.join(@dir, "static.txt")
+    File.write(@report, "quarterly numbers\n" * 500)
+    File.write(@static, "served from public/\n")
+    @port = free_port
+    env = { "RUBYLIB" => File.join(ROOT, "lib"), "THRUSTER_RS_SENDFILE_TOKEN" => token,
+            "SENDFILE_FIXTURE_DIR" => @dir, "RAILS_ENV" => "production", "RACK_ENV" => nil,
+            "RUBYOPT" => nil, "BUNDLE_GEMFILE" => nil, "BUNDLE_BIN_PATH" => nil, "BUNDLER_SETUP" => nil }
+    @puma = ChildProcess.new(env, [RbConfig.ruby, Gem.bin_path("puma", "puma"), "-b", "tcp://127.0.0.1:#{@port}",
+                                   "-t", "1:4", File.join(FIXTURES, "rails_app/config.ru")],
+                             stdin: :close, chdir: ROOT)
+    begin
+      wait_for_ok(@port, timeout: 30, message: "the Rails fixture under Puma")
+    rescue StandardError => e
+      raise "#{e.message}; Puma's output:\n#{@puma.output}"
+    end
+  end
+
+  after(:context) do
+    @puma&.kill_group
+    FileUtils.rm_rf(@dir) if @dir
+  end
+
+  def get(path, headers = {}) = http_get(@port, path, headers)
+
+  def expect_full_file(response, file)
+    expect(response.code).to eq("200")
+    expect(response["X-Sendfile"]).to be_nil
+    expect(response.body).to eq(File.read(file))
+  end
+
+  it "answers send_file with X-Sendfile and an empty body when the proxy's token is sent" do
+    response = get("/download", token_header => token)
+    expect(response.code).to eq("200")
+    expect(response["X-Sendfile"]).to eq(File.expand_path(@report))
+    expect(response["Content-Length"]).to eq("0")
+    expect(response.body.to_s).to eq("")
+    expect(response["Content-Disposition"]).to start_with("attachment")
+  end
+
+  it "sends the file itself without the token, for a client's X-Sendfile-Type, or for a wrong token" do
+    aggregate_failures do
+      expect_full_file(get("/download"), @report)
+      expect_full_file(get("/download", "X-Sendfile-Type" => "X-Sendfile"), @report)
+      expect_full_file(get("/download", token_header => "#{token}x", "X-Sendfile-Type" => "X-Sendfile"), @report)
+      expect_full_file(get("/download", token_header => ""), @report)
+    end
+  end
+
+  it "does the same for files ActionDispatch::Static serves from public/" do
+    response = get("/static.txt", token_header => token)
+    expect(response["X-Sendfile"]).to eq(File.expand_path(@static))
+    expect(response.body.to_s).to eq("")
+    expect_full_file(get("/static.txt", "X-Sendfile-Type" => "X-Sendfile"), @static)
+  end
+
+  it "runs the middleware right before Rack::Sendfile and hides the token from the app" do
+    seen = JSON.parse(get("/inspect", token_header => token).body)
+    middleware = seen["middleware"]
+    expect(middleware.index("Thruster::Sendfile")).to eq(middleware.index("Rack::Sendfile") - 1)
+    expect(seen).to include("token_header" => nil, "token_env" => false)
+  end
+end
+
+# lib/thruster.rb (what Bundler.require loads) brings in the Railtie only
+# when Rails is loaded. A stand-in for the compiled extension lets this run
+# before `rake compile`.
+RSpec.describe "loading thruster-rs with and without Rails" do
+  let(:lib) { Dir.mktmpdir("thruster-lib") }
+
+  before do
+    FileUtils.cp_r(File.join(ROOT, "lib/."), lib)
+    File.write(File.join(lib, "thruster/thruster_rs.rb"),
+               "module Thruster; module Native; def self.core_version = Thruster::VERSION; end; end\n")
+  end
+
+  after { FileUtils.rm_rf(lib) }
+
+  def ruby_output(code)
+    out = IO.popen({ "RUBYOPT" => nil, "BUNDLE_GEMFILE" => nil }, [RbConfig.ruby, "-I", lib, "-e", code],
+                   err: %i[child out], &:read)
+    expect($CHILD_STATUS).to be_success, out
+    out.strip
+  end
+
+  it "defines the Railtie when Rails is loaded first, and autoloads the middleware either way" do
+    expect(ruby_output('require "rails"; require "thruster-rs"; print Thruster::Railtie.superclass'))
+      .to eq("Rails::Railtie")
+    expect(ruby_output('require "thruster-rs"; print defined?(Rails).inspect, " ", Thruster::Sendfile.name'))
+      .to eq("nil Thruster::Sendfile")
+  end
+end
