@@ -12,3 +12,4 @@
 //! 2. [`range::select`] (GET + Range + If-Range) → 200, 206 or 416.
 
 pub mod conditional;
+pub mod range;
