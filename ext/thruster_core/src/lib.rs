@@ -4,6 +4,7 @@
 //! extension both drive it through [`server::Server`].
 
 pub mod config;
+pub mod files;
 pub mod log;
 pub mod pipeline;
 pub mod server;
