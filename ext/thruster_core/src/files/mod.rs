@@ -12,4 +12,5 @@
 //! 2. [`range::select`] (GET + Range + If-Range) → 200, 206 or 416.
 
 pub mod conditional;
+pub mod jail;
 pub mod range;
