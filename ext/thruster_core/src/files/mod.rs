@@ -14,3 +14,4 @@
 pub mod conditional;
 pub mod jail;
 pub mod range;
+pub mod siblings;
