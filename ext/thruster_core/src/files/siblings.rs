@@ -67,6 +67,7 @@ mod tests {
     /// The coding and the sibling's file name we expect, if any.
     type Choice<'a> = Option<(&'a str, &'a str)>;
 
+    /// §12.5.3 Accept-Encoding preference and §8.4 Content-Encoding tokens.
     #[test]
     fn picks_the_preferred_fresh_sibling() {
         let t = TempDir::new("siblings");
