@@ -7,9 +7,21 @@
 //! point ([`jail`]), precompressed variants ([`siblings`]) and a content type
 //! ([`mime`]). Only `jail` and `siblings` touch the filesystem.
 //!
-//! The order a caller applies them in (RFC 9110 §13.2.2):
-//! 1. [`conditional::evaluate`] → 304 / 412, or proceed;
-//! 2. [`range::select`] (GET + Range + If-Range) → 200, 206 or 416.
+//! The order a caller applies them in:
+//! 1. for a file, [`jail::resolve`] (a refusal is logged and answered with an
+//!    error), then [`siblings::precompressed_sibling`] and
+//!    [`mime::content_type_for`]; validators from
+//!    [`conditional::weak_etag_for`] and the file's mtime;
+//! 2. [`conditional::evaluate`] → 304 / 412, or proceed (RFC 9110 §13.2.2);
+//! 3. [`range::select`] (GET + Range + If-Range) → 200, 206 or 416, and
+//!    [`range::slice_body`] or [`range::Multipart`] to build the 206 body.
 
 pub mod conditional;
+pub mod jail;
+pub mod mime;
 pub mod range;
+pub mod siblings;
+
+pub use conditional::{Precondition, Validators};
+pub use jail::{FileRefusal, ResolvedFile};
+pub use range::{ByteRange, RangeOutcome};
