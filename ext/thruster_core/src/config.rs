@@ -128,6 +128,7 @@ pub const SETTINGS: &[(&str, &str)] = &[
     ("TARGET_PORT", "3000"),
     ("CACHE_SIZE", "67108864"),
     ("MAX_CACHE_ITEM_SIZE", "1048576"),
+    ("CACHE_STALE_IF_ERROR", "300"),
     ("X_SENDFILE_ENABLED", "true"),
     ("GZIP_COMPRESSION_ENABLED", "true"),
     ("GZIP_COMPRESSION_DISABLE_ON_AUTH", "false"),
@@ -172,6 +173,9 @@ pub struct Config {
     pub target_port: u16,
     pub cache_size: u64,
     pub max_cache_item_size: u64,
+    /// How long past freshness a cached response may stand in for an
+    /// upstream error when the response does not say (RFC 5861).
+    pub cache_stale_if_error: Duration,
     pub x_sendfile_enabled: bool,
     pub gzip_compression_enabled: bool,
     pub gzip_compression_disable_on_auth: bool,
@@ -228,6 +232,9 @@ impl Config {
             target_port: r.port("TARGET_PORT", 3000, 1, ACCEPT_TARGET_PORT)?,
             cache_size: r.bytes("CACHE_SIZE", 64 << 20)?,
             max_cache_item_size: r.bytes("MAX_CACHE_ITEM_SIZE", 1 << 20)?,
+            cache_stale_if_error: r
+                .seconds("CACHE_STALE_IF_ERROR", 300)?
+                .unwrap_or(Duration::ZERO),
             x_sendfile_enabled: r.bool("X_SENDFILE_ENABLED", true)?,
             gzip_compression_enabled: r.bool("GZIP_COMPRESSION_ENABLED", true)?,
             gzip_compression_disable_on_auth: r.bool("GZIP_COMPRESSION_DISABLE_ON_AUTH", false)?,

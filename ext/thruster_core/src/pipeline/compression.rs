@@ -237,9 +237,27 @@ pub fn merge_vary(headers: &mut HeaderMap) {
 
 /// The coding to apply to this response, if any.
 fn choose(facts: &RequestFacts, response: &Response<ResponseBody>) -> Option<Coding> {
+    // The announced length (also on HEAD, whose body is empty), else the
+    // body's own; unknown lengths (streams) are compressed.
+    let length = response
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .or_else(|| response.body().size_hint().exact());
+    coding_for(facts, response.status(), response.headers(), length)
+}
+
+/// The coding for a response with this status, headers and body length
+/// (`None`: unknown), or `None` for identity. Shared with cache hits, so a
+/// stored body gets exactly the representation a fresh one would.
+pub fn coding_for(
+    facts: &RequestFacts,
+    status: StatusCode,
+    h: &HeaderMap,
+    length: Option<u64>,
+) -> Option<Coding> {
     let coding = facts.coding?;
-    let status = response.status();
-    let h = response.headers();
     if facts.guarded
         || status.is_informational()
         || status == StatusCode::NO_CONTENT
@@ -255,16 +273,9 @@ fn choose(facts: &RequestFacts, response: &Response<ResponseBody>) -> Option<Cod
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
-    if !compressible(content_type) {
+    if !compressible(content_type) || cache_control_has(h, &["no-transform"]) {
         return None;
     }
-    // The announced length (also on HEAD, whose body is empty), else the
-    // body's own; unknown lengths (streams) are compressed.
-    let length = h
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
-        .or_else(|| response.body().size_hint().exact());
     if length.is_some_and(|n| n < MIN_COMPRESS_SIZE) {
         return None;
     }
@@ -301,11 +312,23 @@ pub fn apply(
     };
 
     let headers = response.headers_mut();
+    mark_encoded(headers, coding);
+    headers.remove(header::CONTENT_LENGTH);
+    // HEAD gets the headers GET would get (RFC 9110 §9.3.2), and no body.
+    if facts.head {
+        return response;
+    }
+    let padding = padding_len(facts.jitter);
+    response.map(|body| CompressBody::new(body, coding, padding).boxed_unsync())
+}
+
+/// Sets the headers of a representation encoded with `coding`: its
+/// `Content-Encoding`, no byte ranges over it, and a validator of its own.
+pub fn mark_encoded(headers: &mut HeaderMap, coding: Coding) {
     headers.insert(
         header::CONTENT_ENCODING,
         HeaderValue::from_static(coding.token()),
     );
-    headers.remove(header::CONTENT_LENGTH);
     headers.remove(header::ACCEPT_RANGES);
     // RFC 9110 §8.8.1: a different representation needs a different
     // validator; weak, and marked with the coding so revalidation of the
@@ -320,12 +343,41 @@ pub fn apply(
             headers.insert(header::ETAG, value);
         }
     }
-    // HEAD gets the headers GET would get (RFC 9110 §9.3.2), and no body.
-    if facts.head {
-        return response;
+}
+
+/// Whole-body compression for stored responses. It runs once per cached
+/// entry rather than per response, so it uses high levels: the bytes saved
+/// are paid back on every hit.
+pub fn compress_stored(data: &[u8], coding: Coding, immutable: bool) -> std::io::Result<Vec<u8>> {
+    // Brotli 11 costs ~20x level 5 in CPU; worth it for fingerprinted
+    // (immutable) assets, which are cached for a year.
+    const BROTLI_MAX_FOR: usize = 1 << 20;
+    let mut out = Vec::with_capacity(data.len() / 3 + 64);
+    match coding {
+        Coding::Gzip => {
+            let mut e = flate2::write::GzEncoder::new(out, flate2::Compression::best());
+            e.write_all(data)?;
+            e.finish()
+        }
+        Coding::Brotli => {
+            let quality = if immutable && data.len() <= BROTLI_MAX_FOR {
+                11
+            } else {
+                9
+            };
+            {
+                let mut e = brotli::CompressorWriter::new(&mut out, 64 * 1024, quality, 22);
+                e.write_all(data)?;
+                e.flush()?;
+            }
+            Ok(out)
+        }
+        Coding::Zstd => {
+            let level = if immutable { 19 } else { 12 };
+            zstd::stream::copy_encode(data, &mut out, level)?;
+            Ok(out)
+        }
     }
-    let padding = padding_len(facts.jitter);
-    response.map(|body| CompressBody::new(body, coding, padding).boxed_unsync())
 }
 
 enum Encoder {

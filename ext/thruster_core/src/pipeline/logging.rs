@@ -83,6 +83,15 @@ pub fn log_on_completion(
     started: Instant,
 ) -> Response<ResponseBody> {
     let status = response.status().as_u16();
+    let mut record = record;
+    if let Some(cache) = response.headers().get("x-cache") {
+        record.cache = match cache.as_bytes() {
+            b"hit" => "hit",
+            b"stale" => "stale",
+            b"bypass" => "bypass",
+            _ => "miss",
+        };
+    }
     let content_type = response
         .headers()
         .get(header::CONTENT_TYPE)

@@ -1,8 +1,11 @@
 //! The request path: one module per concern, composed in `Pipeline::handle`.
 //!
-//! Order (outermost first): request logging, request start stamp, proxy.
-//! Later layers (cache, compression, X-Sendfile) slot in between.
+//! Order (outermost first): request logging, compression, request start
+//! stamp, cache, proxy. The cache sits inside compression so that it stores
+//! the app's identity bytes and serves its own encoded variants (compression
+//! leaves an already-encoded response alone).
 
+pub mod cache;
 pub mod compression;
 pub mod logging;
 pub mod proxy;
@@ -40,11 +43,17 @@ pub struct ConnInfo {
 pub struct Pipeline {
     config: Arc<Config>,
     upstream: Upstream,
+    cache: Option<cache::HttpCache>,
 }
 
 impl Pipeline {
     pub fn new(config: Arc<Config>, upstream: Upstream) -> Pipeline {
-        Pipeline { config, upstream }
+        let cache = cache::HttpCache::new(&config);
+        Pipeline {
+            config,
+            upstream,
+            cache,
+        }
     }
 
     pub fn config(&self) -> &Config {
@@ -73,7 +82,10 @@ impl Pipeline {
             Some(rejection) => rejection,
             None => {
                 request_start::stamp(req.headers_mut());
-                proxy::forward(self, req, conn).await
+                match &self.cache {
+                    Some(cache) => cache.handle(self, req, conn, compression.as_ref()).await,
+                    None => proxy::forward(self, req, conn).await,
+                }
             }
         };
         if let Some(facts) = &compression {

@@ -1,0 +1,313 @@
+//! Cache keys. The whole key is stored and compared (no hash-only identity:
+//! Thruster's unseparated FNV-1 hash lets `GET /` on host `example.com`
+//! collide with `GET /example.com` on no host).
+
+use http::header::{self, HeaderMap, HeaderName};
+use http::Request;
+
+/// What identifies a resource: scheme, normalised host, the request target
+/// as sent, and the forwarded headers the app may render from.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct BaseKey {
+    https: bool,
+    host: Box<str>,
+    target: Box<str>,
+    forwarded: Option<Box<str>>,
+}
+
+/// Forwarded headers Rails/Rack use to build URLs (`request.host`,
+/// `request.scheme`, `request.port`). When they are trusted they change the
+/// page, so they are part of the key; otherwise the proxy strips them.
+const FORWARDED: &[&str] = &[
+    "forwarded",
+    "x-forwarded-host",
+    "x-forwarded-proto",
+    "x-forwarded-port",
+    "x-forwarded-ssl",
+    "x-forwarded-scheme",
+];
+
+/// Lower case, no trailing dot, no default port (RFC 9110 §4.2.3: these
+/// forms name the same origin).
+pub fn normalise_host(host: &str, https: bool) -> String {
+    let mut host = host.trim().to_ascii_lowercase();
+    let default_port = if https { ":443" } else { ":80" };
+    if let Some(stripped) = host.strip_suffix(default_port) {
+        host.truncate(stripped.len());
+    }
+    if let Some(stripped) = host.strip_suffix('.') {
+        host.truncate(stripped.len());
+    }
+    host
+}
+
+impl BaseKey {
+    pub fn new<B>(req: &Request<B>, https: bool, trust_forwarded: bool) -> BaseKey {
+        // HTTP/2 carries the host in :authority (the URI); HTTP/1.1 in Host.
+        let host = req
+            .uri()
+            .authority()
+            .map(|a| a.as_str())
+            .or_else(|| {
+                req.headers()
+                    .get(header::HOST)
+                    .and_then(|v| v.to_str().ok())
+            })
+            .unwrap_or("");
+        let target = req
+            .uri()
+            .path_and_query()
+            .map(|pq| pq.as_str())
+            .unwrap_or("/");
+        let forwarded = trust_forwarded.then(|| {
+            let mut text = String::new();
+            for name in FORWARDED {
+                for value in req.headers().get_all(*name) {
+                    text.push_str(name);
+                    text.push(':');
+                    text.push_str(&String::from_utf8_lossy(value.as_bytes()));
+                    text.push('\n');
+                }
+            }
+            text.into_boxed_str()
+        });
+        BaseKey {
+            https,
+            host: normalise_host(host, https).into_boxed_str(),
+            target: target.into(),
+            forwarded: forwarded.filter(|f| !f.is_empty()),
+        }
+    }
+
+    /// A short human form for logs.
+    pub fn describe(&self) -> String {
+        format!(
+            "{}://{}{}",
+            if self.https { "https" } else { "http" },
+            self.host,
+            self.target
+        )
+    }
+}
+
+/// A base key plus the request's values of the headers the response varies
+/// on (RFC 9111 §4.1).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct CacheKey {
+    pub base: BaseKey,
+    variant: Box<str>,
+}
+
+impl CacheKey {
+    pub fn new(base: BaseKey, vary: &[HeaderName], request: &HeaderMap) -> CacheKey {
+        let mut variant = String::new();
+        for name in vary {
+            variant.push_str(name.as_str());
+            variant.push(':');
+            if name == header::ACCEPT_ENCODING {
+                variant.push_str(&accepted_codings(request));
+            } else {
+                // §4.1: values of several lines combine; whitespace around
+                // commas is not significant.
+                let values: Vec<String> = request
+                    .get_all(name)
+                    .iter()
+                    .flat_map(|v| {
+                        String::from_utf8_lossy(v.as_bytes())
+                            .split(',')
+                            .map(|s| s.trim().to_string())
+                            .collect::<Vec<_>>()
+                    })
+                    .filter(|s| !s.is_empty())
+                    .collect();
+                variant.push_str(&values.join(","));
+            }
+            variant.push('\n');
+        }
+        CacheKey {
+            base,
+            variant: variant.into_boxed_str(),
+        }
+    }
+}
+
+/// The header names of a response's `Vary`, lower case, sorted, deduplicated.
+pub fn vary_names(response: &HeaderMap) -> Vec<HeaderName> {
+    let mut names: Vec<HeaderName> = response
+        .get_all(header::VARY)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    names.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+    names.dedup();
+    names
+}
+
+/// `Accept-Encoding` reduced to the set of codings the client accepts. Any
+/// response an app picks for one such client is acceptable to every client
+/// with the same set, so this keeps one entry per set instead of one per
+/// browser's exact header spelling.
+fn accepted_codings(request: &HeaderMap) -> String {
+    let mut accepted: Vec<&str> = ["br", "deflate", "gzip", "zstd"]
+        .into_iter()
+        .filter(|coding| accepts(request, coding))
+        .collect();
+    accepted.sort_unstable();
+    accepted.join(",")
+}
+
+/// Whether the request's `Accept-Encoding` allows `coding` (q > 0, or a
+/// `*` with q > 0 and the coding not listed).
+pub fn accepts(request: &HeaderMap, coding: &str) -> bool {
+    let mut star = None;
+    for value in request.get_all(header::ACCEPT_ENCODING) {
+        let Ok(value) = value.to_str() else { continue };
+        for item in value.split(',') {
+            let mut parts = item.split(';');
+            let token = parts.next().unwrap_or("").trim();
+            let q = parts
+                .find_map(|p| {
+                    let p = p.trim();
+                    p.strip_prefix("q=").or_else(|| p.strip_prefix("Q="))
+                })
+                .map(|v| v.trim().parse::<f32>().unwrap_or(0.0))
+                .unwrap_or(1.0);
+            if token.eq_ignore_ascii_case(coding)
+                || (coding == "gzip" && token.eq_ignore_ascii_case("x-gzip"))
+            {
+                return q > 0.0;
+            }
+            if token == "*" {
+                star = Some(q > 0.0);
+            }
+        }
+    }
+    star.unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn request(uri: &str, headers: &[(&str, &str)]) -> Request<()> {
+        let mut b = Request::builder().uri(uri);
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        b.body(()).unwrap()
+    }
+
+    #[test]
+    fn host_normalisation_rfc_9110_4_2_3() {
+        let cases = [
+            ("Example.COM", false, "example.com"),
+            ("example.com:80", false, "example.com"),
+            ("example.com:443", true, "example.com"),
+            ("example.com:443", false, "example.com:443"),
+            ("example.com:8080", false, "example.com:8080"),
+            ("example.com.", false, "example.com"),
+            ("[::1]:80", false, "[::1]"),
+        ];
+        for (host, https, expected) in cases {
+            assert_eq!(
+                normalise_host(host, https),
+                expected,
+                "{host} https={https}"
+            );
+        }
+    }
+
+    #[test]
+    fn key_fields_are_separate_and_complete() {
+        let key = |uri: &str, h: &[(&str, &str)], https: bool, trust: bool| {
+            BaseKey::new(&request(uri, h), https, trust)
+        };
+        // Thruster's collision: GET / on example.com vs GET /example.com on no host.
+        assert_ne!(
+            key("/", &[("host", "example.com")], false, false),
+            key("/example.com", &[], false, false)
+        );
+        assert_eq!(
+            key("/a?x=1", &[("host", "EXAMPLE.com:80")], false, false),
+            key("/a?x=1", &[("host", "example.com")], false, false)
+        );
+        // The query is part of the key, as sent.
+        assert_ne!(
+            key("/a?x=1", &[("host", "h")], false, false),
+            key("/a?x=2", &[("host", "h")], false, false)
+        );
+        // Scheme is part of the key.
+        assert_ne!(
+            key("/a", &[("host", "h")], false, false),
+            key("/a", &[("host", "h")], true, false)
+        );
+        // HTTP/2 :authority and HTTP/1.1 Host name the same resource.
+        assert_eq!(
+            key("http://h/a", &[], false, false),
+            key("/a", &[("host", "h")], false, false)
+        );
+        // Trusted forwarded headers change what Rails renders: keyed.
+        let xfh = [("host", "h"), ("x-forwarded-host", "evil.example")];
+        assert_ne!(
+            key("/a", &xfh, false, true),
+            key("/a", &[("host", "h")], false, true)
+        );
+        // Untrusted ones are stripped before the app sees them: not keyed.
+        assert_eq!(
+            key("/a", &xfh, false, false),
+            key("/a", &[("host", "h")], false, false)
+        );
+    }
+
+    #[test]
+    fn variants_rfc_9111_4_1() {
+        let base = BaseKey::new(&request("/", &[("host", "h")]), false, false);
+        let mut resp = HeaderMap::new();
+        resp.append(
+            header::VARY,
+            HeaderValue::from_static("Accept, accept-language"),
+        );
+        resp.append(header::VARY, HeaderValue::from_static("Accept"));
+        let names = vary_names(&resp);
+        assert_eq!(names, vec![header::ACCEPT, header::ACCEPT_LANGUAGE]);
+        let variant =
+            |h: &[(&str, &str)]| CacheKey::new(base.clone(), &names, request("/", h).headers());
+        // §4.1: whitespace and line splitting are not significant.
+        assert_eq!(
+            variant(&[("accept", "text/html,  application/json")]),
+            variant(&[("accept", "text/html"), ("accept", "application/json")])
+        );
+        assert_ne!(
+            variant(&[("accept", "text/html")]),
+            variant(&[("accept", "application/json")])
+        );
+        // A missing header is its own variant.
+        assert_ne!(variant(&[]), variant(&[("accept", "text/html")]));
+        // Accept-Encoding is reduced to the accepted set.
+        let ae = vec![header::ACCEPT_ENCODING];
+        let by_ae = |v: &str| {
+            CacheKey::new(
+                base.clone(),
+                &ae,
+                request("/", &[("accept-encoding", v)]).headers(),
+            )
+        };
+        assert_eq!(by_ae("gzip, deflate, br"), by_ae("br;q=0.9, deflate, gzip"));
+        assert_ne!(by_ae("gzip"), by_ae("gzip, br"));
+        assert_eq!(by_ae("gzip, br;q=0"), by_ae("gzip"));
+    }
+
+    #[test]
+    fn accepts_honours_q_and_star() {
+        let h = |v: &str| request("/", &[("accept-encoding", v)]).headers().clone();
+        assert!(accepts(&h("gzip"), "gzip"));
+        assert!(accepts(&h("x-gzip"), "gzip"));
+        assert!(!accepts(&h("gzip;q=0"), "gzip"));
+        assert!(accepts(&h("*"), "br"));
+        assert!(!accepts(&h("*, br;q=0"), "br"));
+        assert!(!accepts(&HeaderMap::new(), "gzip"));
+    }
+}

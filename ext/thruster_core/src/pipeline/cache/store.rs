@@ -1,0 +1,508 @@
+//! The in-memory store: byte-weighted entries in `quick_cache` (its
+//! S3-FIFO-style admission keeps one-off scans from flushing the hot set),
+//! per-resource rules (which headers it varies on, or "do not coalesce"),
+//! and the in-flight table that makes concurrent misses share one upstream
+//! request.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{HeaderMap, HeaderName};
+use http::StatusCode;
+use quick_cache::sync::Cache;
+use quick_cache::Weighter;
+use tokio::sync::{watch, OnceCell};
+
+use super::directives::Freshness;
+use super::key::{BaseKey, CacheKey};
+use crate::pipeline::compression::{self, Coding};
+
+/// Encoded forms of an entry's body, made once on first demand and shared
+/// by every later hit. `None` inside a cell: encoding did not make it smaller.
+#[derive(Default)]
+struct Variants {
+    cells: [OnceCell<Option<Bytes>>; 3],
+}
+
+fn slot(coding: Coding) -> usize {
+    match coding {
+        Coding::Brotli => 0,
+        Coding::Zstd => 1,
+        Coding::Gzip => 2,
+    }
+}
+
+/// A stored response. Immutable once stored, except its variants.
+pub struct Entry {
+    pub status: StatusCode,
+    /// Upstream headers minus hop-by-hop fields, `Age` and `X-Cache`.
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    pub stored_at: Instant,
+    pub freshness: Freshness,
+    variants: Arc<Variants>,
+    /// Fixed at construction: quick_cache needs a stable weight.
+    weight: u64,
+}
+
+impl Entry {
+    pub fn new(status: StatusCode, headers: HeaderMap, body: Bytes, freshness: Freshness) -> Entry {
+        let mut entry = Entry {
+            status,
+            headers,
+            body,
+            stored_at: Instant::now(),
+            freshness,
+            variants: Arc::default(),
+            weight: 0,
+        };
+        entry.weight = entry.measure();
+        entry
+    }
+
+    fn measure(&self) -> u64 {
+        let headers: usize = self
+            .headers
+            .iter()
+            .map(|(k, v)| k.as_str().len() + v.len() + 32)
+            .sum();
+        let variants: usize = self
+            .variants
+            .cells
+            .iter()
+            .filter_map(|c| c.get().and_then(|v| v.as_ref()).map(Bytes::len))
+            .sum();
+        (self.body.len() + variants + headers + 256) as u64
+    }
+
+    /// RFC 9111 §4.2.3: current age = corrected initial age + resident time.
+    pub fn age(&self, now: Instant) -> Duration {
+        self.freshness.initial_age + now.saturating_duration_since(self.stored_at)
+    }
+
+    pub fn is_fresh(&self, now: Instant) -> bool {
+        self.age(now) < self.freshness.lifetime
+    }
+
+    /// RFC 5861 §4: may stand in for an error response.
+    pub fn usable_on_error(&self, now: Instant) -> bool {
+        self.age(now) < self.freshness.lifetime + self.freshness.stale_if_error
+    }
+
+    fn usable_at_all(&self, now: Instant) -> bool {
+        self.is_fresh(now) || self.usable_on_error(now)
+    }
+}
+
+#[derive(Clone)]
+struct EntryWeighter;
+
+impl Weighter<CacheKey, Arc<Entry>> for EntryWeighter {
+    fn weight(&self, _key: &CacheKey, entry: &Arc<Entry>) -> u64 {
+        entry.weight
+    }
+}
+
+/// What we know about a resource independent of its variants.
+#[derive(Clone)]
+enum Rule {
+    /// Stored; these are the request headers it varies on.
+    Vary(Arc<[HeaderName]>),
+    /// Recently not storable: concurrent requests go upstream side by side
+    /// instead of queueing behind each other (Varnish calls it hit-for-miss).
+    Pass(Instant),
+}
+
+/// How long a "not storable" verdict stops coalescing for its resource.
+const PASS_FOR: Duration = Duration::from_secs(30);
+
+pub enum Lookup {
+    Hit(Arc<Entry>),
+    Miss {
+        key: CacheKey,
+        /// A stale entry that may answer instead of an upstream error.
+        stale: Option<Arc<Entry>>,
+        /// Whether to queue behind an in-flight request for the same key.
+        coalesce: bool,
+    },
+}
+
+/// Whose turn it is to ask upstream.
+pub enum Turn {
+    Lead(LeaderGuard),
+    /// Another request for the key finished (or the wait timed out): look again.
+    Waited,
+}
+
+pub struct Store {
+    entries: Cache<CacheKey, Arc<Entry>, EntryWeighter>,
+    rules: Cache<BaseKey, Rule>,
+    inflight: Mutex<HashMap<CacheKey, watch::Receiver<()>>>,
+    pub max_item_size: u64,
+    pub stale_if_error: Duration,
+}
+
+impl Store {
+    pub fn new(capacity: u64, max_item_size: u64, stale_if_error: Duration) -> Store {
+        // quick_cache splits its budget across shards and refuses an item
+        // heavier than one shard; keep the largest item at most a quarter of
+        // a shard.
+        let mut shards = 8usize;
+        while shards > 1 && capacity / (shards as u64) < max_item_size.saturating_mul(4) {
+            shards /= 2;
+        }
+        let estimated_items = (capacity / 16_384).clamp(16, 1 << 20) as usize;
+        let options = quick_cache::OptionsBuilder::new()
+            .shards(shards)
+            .estimated_items_capacity(estimated_items)
+            .weight_capacity(capacity)
+            .build()
+            .expect("shards, items and weight are set");
+        Store {
+            entries: Cache::with_options(
+                options,
+                EntryWeighter,
+                Default::default(),
+                Default::default(),
+            ),
+            rules: Cache::new(estimated_items * 2),
+            inflight: Mutex::new(HashMap::new()),
+            max_item_size: max_item_size.min(capacity),
+            stale_if_error,
+        }
+    }
+
+    pub fn lookup(&self, base: BaseKey, request: &HeaderMap) -> Lookup {
+        let now = Instant::now();
+        match self.rules.get(&base) {
+            None => Lookup::Miss {
+                key: CacheKey::new(base, &[], request),
+                stale: None,
+                coalesce: true,
+            },
+            Some(Rule::Pass(until)) => Lookup::Miss {
+                key: CacheKey::new(base, &[], request),
+                stale: None,
+                coalesce: now >= until,
+            },
+            Some(Rule::Vary(names)) => {
+                let key = CacheKey::new(base, &names, request);
+                match self.entries.get(&key) {
+                    Some(entry) if entry.is_fresh(now) => Lookup::Hit(entry),
+                    Some(entry) if entry.usable_at_all(now) => Lookup::Miss {
+                        key,
+                        stale: Some(entry),
+                        coalesce: true,
+                    },
+                    Some(_) => {
+                        self.entries.remove(&key);
+                        Lookup::Miss {
+                            key,
+                            stale: None,
+                            coalesce: true,
+                        }
+                    }
+                    None => Lookup::Miss {
+                        key,
+                        stale: None,
+                        coalesce: true,
+                    },
+                }
+            }
+        }
+    }
+
+    /// Leads the upstream request for `key`, or waits (at most `limit`) for
+    /// the request already leading it.
+    pub async fn wait_or_lead(self: &Arc<Self>, key: &CacheKey, limit: Duration) -> Turn {
+        let mut waiting = {
+            let mut inflight = self.inflight.lock().expect("inflight lock");
+            match inflight.get(key) {
+                Some(rx) => rx.clone(),
+                None => {
+                    let (tx, rx) = watch::channel(());
+                    inflight.insert(key.clone(), rx);
+                    return Turn::Lead(LeaderGuard {
+                        store: Arc::clone(self),
+                        key: key.clone(),
+                        _done: tx,
+                    });
+                }
+            }
+        };
+        // The sender is dropped when the leader is done, which ends the wait.
+        let _ = tokio::time::timeout(limit, waiting.changed()).await;
+        Turn::Waited
+    }
+
+    /// Stores a complete response under the key derived from its `Vary`.
+    pub fn insert(&self, base: BaseKey, vary: Vec<HeaderName>, request: &HeaderMap, entry: Entry) {
+        if entry.body.len() as u64 > self.max_item_size {
+            return;
+        }
+        let key = CacheKey::new(base.clone(), &vary, request);
+        self.rules.insert(base, Rule::Vary(vary.into()));
+        self.entries.insert(key, Arc::new(entry));
+    }
+
+    pub fn remove(&self, key: &CacheKey) {
+        self.entries.remove(key);
+    }
+
+    /// Remembers that a resource was not storable, so its requests stop
+    /// queueing behind each other for a while.
+    pub fn pass(&self, base: BaseKey) {
+        if !matches!(self.rules.get(&base), Some(Rule::Vary(_))) {
+            self.rules
+                .insert(base, Rule::Pass(Instant::now() + PASS_FOR));
+        }
+    }
+
+    /// The body encoded with `coding`, made once per entry on a blocking
+    /// thread at a high level (the cost is paid once, not per hit). `None`
+    /// when encoding does not make it smaller.
+    pub async fn variant(
+        &self,
+        key: &CacheKey,
+        entry: &Arc<Entry>,
+        coding: Coding,
+    ) -> Option<Bytes> {
+        let cell = &entry.variants.cells[slot(coding)];
+        let mut made_here = false;
+        let result = cell
+            .get_or_init(|| {
+                made_here = true;
+                let body = entry.body.clone();
+                let immutable = entry.freshness.immutable;
+                async move {
+                    tokio::task::spawn_blocking(move || {
+                        compression::compress_stored(&body, coding, immutable)
+                            .ok()
+                            .filter(|encoded| encoded.len() < body.len())
+                            .map(Bytes::from)
+                    })
+                    .await
+                    .ok()
+                    .flatten()
+                }
+            })
+            .await
+            .clone();
+        if made_here {
+            // Re-insert with the new weight so the budget counts the variant.
+            let reweighed = Entry {
+                status: entry.status,
+                headers: entry.headers.clone(),
+                body: entry.body.clone(),
+                stored_at: entry.stored_at,
+                freshness: entry.freshness,
+                variants: Arc::clone(&entry.variants),
+                weight: 0,
+            };
+            let mut reweighed = reweighed;
+            reweighed.weight = reweighed.measure();
+            let _ = self.entries.replace(key.clone(), Arc::new(reweighed), true);
+        }
+        result
+    }
+
+    pub fn weight(&self) -> u64 {
+        self.entries.weight()
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+/// Held by the request that asks upstream on behalf of everyone waiting
+/// for the same key. Dropping it (stored, not storable, failed, client
+/// gone) releases the waiters.
+pub struct LeaderGuard {
+    store: Arc<Store>,
+    key: CacheKey,
+    _done: watch::Sender<()>,
+}
+
+impl Drop for LeaderGuard {
+    fn drop(&mut self) {
+        if let Ok(mut inflight) = self.store.inflight.lock() {
+            inflight.remove(&self.key);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::Request;
+
+    fn freshness(lifetime: u64, sie: u64) -> Freshness {
+        Freshness {
+            lifetime: Duration::from_secs(lifetime),
+            initial_age: Duration::ZERO,
+            stale_if_error: Duration::from_secs(sie),
+            immutable: false,
+        }
+    }
+
+    fn base(path: &str) -> BaseKey {
+        BaseKey::new(
+            &Request::builder()
+                .uri(path)
+                .header("host", "h")
+                .body(())
+                .unwrap(),
+            false,
+            false,
+        )
+    }
+
+    #[test]
+    fn stores_and_finds_by_variant() {
+        let store = Store::new(1 << 20, 1 << 16, Duration::ZERO);
+        let mut req = HeaderMap::new();
+        req.insert("accept", "text/html".parse().unwrap());
+        let entry = Entry::new(
+            StatusCode::OK,
+            HeaderMap::new(),
+            Bytes::from_static(b"html"),
+            freshness(60, 0),
+        );
+        store.insert(base("/a"), vec![http::header::ACCEPT], &req, entry);
+        assert!(matches!(store.lookup(base("/a"), &req), Lookup::Hit(e) if e.body == "html"));
+        let mut other = HeaderMap::new();
+        other.insert("accept", "application/json".parse().unwrap());
+        assert!(matches!(
+            store.lookup(base("/a"), &other),
+            Lookup::Miss { stale: None, .. }
+        ));
+        assert!(matches!(
+            store.lookup(base("/b"), &req),
+            Lookup::Miss { .. }
+        ));
+    }
+
+    #[test]
+    fn stale_entries_only_stand_in_for_errors() {
+        let store = Store::new(1 << 20, 1 << 16, Duration::ZERO);
+        let req = HeaderMap::new();
+        let mut f = freshness(10, 60);
+        f.initial_age = Duration::from_secs(30); // already 20 s stale
+        store.insert(
+            base("/s"),
+            vec![],
+            &req,
+            Entry::new(StatusCode::OK, HeaderMap::new(), Bytes::new(), f),
+        );
+        assert!(matches!(
+            store.lookup(base("/s"), &req),
+            Lookup::Miss { stale: Some(_), .. }
+        ));
+        let mut f = freshness(10, 5);
+        f.initial_age = Duration::from_secs(30); // past stale-if-error too
+        store.insert(
+            base("/t"),
+            vec![],
+            &req,
+            Entry::new(StatusCode::OK, HeaderMap::new(), Bytes::new(), f),
+        );
+        assert!(matches!(
+            store.lookup(base("/t"), &req),
+            Lookup::Miss { stale: None, .. }
+        ));
+    }
+
+    #[test]
+    fn oversized_items_are_not_stored_and_budget_is_kept() {
+        let store = Store::new(200_000, 10_000, Duration::ZERO);
+        let req = HeaderMap::new();
+        let big = Entry::new(
+            StatusCode::OK,
+            HeaderMap::new(),
+            Bytes::from(vec![b'x'; 10_001]),
+            freshness(60, 0),
+        );
+        store.insert(base("/big"), vec![], &req, big);
+        assert!(store.is_empty());
+        for i in 0..100 {
+            let e = Entry::new(
+                StatusCode::OK,
+                HeaderMap::new(),
+                Bytes::from(vec![b'x'; 9_000]),
+                freshness(60, 0),
+            );
+            store.insert(base(&format!("/{i}")), vec![], &req, e);
+        }
+        assert!(store.weight() <= 200_000, "weight {}", store.weight());
+        assert!(store.len() >= 10, "kept {}", store.len());
+    }
+
+    #[tokio::test]
+    async fn one_leader_per_key_waiters_released_on_drop() {
+        let store = Arc::new(Store::new(1 << 20, 1 << 16, Duration::ZERO));
+        let key = CacheKey::new(base("/c"), &[], &HeaderMap::new());
+        let Turn::Lead(guard) = store.wait_or_lead(&key, Duration::from_secs(5)).await else {
+            panic!("first request leads");
+        };
+        let waiter = {
+            let store = Arc::clone(&store);
+            let key = key.clone();
+            tokio::spawn(async move { store.wait_or_lead(&key, Duration::from_secs(5)).await })
+        };
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished());
+        drop(guard);
+        let turn = tokio::time::timeout(Duration::from_secs(2), waiter)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(matches!(turn, Turn::Waited));
+        // The slot is free again.
+        assert!(matches!(
+            store.wait_or_lead(&key, Duration::from_secs(1)).await,
+            Turn::Lead(_)
+        ));
+    }
+
+    #[tokio::test]
+    async fn variants_are_made_once_and_counted() {
+        let store = Store::new(1 << 22, 1 << 20, Duration::ZERO);
+        let req = HeaderMap::new();
+        let body = Bytes::from("body { color: red; }\n".repeat(500));
+        let mut headers = HeaderMap::new();
+        headers.insert("content-type", "text/css".parse().unwrap());
+        store.insert(
+            base("/v.css"),
+            vec![],
+            &req,
+            Entry::new(StatusCode::OK, headers, body.clone(), freshness(60, 0)),
+        );
+        let Lookup::Hit(entry) = store.lookup(base("/v.css"), &req) else {
+            panic!("stored")
+        };
+        let before = store.weight();
+        let key = CacheKey::new(base("/v.css"), &[], &req);
+        let gz = store
+            .variant(&key, &entry, Coding::Gzip)
+            .await
+            .expect("smaller");
+        let mut decoded = Vec::new();
+        std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&gz[..]), &mut decoded)
+            .unwrap();
+        assert_eq!(decoded, body);
+        assert!(store.weight() > before, "variant counted in the budget");
+        // The second call returns the same bytes without re-encoding.
+        let Lookup::Hit(entry) = store.lookup(base("/v.css"), &req) else {
+            panic!("still stored")
+        };
+        let again = store.variant(&key, &entry, Coding::Gzip).await.unwrap();
+        assert_eq!(again.as_ptr(), gz.as_ptr());
+    }
+}
