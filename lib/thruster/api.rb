@@ -22,6 +22,7 @@ module Thruster
     # Returns the addresses listened on.
     def start(upstream:, bind: nil, **options)
       check_options!(options)
+      share_sendfile_token
       Native.start(stringify(options), upstream.to_s, Array(bind).map(&:to_s), take_inherited_fds)
     end
 
@@ -86,6 +87,17 @@ module Thruster
 
       raise ConfigError, "unknown option#{'s' if unknown.size > 1} #{unknown.map(&:inspect).join(', ')}; " \
                          "accepted: #{option_names.join(', ')}"
+    end
+
+    # The proxy sends this token upstream; Puma's workers, forked later,
+    # inherit it and the Thruster::Sendfile middleware checks it. Kept across
+    # a hot restart (exec) so old and new processes agree.
+    def share_sendfile_token
+      require "securerandom"
+      require_relative "sendfile"
+      return unless ENV.fetch(SENDFILE_TOKEN_ENV, "").empty?
+
+      ENV[SENDFILE_TOKEN_ENV] = SecureRandom.hex(32)
     end
 
     def stringify(options)

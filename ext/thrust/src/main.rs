@@ -69,6 +69,7 @@ fn main() -> ExitCode {
     };
 
     let options = ServerOptions::for_wrapper(&config);
+    let sendfile_token = options.sendfile_token.clone();
     let server = match Server::start(config, options) {
         Ok(server) => server,
         Err(err) => {
@@ -86,7 +87,12 @@ fn main() -> ExitCode {
     command
         .args(rest)
         .env("PORT", target_port.to_string())
-        .env("THRUSTER_RS_WRAPPED", "1");
+        .env("THRUSTER_RS_WRAPPED", "1")
+        // The app's Thruster::Sendfile middleware trusts requests carrying it.
+        .env(
+            thruster_core::pipeline::sendfile::TOKEN_ENV,
+            &sendfile_token,
+        );
     // If thrust itself is killed outright, the app server is told to stop
     // rather than left running without its proxy.
     // SAFETY: prctl is async-signal-safe and touches no shared state.

@@ -130,6 +130,10 @@ pub const SETTINGS: &[(&str, &str)] = &[
     ("MAX_CACHE_ITEM_SIZE", "1048576"),
     ("CACHE_STALE_IF_ERROR", "300"),
     ("X_SENDFILE_ENABLED", "true"),
+    (
+        "X_SENDFILE_ROOTS",
+        "the working directory and the temp directory",
+    ),
     ("GZIP_COMPRESSION_ENABLED", "true"),
     ("GZIP_COMPRESSION_DISABLE_ON_AUTH", "false"),
     ("GZIP_COMPRESSION_JITTER", "32"),
@@ -156,6 +160,7 @@ pub const DEFAULT_ACME_DIRECTORY: &str = "https://acme-v02.api.letsencrypt.org/d
 const ACCEPT_BOOL: &str = "a boolean: 1, t, T, TRUE, true, True, 0, f, F, FALSE, false or False";
 const ACCEPT_PORT: &str = "a TCP port number from 0 to 65535";
 const ACCEPT_TARGET_PORT: &str = "a TCP port number from 1 to 65535";
+const ACCEPT_DIRECTORIES: &str = "a comma-separated list of existing directories";
 const ACCEPT_BYTES: &str = "a whole number of bytes (digits only, no unit), 0 or more";
 const ACCEPT_SIGNED_BYTES: &str =
     "a whole number of bytes (digits only, no unit); 0 or less means unlimited";
@@ -177,6 +182,8 @@ pub struct Config {
     /// upstream error when the response does not say (RFC 5861).
     pub cache_stale_if_error: Duration,
     pub x_sendfile_enabled: bool,
+    /// Canonical directories X-Sendfile may serve files from.
+    pub x_sendfile_roots: Vec<PathBuf>,
     pub gzip_compression_enabled: bool,
     pub gzip_compression_disable_on_auth: bool,
     pub gzip_compression_jitter: u32,
@@ -236,6 +243,11 @@ impl Config {
                 .seconds("CACHE_STALE_IF_ERROR", 300)?
                 .unwrap_or(Duration::ZERO),
             x_sendfile_enabled: r.bool("X_SENDFILE_ENABLED", true)?,
+            x_sendfile_roots: match r.raw("X_SENDFILE_ROOTS") {
+                None => crate::files::jail::default_roots(),
+                Some(s) => crate::files::jail::parse_roots(&s.value)
+                    .map_err(|_| invalid(s, ACCEPT_DIRECTORIES))?,
+            },
             gzip_compression_enabled: r.bool("GZIP_COMPRESSION_ENABLED", true)?,
             gzip_compression_disable_on_auth: r.bool("GZIP_COMPRESSION_DISABLE_ON_AUTH", false)?,
             gzip_compression_jitter: r.jitter("GZIP_COMPRESSION_JITTER", 32)?,

@@ -73,13 +73,32 @@ impl tower_service::Service<Uri> for AppConnector {
             let connect = async {
                 match &*addr {
                     UpstreamAddr::Tcp(sock) => {
-                        let stream = TcpStream::connect(sock).await?;
+                        // The socket is registered as it is created, before
+                        // the connect wait, so no fork in between keeps it.
+                        let (socket, registration) = {
+                            let _gate = fd_registry::OpenGate::enter();
+                            let socket = if sock.is_ipv4() {
+                                tokio::net::TcpSocket::new_v4()?
+                            } else {
+                                tokio::net::TcpSocket::new_v6()?
+                            };
+                            let registration = fd_registry::register(socket.as_raw_fd());
+                            (socket, registration)
+                        };
+                        let stream = socket.connect(*sock).await?;
                         stream.set_nodelay(true)?;
-                        Ok(AppStream::new(AppIo::Tcp(stream)))
+                        Ok(AppStream::new(registration, AppIo::Tcp(stream)))
                     }
-                    UpstreamAddr::Unix(path) => UnixStream::connect(path)
-                        .await
-                        .map(|s| AppStream::new(AppIo::Unix(s))),
+                    UpstreamAddr::Unix(path) => {
+                        let (socket, registration) = {
+                            let _gate = fd_registry::OpenGate::enter();
+                            let socket = tokio::net::UnixSocket::new_stream()?;
+                            let registration = fd_registry::register(socket.as_raw_fd());
+                            (socket, registration)
+                        };
+                        let stream = socket.connect(path).await?;
+                        Ok(AppStream::new(registration, AppIo::Unix(stream)))
+                    }
                 }
             };
             match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
@@ -106,13 +125,9 @@ enum AppIo {
 }
 
 impl AppStream {
-    fn new(io: AppIo) -> AppStream {
-        let fd = match &io {
-            AppIo::Tcp(s) => s.as_raw_fd(),
-            AppIo::Unix(s) => s.as_raw_fd(),
-        };
+    fn new(registration: Registration, io: AppIo) -> AppStream {
         AppStream {
-            _registration: fd_registry::register(fd),
+            _registration: registration,
             io,
         }
     }

@@ -91,6 +91,7 @@ fn start_proxy_to(upstream: UpstreamAddr, settings: Vec<(&'static str, String)>)
             upstream,
             http_binds: vec!["127.0.0.1:0".parse().unwrap()],
             inherited_fds: Vec::new(),
+            sendfile_token: "test-token".into(),
             worker_threads: 1,
         },
     )

@@ -35,6 +35,16 @@ extern "C" fn close_proxy_fds_in_child() {
     if OWNER_PID.load(Ordering::SeqCst) != 0 {
         fd_registry::close_all_after_fork();
     }
+    fd_registry::after_fork();
+}
+
+/// Before fork: wait out any socket between creation and registration.
+extern "C" fn hold_socket_creation() {
+    fd_registry::before_fork();
+}
+
+extern "C" fn release_socket_creation() {
+    fd_registry::after_fork();
 }
 
 fn is_owner() -> bool {
@@ -133,7 +143,13 @@ fn start(
 ) -> Result<Vec<String>, Error> {
     if !ATFORK_INSTALLED.swap(true, Ordering::SeqCst) {
         // SAFETY: registering a plain extern "C" function.
-        unsafe { libc::pthread_atfork(None, None, Some(close_proxy_fds_in_child)) };
+        unsafe {
+            libc::pthread_atfork(
+                Some(hold_socket_creation),
+                Some(release_socket_creation),
+                Some(close_proxy_fds_in_child),
+            )
+        };
     }
     let mut keywords = Vec::new();
     options.foreach(|key: Value, value: Value| {
@@ -170,6 +186,7 @@ fn start(
         upstream,
         http_binds,
         inherited_fds,
+        sendfile_token: thruster_core::pipeline::sendfile::token_from_env_or_new(),
         worker_threads: std::thread::available_parallelism().map_or(2, |n| n.get().min(2)),
     };
     let server =

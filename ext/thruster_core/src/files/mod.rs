@@ -16,6 +16,7 @@
 //! 3. [`range::select`] (GET + Range + If-Range) → 200, 206 or 416, and
 //!    [`range::slice_body`] or [`range::Multipart`] to build the 206 body.
 
+pub mod body;
 pub mod conditional;
 pub mod jail;
 pub mod mime;

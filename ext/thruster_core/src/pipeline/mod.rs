@@ -1,7 +1,7 @@
 //! The request path: one module per concern, composed in `Pipeline::handle`.
 //!
 //! Order (outermost first): request logging, compression, request start
-//! stamp, cache, proxy. The cache sits inside compression so that it stores
+//! stamp, X-Sendfile, cache, proxy. The cache sits inside compression so that it stores
 //! the app's identity bytes and serves its own encoded variants (compression
 //! leaves an already-encoded response alone).
 
@@ -11,6 +11,7 @@ pub mod logging;
 pub mod proxy;
 pub mod request_body;
 pub mod request_start;
+pub mod sendfile;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -44,15 +45,22 @@ pub struct Pipeline {
     config: Arc<Config>,
     upstream: Upstream,
     cache: Option<cache::HttpCache>,
+    sendfile: sendfile::Sendfile,
 }
 
 impl Pipeline {
-    pub fn new(config: Arc<Config>, upstream: Upstream) -> Pipeline {
+    pub fn new(config: Arc<Config>, upstream: Upstream, sendfile_token: &str) -> Pipeline {
         let cache = cache::HttpCache::new(&config);
+        let sendfile = sendfile::Sendfile::new(
+            config.x_sendfile_enabled,
+            sendfile_token,
+            config.x_sendfile_roots.clone(),
+        );
         Pipeline {
             config,
             upstream,
             cache,
+            sendfile,
         }
     }
 
@@ -82,9 +90,27 @@ impl Pipeline {
             Some(rejection) => rejection,
             None => {
                 request_start::stamp(req.headers_mut());
-                match &self.cache {
+                let method = req.method().clone();
+                let file_request = self.sendfile.prepare(&method, req.headers_mut());
+                // sendfile(2) writes to the socket itself: only possible
+                // without TLS and HTTP/2 framing in between.
+                let zero_copy = !conn.tls && req.version() <= Version::HTTP_11;
+                let response = match &self.cache {
                     Some(cache) => cache.handle(self, req, conn, compression.as_ref()).await,
                     None => proxy::forward(self, req, conn).await,
+                };
+                match file_request {
+                    Some(file_request) if response.headers().contains_key(sendfile::X_SENDFILE) => {
+                        self.sendfile
+                            .serve(
+                                &file_request,
+                                response,
+                                compression.as_ref(),
+                                zero_copy.then(|| Arc::clone(&conn.state)),
+                            )
+                            .await
+                    }
+                    _ => response,
                 }
             }
         };

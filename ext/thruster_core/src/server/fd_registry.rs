@@ -11,7 +11,7 @@
 //! locks, no allocation.
 
 use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::OnceLock;
 
 /// fds above this are not tracked (far above any sane RLIMIT_NOFILE here).
@@ -55,6 +55,51 @@ impl Drop for Registration {
             bits()[word].fetch_and(!bit, Ordering::AcqRel);
         }
     }
+}
+
+/// Threads between creating a socket and registering it.
+static OPENING: AtomicUsize = AtomicUsize::new(0);
+/// Set while a fork is under way: no new socket may be created.
+static FORKING: AtomicBool = AtomicBool::new(false);
+
+/// Held while a socket is created and registered, so a fork can never
+/// happen in between (the child would keep an fd the registry does not
+/// know about). Hold it only across synchronous code: a fork waits for it.
+pub struct OpenGate(());
+
+impl OpenGate {
+    pub fn enter() -> OpenGate {
+        loop {
+            while FORKING.load(Ordering::SeqCst) {
+                std::thread::yield_now();
+            }
+            OPENING.fetch_add(1, Ordering::SeqCst);
+            if !FORKING.load(Ordering::SeqCst) {
+                return OpenGate(());
+            }
+            OPENING.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
+impl Drop for OpenGate {
+    fn drop(&mut self) {
+        OPENING.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// `pthread_atfork` prepare: waits until no socket is between creation and
+/// registration, and holds new ones back until the fork is done.
+pub fn before_fork() {
+    FORKING.store(true, Ordering::SeqCst);
+    while OPENING.load(Ordering::SeqCst) != 0 {
+        std::hint::spin_loop();
+    }
+}
+
+/// `pthread_atfork` parent and child: sockets may be created again.
+pub fn after_fork() {
+    FORKING.store(false, Ordering::SeqCst);
 }
 
 pub fn is_registered(fd: RawFd) -> bool {

@@ -55,6 +55,10 @@ pub struct ServerOptions {
     /// used for the bind addresses they match instead of binding anew, so no
     /// connection is refused in between. Unmatched ones are closed.
     pub inherited_fds: Vec<RawFd>,
+    /// Sent upstream so the app's middleware trusts X-Sendfile requests
+    /// (see `pipeline::sendfile`); the app reads the same value from
+    /// `THRUSTER_RS_SENDFILE_TOKEN`.
+    pub sendfile_token: String,
     pub worker_threads: usize,
 }
 
@@ -65,6 +69,7 @@ impl ServerOptions {
             upstream: UpstreamAddr::Tcp(SocketAddr::from(([127, 0, 0, 1], config.target_port))),
             http_binds: Vec::new(),
             inherited_fds: Vec::new(),
+            sendfile_token: crate::pipeline::sendfile::token_from_env_or_new(),
             worker_threads: std::thread::available_parallelism()
                 .map(|n| n.get())
                 .unwrap_or(2),
@@ -114,6 +119,7 @@ impl Server {
         let pipeline = Arc::new(Pipeline::new(
             config.clone(),
             Upstream::new(options.upstream),
+            &options.sendfile_token,
         ));
         let (shutdown, shutdown_rx) = watch::channel(false);
         let accept_tasks = listeners
@@ -296,12 +302,17 @@ enum ConnBuilder {
 fn connection_builder(config: &Config) -> Arc<ConnBuilder> {
     let builder = if config.h2c_enabled {
         let mut auto = auto::Builder::new(TokioExecutor::new());
-        auto.http1().timer(TokioTimer::new()).keep_alive(true);
+        // writev keeps hyper from copying body chunks into its own buffer,
+        // which zero-copy X-Sendfile bodies rely on (see files::body).
+        auto.http1()
+            .timer(TokioTimer::new())
+            .keep_alive(true)
+            .writev(true);
         auto.http2().timer(TokioTimer::new());
         ConnBuilder::Auto(auto)
     } else {
         let mut http1 = hyper::server::conn::http1::Builder::new();
-        http1.timer(TokioTimer::new()).keep_alive(true);
+        http1.timer(TokioTimer::new()).keep_alive(true).writev(true);
         ConnBuilder::Http1(http1)
     };
     Arc::new(builder)
@@ -324,10 +335,17 @@ async fn accept_loop(
         write_stall: pipeline.config().http_write_timeout,
     };
     loop {
-        let (stream, peer) = tokio::select! {
+        let (stream, peer, registration) = tokio::select! {
             _ = stop_accepting.changed() => break,
-            accepted = listener.accept() => match accepted {
-                Ok(pair) => pair,
+            accepted = std::future::poll_fn(|cx| {
+                // accept(2) and the registration happen with no fork in between.
+                let _gate = fd_registry::OpenGate::enter();
+                listener.poll_accept(cx).map_ok(|(stream, peer)| {
+                    let registration = fd_registry::register(stream.as_raw_fd());
+                    (stream, peer, registration)
+                })
+            }) => match accepted {
+                Ok(accepted) => accepted,
                 Err(err) => {
                     // Out of file descriptors and the like: back off instead
                     // of spinning, and keep serving the connections we have.
@@ -338,7 +356,6 @@ async fn accept_loop(
             },
         };
         let _ = stream.set_nodelay(true);
-        let registration = fd_registry::register(stream.as_raw_fd());
         let state = Arc::new(ConnState::default());
         let conn_info = ConnInfo {
             peer,

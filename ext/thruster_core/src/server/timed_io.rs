@@ -17,8 +17,10 @@
 //! writes to the socket, so bytes queued here cannot interleave with a
 //! response.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::io;
+use std::os::fd::AsRawFd;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -43,6 +45,17 @@ pub struct ConnState {
     /// Set once the final response of the current request exists; no
     /// informational response may follow it.
     final_response: AtomicBool,
+    /// File regions to send with sendfile(2) in place of the marker bytes
+    /// the response body hands to hyper, in body order.
+    zero_copy: Mutex<VecDeque<FileRegion>>,
+}
+
+/// A part of an open file to send from the kernel's page cache.
+#[derive(Debug)]
+pub struct FileRegion {
+    pub file: Arc<std::fs::File>,
+    pub offset: u64,
+    pub len: u64,
 }
 
 impl ConnState {
@@ -52,6 +65,14 @@ impl ConnState {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         self.final_response.store(false, Ordering::Release);
         InFlight(self.clone())
+    }
+
+    /// Announces that the next `region.len` marker bytes written to this
+    /// connection stand for that region of a file (see `files::body`).
+    pub fn queue_file_region(&self, region: FileRegion) {
+        if let Ok(mut queue) = self.zero_copy.lock() {
+            queue.push_back(region);
+        }
     }
 
     /// Queues a serialized HTTP/1.1 informational response for the client.
@@ -276,12 +297,112 @@ impl<T: AsyncWrite> TimedIo<T> {
     }
 }
 
-impl<T: AsyncWrite> AsyncWrite for TimedIo<T> {
+/// A socket that can send straight from a file (zero-copy), for X-Sendfile
+/// bodies on cleartext HTTP/1.1.
+pub trait SendfileSocket {
+    /// Sends up to `len` bytes of `file` from `offset`, advancing it.
+    fn poll_sendfile(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        file: &std::fs::File,
+        offset: &mut u64,
+        len: usize,
+    ) -> Poll<io::Result<usize>>;
+}
+
+impl SendfileSocket for tokio::net::TcpStream {
+    fn poll_sendfile(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        file: &std::fs::File,
+        offset: &mut u64,
+        len: usize,
+    ) -> Poll<io::Result<usize>> {
+        loop {
+            std::task::ready!(self.poll_write_ready(cx))?;
+            let sent = self.try_io(tokio::io::Interest::WRITABLE, || {
+                let mut off = *offset as libc::off_t;
+                // SAFETY: both descriptors are open for the duration of the
+                // call; `off` is a valid out-parameter.
+                let n =
+                    unsafe { libc::sendfile(self.as_raw_fd(), file.as_raw_fd(), &mut off, len) };
+                if n < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                *offset = off as u64;
+                Ok(n as usize)
+            });
+            match sent {
+                // The file ended before the length we announced: the
+                // response cannot be completed truthfully.
+                Ok(0) if len > 0 => {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "file shrank while it was being sent",
+                    )))
+                }
+                Ok(n) => return Poll::Ready(Ok(n)),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+}
+
+impl<T: AsyncWrite + SendfileSocket> TimedIo<T> {
+    /// Writes the slices before the first marker slice as usual, or, when a
+    /// marker slice comes first, sends its file region with sendfile(2).
+    fn write_vectored_or_file(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let first_marker = bufs
+            .iter()
+            .position(|b| crate::files::body::is_zero_copy_marker(b));
+        match first_marker {
+            None => self.write_with(cx, |io, cx| io.poll_write_vectored(cx, bufs)),
+            Some(i) if i > 0 => {
+                self.write_with(cx, |io, cx| io.poll_write_vectored(cx, &bufs[..i]))
+            }
+            Some(_) => {
+                let state = Arc::clone(&self.state);
+                let len = bufs[0].len();
+                self.write_with(cx, |io, cx| {
+                    let Ok(mut queue) = state.zero_copy.lock() else {
+                        return Poll::Ready(Err(io::Error::other("zero-copy queue poisoned")));
+                    };
+                    // Never let marker bytes reach the client.
+                    let Some(region) = queue.front_mut() else {
+                        return Poll::Ready(Err(io::Error::other(
+                            "zero-copy marker without a file",
+                        )));
+                    };
+                    let want = len.min(region.len as usize);
+                    let mut offset = region.offset;
+                    let sent =
+                        std::task::ready!(io.poll_sendfile(cx, &region.file, &mut offset, want))?;
+                    region.offset = offset;
+                    region.len -= sent as u64;
+                    if region.len == 0 {
+                        queue.pop_front();
+                    }
+                    Poll::Ready(Ok(sent))
+                })
+            }
+        }
+    }
+}
+
+impl<T: AsyncWrite + SendfileSocket> AsyncWrite for TimedIo<T> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
+        if crate::files::body::is_zero_copy_marker(buf) {
+            return self.write_vectored_or_file(cx, &[io::IoSlice::new(buf)]);
+        }
         self.write_with(cx, |io, cx| io.poll_write(cx, buf))
     }
 
@@ -290,7 +411,7 @@ impl<T: AsyncWrite> AsyncWrite for TimedIo<T> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        self.write_with(cx, |io, cx| io.poll_write_vectored(cx, bufs))
+        self.write_vectored_or_file(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {

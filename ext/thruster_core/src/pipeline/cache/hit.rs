@@ -133,6 +133,17 @@ pub async fn respond(
     head_aware(method, status, headers, body)
 }
 
+/// A stored X-Sendfile response, handed on as the app sent it so the
+/// X-Sendfile layer serves the file (with Range and conditionals) as it is
+/// on disk now.
+pub fn reference(entry: &Entry, label: &'static str) -> Response<ResponseBody> {
+    let mut headers = entry.headers.clone();
+    let age = entry.age(Instant::now()).as_secs();
+    headers.insert(header::AGE, HeaderValue::from(age));
+    headers.insert(X_CACHE, HeaderValue::from_static(label));
+    build(entry.status, headers, Bytes::new())
+}
+
 /// HEAD gets GET's headers, including the length GET would send.
 fn head_aware(
     method: &Method,

@@ -14,6 +14,7 @@ mod hit;
 pub mod key;
 pub mod store;
 
+use std::os::unix::ffi::OsStrExt;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -42,6 +43,8 @@ const DEFAULT_WAIT: Duration = Duration::from_secs(30);
 pub struct HttpCache {
     store: Arc<Store>,
     trust_forwarded: bool,
+    /// X-Sendfile responses are stored as file references.
+    sendfile: bool,
     wait_limit: Duration,
 }
 
@@ -54,6 +57,7 @@ impl HttpCache {
                 config.cache_stale_if_error,
             )),
             trust_forwarded: config.forward_headers,
+            sendfile: config.x_sendfile_enabled,
             wait_limit: config.http_write_timeout.unwrap_or(DEFAULT_WAIT),
         })
     }
@@ -74,6 +78,21 @@ impl HttpCache {
         let mut may_wait = true;
         loop {
             let (key, stale, coalesce) = match self.store.lookup(base.clone(), req.headers()) {
+                Lookup::Hit(entry) if entry.file.is_some() => {
+                    // The file is served by the X-Sendfile layer from what is
+                    // on disk now; a changed or deleted file sends the request
+                    // to the app again (Thruster 404s until expiry, its #51).
+                    if entry.file.as_ref().is_some_and(|f| f.unchanged()) {
+                        return hit::reference(&entry, "hit");
+                    }
+                    let key = key::CacheKey::new(
+                        base.clone(),
+                        &key::vary_names(&entry.headers),
+                        req.headers(),
+                    );
+                    self.store.remove(&key);
+                    continue;
+                }
                 Lookup::Hit(entry) if hit::acceptable(&entry, req.headers()) => {
                     return hit::respond(
                         &self.store,
@@ -136,6 +155,9 @@ impl HttpCache {
                         ],
                     );
                     drop(response);
+                    if stale.file.is_some() {
+                        return hit::reference(&stale, "stale");
+                    }
                     return hit::respond(
                         &self.store,
                         &stale,
@@ -196,6 +218,24 @@ impl HttpCache {
         let mut headers = response.headers().clone();
         headers.remove(header::AGE);
         headers.remove(X_CACHE);
+        if self.sendfile {
+            let target = response
+                .headers()
+                .get(super::sendfile::X_SENDFILE)
+                .filter(|v| !v.is_empty())
+                .map(|v| std::path::PathBuf::from(std::ffi::OsStr::from_bytes(v.as_bytes())));
+            if let Some(target) = target {
+                // Only the reference is kept; the app's (empty) body is not
+                // read, and the file is served from disk on every hit.
+                if let Some(file) = store::FileRef::stat(target) {
+                    let entry = Entry::new(response.status(), headers, Bytes::new(), freshness)
+                        .with_file(file);
+                    self.store.insert(base, vary, &request, entry);
+                }
+                drop(guard);
+                return response;
+            }
+        }
         let capture = Capture {
             store: Arc::clone(&self.store),
             base,

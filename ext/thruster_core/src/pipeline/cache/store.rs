@@ -42,6 +42,9 @@ pub struct Entry {
     pub body: Bytes,
     pub stored_at: Instant,
     pub freshness: Freshness,
+    /// For an X-Sendfile response: the file as it was when stored. The
+    /// entry is only good while the file is unchanged.
+    pub file: Option<FileRef>,
     variants: Arc<Variants>,
     /// Fixed at construction: quick_cache needs a stable weight.
     weight: u64,
@@ -55,11 +58,17 @@ impl Entry {
             body,
             stored_at: Instant::now(),
             freshness,
+            file: None,
             variants: Arc::default(),
             weight: 0,
         };
         entry.weight = entry.measure();
         entry
+    }
+
+    pub fn with_file(mut self, file: FileRef) -> Entry {
+        self.file = Some(file);
+        self
     }
 
     fn measure(&self) -> u64 {
@@ -93,6 +102,30 @@ impl Entry {
 
     fn usable_at_all(&self, now: Instant) -> bool {
         self.is_fresh(now) || self.usable_on_error(now)
+    }
+}
+
+/// Identity of a file on disk, enough to notice it was replaced or removed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileRef {
+    pub path: std::path::PathBuf,
+    pub len: u64,
+    pub modified: std::time::SystemTime,
+}
+
+impl FileRef {
+    pub fn stat(path: std::path::PathBuf) -> Option<FileRef> {
+        let meta = std::fs::metadata(&path).ok()?;
+        Some(FileRef {
+            len: meta.len(),
+            modified: meta.modified().ok()?,
+            path,
+        })
+    }
+
+    /// Whether the file is still the one we stored a response for.
+    pub fn unchanged(&self) -> bool {
+        FileRef::stat(self.path.clone()).as_ref() == Some(self)
     }
 }
 
@@ -298,6 +331,7 @@ impl Store {
                 body: entry.body.clone(),
                 stored_at: entry.stored_at,
                 freshness: entry.freshness,
+                file: entry.file.clone(),
                 variants: Arc::clone(&entry.variants),
                 weight: 0,
             };
