@@ -33,4 +33,14 @@ module BenchSupport
   def pss_kib(pids) = sum_kib(pids, "smaps_rollup", "Pss")
 
   def peak_rss_kib(pids) = sum_kib(pids, "status", "VmHWM")
+
+  # User + system CPU seconds used so far by pids (gone pids count 0).
+  def cpu_seconds(pids)
+    ticks = pids.sum do |pid|
+      File.read("/proc/#{pid}/stat").split(")").last.split.values_at(11, 12).sum(&:to_i)
+    rescue Errno::ENOENT, Errno::ESRCH
+      0
+    end
+    ticks / 100.0 # USER_HZ
+  end
 end
