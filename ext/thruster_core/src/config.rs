@@ -138,6 +138,9 @@ pub const SETTINGS: &[(&str, &str)] = &[
     ("GZIP_COMPRESSION_DISABLE_ON_AUTH", "false"),
     ("GZIP_COMPRESSION_JITTER", "32"),
     ("MAX_REQUEST_BODY", "0"),
+    ("REQUEST_BUFFERING", "true"),
+    ("REQUEST_BUFFER_MEMORY", "65536"),
+    ("REQUEST_BUFFER_MAX", "104857600"),
     ("TLS_DOMAIN", ""),
     ("ACME_DIRECTORY", DEFAULT_ACME_DIRECTORY),
     ("EAB_KID", ""),
@@ -189,6 +192,12 @@ pub struct Config {
     pub gzip_compression_jitter: u32,
     /// `None` means unlimited.
     pub max_request_body: Option<u64>,
+    /// Read request bodies completely before forwarding them.
+    pub request_buffering: bool,
+    /// Bytes of a buffered request body kept in memory before spilling to disk.
+    pub request_buffer_memory: u64,
+    /// Bytes of a request body buffered at most; past it the rest streams.
+    pub request_buffer_max: u64,
     pub tls_domains: Vec<String>,
     pub acme_directory: String,
     pub eab_kid: String,
@@ -255,6 +264,9 @@ impl Config {
                 n if n <= 0 => None,
                 n => Some(n as u64),
             },
+            request_buffering: r.bool("REQUEST_BUFFERING", true)?,
+            request_buffer_memory: r.bytes("REQUEST_BUFFER_MEMORY", 64 << 10)?,
+            request_buffer_max: r.bytes("REQUEST_BUFFER_MAX", 100 << 20)?,
             tls_domains,
             acme_directory: r.string("ACME_DIRECTORY", DEFAULT_ACME_DIRECTORY),
             eab_kid: r.string("EAB_KID", ""),

@@ -10,6 +10,7 @@ pub mod compression;
 pub mod logging;
 pub mod proxy;
 pub mod request_body;
+pub mod request_buffer;
 pub mod request_start;
 pub mod sendfile;
 

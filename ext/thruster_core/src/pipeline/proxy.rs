@@ -12,6 +12,7 @@ use hyper::body::Incoming;
 use bytes::Bytes;
 
 use super::request_body::{BodyCut, CutFlag, LimitedBody};
+use super::request_buffer::{self, BufferLimits};
 use super::{full_body, BoxError, ConnInfo, Pipeline, ResponseBody};
 use crate::log;
 
@@ -189,13 +190,47 @@ pub async fn forward(
     let body = if body.is_end_stream() {
         body.map_err(BoxError::from).boxed_unsync()
     } else {
-        LimitedBody::new(
+        let limited = LimitedBody::new(
             body,
             config.max_request_body,
             config.http_read_timeout,
             cut.clone(),
         )
-        .boxed_unsync()
+        .boxed_unsync();
+        if config.request_buffering && client_upgrade.is_none() {
+            let limits = BufferLimits {
+                memory: config.request_buffer_memory,
+                disk: config.request_buffer_max,
+            };
+            match request_buffer::buffer(limited, limits).await {
+                Ok(buffered) => {
+                    // A complete body goes to the app with its length, even
+                    // if the client sent it chunked.
+                    if let Some(len) = buffered.len {
+                        parts
+                            .headers
+                            .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+                    }
+                    buffered.body
+                }
+                Err(err) => {
+                    let status = match cut.get() {
+                        Some(BodyCut::TooLarge) => StatusCode::PAYLOAD_TOO_LARGE,
+                        Some(BodyCut::TooSlow) => StatusCode::REQUEST_TIMEOUT,
+                        // The client went away or sent a broken body.
+                        None => StatusCode::BAD_REQUEST,
+                    };
+                    log::info(
+                        "Request body not received",
+                        &[("path", path.into()), ("error", error_chain(&*err).into())],
+                    );
+                    conn.state.mark_final_response();
+                    return closing(error_response(status, None));
+                }
+            }
+        } else {
+            limited
+        }
     };
 
     if log::enabled(log::Level::Debug) {
