@@ -59,7 +59,8 @@ RSpec.describe "thrust wrapper" do
       dir = Dir.mktmpdir("thrust-502")
       File.write(File.join(dir, "oops.html"), "<h1>down</h1>")
       thrust = ChildProcess.start({ "HTTP_PORT" => "0", "TARGET_PORT" => free_port.to_s,
-                                    "BAD_GATEWAY_PAGE" => File.join(dir, "oops.html") },
+                                    "BAD_GATEWAY_PAGE" => File.join(dir, "oops.html"),
+                                    "UPSTREAM_RETRY_TIMEOUT" => "0" },
                                   thrust_path, "sleep", "30")
       response = http_get(thrust.http_port, "/")
       expect(response.code).to eq("502")
@@ -67,7 +68,8 @@ RSpec.describe "thrust wrapper" do
       expect(response["content-type"]).to start_with("text/html")
 
       bare = ChildProcess.start({ "HTTP_PORT" => "0", "TARGET_PORT" => free_port.to_s,
-                                  "BAD_GATEWAY_PAGE" => File.join(dir, "missing.html") },
+                                  "BAD_GATEWAY_PAGE" => File.join(dir, "missing.html"),
+                                  "UPSTREAM_RETRY_TIMEOUT" => "0" },
                                 thrust_path, "sleep", "30")
       response = http_get(bare.http_port, "/")
       expect(response.code).to eq("502")

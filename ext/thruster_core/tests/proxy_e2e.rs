@@ -153,6 +153,7 @@ fn unreachable_app_gives_502_with_the_page() {
         vec![
             ("LOG_REQUESTS", "false".into()),
             ("BAD_GATEWAY_PAGE", page.display().to_string()),
+            ("UPSTREAM_RETRY_TIMEOUT", "0".into()),
         ],
     );
     let response = exchange(
@@ -161,6 +162,52 @@ fn unreachable_app_gives_502_with_the_page() {
     );
     assert!(response.starts_with("HTTP/1.1 502"), "{response}");
     assert!(response.ends_with("<p>be right back</p>"), "{response}");
+    proxy.stop(Duration::from_secs(1));
+}
+
+#[test]
+fn refused_connections_are_retried_until_the_app_listens_then_502() {
+    // The app comes up 400 ms after the request arrived: the request waits
+    // for it instead of failing.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let app = unused_port();
+    let proxy = start_proxy(app, vec![("LOG_REQUESTS", "false".into())]);
+    let late = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(400));
+        let listener = rt.block_on(tokio::net::TcpListener::bind(app)).unwrap();
+        rt.spawn(async move {
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                tokio::spawn(serve_echo(stream));
+            }
+        });
+        rt
+    });
+    let response = exchange(
+        proxy.http_addr(),
+        "GET /late HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    let _rt = late.join().unwrap();
+    proxy.stop(Duration::from_secs(1));
+
+    // An app that never comes up: 502 once the window has passed.
+    let proxy = start_proxy(
+        unused_port(),
+        vec![
+            ("LOG_REQUESTS", "false".into()),
+            ("UPSTREAM_RETRY_TIMEOUT", "1".into()),
+        ],
+    );
+    let started = std::time::Instant::now();
+    let response = exchange(
+        proxy.http_addr(),
+        "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    assert!(response.starts_with("HTTP/1.1 502"), "{response}");
+    let waited = started.elapsed();
+    assert!(waited >= Duration::from_millis(900), "{waited:?}");
+    assert!(waited < Duration::from_secs(5), "{waited:?}");
     proxy.stop(Duration::from_secs(1));
 }
 

@@ -2,6 +2,7 @@
 //! call, upgrades, and the proxy's own error responses (502, 504).
 
 use std::net::IpAddr;
+use std::time::Duration;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Version};
@@ -249,7 +250,11 @@ pub async fn forward(
     let mut result = send_with_timeout(pipeline, upstream_req, &path).await;
     conn.state.mark_final_response();
     if let (Some(Err(err)), Some(parts)) = (&result, replay) {
-        if !err.is_connect() {
+        if err.is_connect() {
+            // Nothing reached the app: the app is restarting or still
+            // booting. Try again for a short while instead of a 502.
+            result = retry_connect(pipeline, &parts, &path, result).await;
+        } else {
             log::debug(
                 "Retrying request on a new upstream connection",
                 &[
@@ -292,6 +297,35 @@ pub async fn forward(
     }
     remove_hop_by_hop(response.headers_mut());
     response.map(|b| b.map_err(BoxError::from).boxed_unsync())
+}
+
+type SendResult = Option<Result<Response<Incoming>, hyper_util::client::legacy::Error>>;
+
+/// Retries a body-less request whose connection to the app was refused,
+/// every 50–500 ms until `UPSTREAM_RETRY_TIMEOUT` has passed. Safe for any
+/// method: a refused connection means the app saw nothing.
+async fn retry_connect(
+    pipeline: &Pipeline,
+    parts: &http::request::Parts,
+    path: &str,
+    mut result: SendResult,
+) -> SendResult {
+    let Some(window) = pipeline.config().upstream_retry_timeout else {
+        return result;
+    };
+    let deadline = tokio::time::Instant::now() + window;
+    let mut pause = Duration::from_millis(50);
+    while matches!(&result, Some(Err(e)) if e.is_connect()) {
+        let now = tokio::time::Instant::now();
+        if now >= deadline {
+            break;
+        }
+        tokio::time::sleep(pause.min(deadline - now)).await;
+        pause = (pause * 2).min(Duration::from_millis(500));
+        let retry = Request::from_parts(parts.clone(), full_body(Bytes::new()));
+        result = send_with_timeout(pipeline, retry, path).await;
+    }
+    result
 }
 
 /// Passes the app's 1xx responses (103 Early Hints) on to the client as they
