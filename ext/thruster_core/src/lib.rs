@@ -7,6 +7,7 @@ pub mod config;
 pub mod log;
 pub mod pipeline;
 pub mod server;
+pub mod tls;
 pub mod upstream;
 
 pub use config::{Config, ConfigError};
