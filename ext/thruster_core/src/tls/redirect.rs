@@ -31,16 +31,20 @@ pub struct Redirect {
 /// The request's host without port, normalized (IDNA, lower case), or the
 /// IP address it names.
 fn request_host<B>(req: &Request<B>) -> Option<String> {
-    let raw = req
-        .headers()
-        .get(header::HOST)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string)
-        .or_else(|| req.uri().authority().map(|a| a.as_str().to_string()))?;
-    let authority: http::uri::Authority = raw.parse().ok()?;
-    let host = authority.host();
-    let bare = host.trim_start_matches('[').trim_end_matches(']');
-    if let Ok(ip) = bare.parse::<IpAddr>() {
+    let raw = match req.headers().get(header::HOST) {
+        // Raw UTF-8 is accepted too (then converted to punycode).
+        Some(value) => String::from_utf8(value.as_bytes().to_vec()).ok()?,
+        None => req.uri().authority()?.as_str().to_string(),
+    };
+    let host = if let Some(rest) = raw.strip_prefix('[') {
+        rest.split_once(']')?.0
+    } else {
+        match raw.rsplit_once(':') {
+            Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) => host,
+            _ => raw.as_str(),
+        }
+    };
+    if let Ok(ip) = host.parse::<IpAddr>() {
         return Some(ip.to_string());
     }
     normalize_domain(host)
