@@ -399,7 +399,7 @@ fn issuance_with_external_account_binding() {
 }
 
 #[test]
-fn without_external_account_binding_issuance_fails_and_is_retried() {
+fn without_external_account_binding_the_ca_refuses_and_the_proxy_keeps_serving() {
     if !pebble_installed() {
         return;
     }
