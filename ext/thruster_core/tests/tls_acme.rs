@@ -116,14 +116,27 @@ impl Pebble {
             mgmt,
         };
         // Readiness: the directory answers over TLS.
-        wait_for(Duration::from_secs(20), "Pebble's directory", || {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
             let out = run(Command::new("curl")
                 .args(["-sf", "--max-time", "2", "--cacert"])
                 .arg(pebble.api_ca())
                 .arg(pebble.directory()));
-            out.status.success().then_some(())
-        });
-        pebble
+            if out.status.success() {
+                return pebble;
+            }
+            let read = |name: &str| {
+                std::fs::read_to_string(pebble.dir.path().join(name)).unwrap_or_default()
+            };
+            assert!(
+                Instant::now() < deadline,
+                "Pebble not ready after 30 s:\n{}\n{}\n{}",
+                read("pebble.log"),
+                read("pebble.err"),
+                read("challtestsrv.log")
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     fn directory(&self) -> String {
