@@ -19,11 +19,16 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use std::future::Future;
+use std::os::fd::AsRawFd;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
 use bytes::Bytes;
 use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use instant_acme::{
     Account, AccountCredentials, AuthorizationStatus, BodyWrapper, ChallengeType,
     ExternalAccountKey, Identifier, NewAccount, NewOrder, Order, OrderStatus, RetryPolicy,
@@ -36,8 +41,9 @@ use tokio::sync::watch;
 use super::{certified_key, covers, leaf_validity, write_atomic, CertStore, TlsError};
 use crate::config::{AcmeChallenge, Config};
 use crate::log;
+use crate::server::fd_registry::{self, Registration};
 
-type HttpClient = Client<HttpsConnector<HttpConnector>, BodyWrapper<Bytes>>;
+type HttpClient = Client<HttpsConnector<RegisteredConnector>, BodyWrapper<Bytes>>;
 
 /// Longest single sleep, so clock changes and suspends are noticed.
 const MAX_SLEEP: Duration = Duration::from_secs(3600);
@@ -479,13 +485,83 @@ fn http_client(ca_file: Option<&Path>) -> Result<HttpClient, TlsError> {
         .map_err(|e| TlsError(e.to_string()))?
         .with_root_certificates(roots)
         .with_no_client_auth();
+    let mut tcp = HttpConnector::new();
+    tcp.enforce_http(false);
+    tcp.set_connect_timeout(Some(Duration::from_secs(30)));
     let connector = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_only()
         .enable_http1()
         .enable_http2()
-        .build();
+        .wrap_connector(RegisteredConnector(tcp));
     Ok(Client::builder(TokioExecutor::new()).build(connector))
+}
+
+/// hyper-util's TCP connector, with every connection to the CA in the
+/// fd registry: a Puma worker forked while one is open closes it.
+#[derive(Clone)]
+struct RegisteredConnector(HttpConnector);
+
+/// A connection to the ACME server, registered until dropped.
+struct RegisteredStream {
+    // Declared first so it drops (unregisters) before the socket closes.
+    _registration: Registration,
+    stream: TokioIo<tokio::net::TcpStream>,
+}
+
+impl tower_service::Service<http::Uri> for RegisteredConnector {
+    type Response = RegisteredStream;
+    type Error = <HttpConnector as tower_service::Service<http::Uri>>::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<RegisteredStream, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, uri: http::Uri) -> Self::Future {
+        let connecting = self.0.call(uri);
+        Box::pin(async move {
+            let stream = connecting.await?;
+            Ok(RegisteredStream {
+                _registration: fd_registry::register(stream.inner().as_raw_fd()),
+                stream,
+            })
+        })
+    }
+}
+
+impl Connection for RegisteredStream {
+    fn connected(&self) -> Connected {
+        self.stream.connected()
+    }
+}
+
+impl hyper::rt::Read for RegisteredStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_read(cx, buf)
+    }
+}
+
+impl hyper::rt::Write for RegisteredStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
 }
 
 #[cfg(test)]

@@ -2,6 +2,8 @@
 //! mode on loopback, and real command-line clients (curl, openssl).
 #![allow(dead_code)]
 
+pub mod pebble;
+
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
