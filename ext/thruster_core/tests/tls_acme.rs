@@ -234,6 +234,67 @@ fn without_external_account_binding_the_ca_refuses_and_the_proxy_keeps_serving()
     server.stop(Duration::from_secs(1));
 }
 
+#[test]
+fn a_failed_issuance_is_retried_with_the_next_challenge_type_while_http_keeps_answering() {
+    if !pebble_installed() {
+        return;
+    }
+    let rt = runtime();
+    let ports = (free_port(), free_port());
+    let api = free_port();
+    let (api_cert, api_key) = api_certificate();
+    let tmp = TempDir::new("acme-retry");
+    let ca_file = tmp.path().join("ca.pem");
+    std::fs::write(&ca_file, &api_cert).unwrap();
+    let storage = tmp.path().join("storage");
+    let domain = "retry.example.test";
+    let directory = format!("https://127.0.0.1:{api}/dir");
+    let upstream = start_echo_upstream(&rt);
+    // The CA is not up yet: the first attempt (TLS-ALPN-01) fails.
+    let started = Instant::now();
+    let server = start_server(
+        config(&[
+            ("TLS_DOMAIN", domain),
+            ("ACME_DIRECTORY", directory.as_str()),
+            ("ACME_CA_FILE", ca_file.to_str().unwrap()),
+            ("STORAGE_PATH", storage.to_str().unwrap()),
+        ]),
+        upstream,
+        ports.0,
+        ports.1,
+    );
+    let redirect = raw_http(
+        ports.0,
+        &format!("GET / HTTP/1.1\r\nHost: {domain}\r\n\r\n"),
+    );
+    assert!(redirect.starts_with("HTTP/1.1 301 "), "{redirect}");
+    assert!(!storage.join(format!("{domain}.crt.pem")).exists());
+
+    // The CA comes up; the retry (about 10 s after the failure) succeeds,
+    // over HTTP-01, the next type in ACME_CHALLENGES.
+    let pebble = Pebble::start(
+        ports.0,
+        ports.1,
+        PebbleOptions {
+            api_port: Some(api),
+            api_cert: Some((api_cert, api_key)),
+            ..Default::default()
+        },
+    );
+    wait_for_certificate(&storage, domain, &pebble);
+    let waited = started.elapsed();
+    assert!(waited >= Duration::from_secs(7), "retried after {waited:?}");
+    assert!(
+        pebble.log().contains("validate w/ HTTP"),
+        "{}",
+        pebble.log()
+    );
+    println!("issued by the retry after {waited:?}");
+    let (status, _, err) = curl(domain, ports.1, "/", &pebble.root(), &["--http2"]);
+    assert_eq!(status, "2 200", "{err}");
+    server.stop(Duration::from_secs(1));
+}
+
 /// An HTTP/2 connection over TLS trusting only `root`.
 async fn h2_connection(
     port: u16,

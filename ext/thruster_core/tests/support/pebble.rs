@@ -17,6 +17,16 @@ pub const ISSUANCE: Duration = Duration::from_secs(60);
 
 pub const EAB_KEY: &str = "zWNDZM6eQGHWpSRTPal5eIUYFTu7EajVIoguysqZ9wG44nMEtx3MUAsUDkMTQ12W";
 
+/// A certificate and key (PEM) for Pebble's API: localhost and 127.0.0.1.
+pub fn api_certificate() -> (String, String) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let params =
+        rcgen::CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+            .unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    (cert.pem(), key.serialize_pem())
+}
+
 pub fn pebble_installed() -> bool {
     let found =
         Path::new("/usr/bin/pebble").exists() && Path::new("/usr/bin/pebble-challtestsrv").exists();
@@ -38,6 +48,10 @@ pub struct Pebble {
 pub struct PebbleOptions {
     pub eab: bool,
     pub validity_seconds: Option<u64>,
+    /// The directory's port (default: any free one).
+    pub api_port: Option<u16>,
+    /// The directory's certificate and key (PEM); default: made here.
+    pub api_cert: Option<(String, String)>,
 }
 
 impl Pebble {
@@ -45,15 +59,12 @@ impl Pebble {
     pub fn start(http_port: u16, tls_port: u16, options: PebbleOptions) -> Pebble {
         let dir = TempDir::new("pebble");
         // Pebble's own API certificate: localhost and 127.0.0.1.
-        let key = rcgen::KeyPair::generate().unwrap();
-        let params =
-            rcgen::CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
-                .unwrap();
-        let cert = params.self_signed(&key).unwrap();
-        std::fs::write(dir.path().join("api-cert.pem"), cert.pem()).unwrap();
-        std::fs::write(dir.path().join("api-key.pem"), key.serialize_pem()).unwrap();
+        let (cert, key) = options.api_cert.clone().unwrap_or_else(api_certificate);
+        std::fs::write(dir.path().join("api-cert.pem"), cert).unwrap();
+        std::fs::write(dir.path().join("api-key.pem"), key).unwrap();
 
-        let (api, mgmt, dns, chall_mgmt) = (free_port(), free_port(), free_port(), free_port());
+        let api = options.api_port.unwrap_or_else(free_port);
+        let (mgmt, dns, chall_mgmt) = (free_port(), free_port(), free_port());
         let mut pebble = serde_json::json!({
             "listenAddress": format!("127.0.0.1:{api}"),
             "managementListenAddress": format!("127.0.0.1:{mgmt}"),
