@@ -105,11 +105,17 @@ fn tls_alpn_01_issuance_then_http2_through_puma_and_a_restart_reuses_the_stored_
         storage.as_path(),
         upstream,
         ports2,
-        &[("TLS_DOMAIN", domain), ("ACME_CHALLENGES", "tls-alpn-01")],
+        &[
+            ("TLS_DOMAIN", domain),
+            ("ACME_CHALLENGES", "tls-alpn-01"),
+            ("TLS_DEFAULT_DOMAIN", "none"),
+        ],
     );
     let (status, _, err) = curl(domain, ports2.1, path, &root, &["--http2"]);
     assert_eq!(status, "2 200", "stored certificate served: {err}");
     assert_eq!(served_serial(ports2.1, domain), Some(serial));
+    // TLS_DEFAULT_DOMAIN=none: a handshake for another name is refused.
+    assert_eq!(served_serial(ports2.1, "unknown.example.test"), None);
     std::thread::sleep(Duration::from_millis(500));
     assert!(
         !dead_ca.log().contains("POST"),

@@ -148,6 +148,28 @@ fn redirect_omits_the_default_https_port_and_converts_idn_hosts() {
     );
 }
 
+#[test]
+fn a_client_that_never_completes_the_handshake_is_cut_at_the_read_timeout() {
+    use std::io::Read;
+    let rt = runtime();
+    let storage = TempDir::new("handshake-timeout");
+    let (server, _, https, _) = local_proxy(&rt, &storage, &[("HTTP_READ_TIMEOUT", "1")]);
+    let started = std::time::Instant::now();
+    let mut silent = std::net::TcpStream::connect(("127.0.0.1", https)).unwrap();
+    silent
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut buf = [0u8; 16];
+    let n = silent.read(&mut buf).unwrap_or(0);
+    assert_eq!(n, 0, "closed without a byte");
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_secs(5),
+        "closed after {waited:?}"
+    );
+    server.stop(Duration::from_secs(1));
+}
+
 fn own_cert(names: &[&str]) -> (String, String) {
     let key = rcgen::KeyPair::generate().unwrap();
     let params =
