@@ -17,13 +17,16 @@ module Thruster
     #
     # upstream: "unix:/path" or "IP:PORT" of the app server.
     # bind: "IP:PORT" or an array of them; default all interfaces at http_port.
+    # https_bind: the same for HTTPS in TLS mode (tls_domain:, tls_local:,
+    # tls_certificate_path:); default all interfaces at https_port.
     # options: the environment settings as snake_case keywords (http_port:,
     # max_request_body:, ...). keyword > THRUSTER_X > X > default.
     # Returns the addresses listened on.
-    def start(upstream:, bind: nil, **options)
+    def start(upstream:, bind: nil, https_bind: nil, **options)
       check_options!(options)
       share_sendfile_token
-      Native.start(stringify(options), upstream.to_s, Array(bind).map(&:to_s), take_inherited_fds)
+      Native.start(stringify(options), upstream.to_s, Array(bind).map(&:to_s), Array(https_bind).map(&:to_s),
+                   take_inherited_fds)
     end
 
     # Stops accepting, lets in-flight requests finish for up to `timeout`
@@ -44,7 +47,7 @@ module Thruster
 
     # Options for the Puma plugin, given before `plugin :thruster_rs` in
     # config/puma.rb. Same keywords as `start`, plus the plugin's own
-    # (`puma_socket:`, `takeover:`, `upstream:`).
+    # (`puma_socket:`, `takeover:`, `upstream:`, `https_bind:`).
     def configure(**options)
       plugin = options.slice(*PLUGIN_OPTIONS)
       check_options!(options.except(*PLUGIN_OPTIONS))
@@ -79,7 +82,7 @@ module Thruster
 
     private
 
-    PLUGIN_OPTIONS = %i[puma_socket takeover upstream].freeze
+    PLUGIN_OPTIONS = %i[puma_socket takeover upstream https_bind].freeze
 
     def check_options!(options)
       unknown = options.keys.map(&:to_sym) - option_names

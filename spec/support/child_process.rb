@@ -63,6 +63,11 @@ class ChildProcess
     wait_for_output(/"msg":"Server started","http":":(\d+)"/)[1].to_i
   end
 
+  # The real HTTPS port from the "Server started" log line (TLS mode).
+  def https_port
+    wait_for_output(/"msg":"Server started".*"https":":(\d+)"/)[1].to_i
+  end
+
   def signal(name)
     Process.kill(name, @pid)
   end

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1, SIGUSR2};
 use signal_hook::iterator::Signals;
 use thruster_core::server::DEFAULT_DRAIN;
-use thruster_core::{log, Config, Server, ServerOptions};
+use thruster_core::{log, Config, Server, ServerError, ServerOptions};
 
 /// Every signal a Rack server acts on: stop (TERM, INT, QUIT), Puma's
 /// phased restart (USR1), hot restart (USR2) and log reopening (HUP).
@@ -21,7 +21,8 @@ const USAGE: &str = "\
 Usage: thrust CMD [ARGS...]
 
 Runs CMD ARGS (your app server, e.g. `bin/rails server`) with PORT set to
-TARGET_PORT and serves it through the thruster-rs proxy on HTTP_PORT.
+TARGET_PORT and serves it through the thruster-rs proxy on HTTP_PORT (and
+HTTPS_PORT with TLS: TLS_DOMAIN, TLS_CERTIFICATE_PATH or TLS_LOCAL).
 Configuration comes from environment variables; see the README.
 
   thrust --version   print the version
@@ -70,13 +71,21 @@ fn main() -> ExitCode {
 
     let options = ServerOptions::for_wrapper(&config);
     let sendfile_token = options.sendfile_token.clone();
+    // Binds HTTP_PORT and, in TLS mode, HTTPS_PORT before the child starts.
     let server = match Server::start(config, options) {
         Ok(server) => server,
+        Err(ServerError::Tls(err)) => {
+            eprintln!("thrust: {err}");
+            return ExitCode::from(2);
+        }
         Err(err) => {
-            log::error(
-                "Failed to start HTTP listener",
-                &[("error", err.to_string().into())],
-            );
+            let msg = match &err {
+                ServerError::Bind {
+                    listener: "HTTPS", ..
+                } => "Failed to start HTTPS listener",
+                _ => "Failed to start HTTP listener",
+            };
+            log::error(msg, &[("error", err.to_string().into())]);
             return ExitCode::from(1);
         }
     };

@@ -145,6 +145,12 @@ pub const SETTINGS: &[(&str, &str)] = &[
     ("ACME_DIRECTORY", DEFAULT_ACME_DIRECTORY),
     ("EAB_KID", ""),
     ("EAB_HMAC_KEY", ""),
+    ("ACME_CA_FILE", ""),
+    ("ACME_CHALLENGES", "tls-alpn-01,http-01"),
+    ("TLS_CERTIFICATE_PATH", ""),
+    ("TLS_PRIVATE_KEY_PATH", ""),
+    ("TLS_LOCAL", "false"),
+    ("TLS_DEFAULT_DOMAIN", "the first TLS_DOMAIN"),
     ("STORAGE_PATH", "./storage/thruster"),
     ("BAD_GATEWAY_PAGE", "./public/502.html"),
     ("HTTP_PORT", "80"),
@@ -170,6 +176,18 @@ const ACCEPT_SIGNED_BYTES: &str =
     "a whole number of bytes (digits only, no unit); 0 or less means unlimited";
 const ACCEPT_SECONDS: &str =
     "a whole number of seconds (digits only, no unit); 0 or less means no timeout";
+const ACCEPT_EAB_KEY: &str =
+    "the base64url-encoded HMAC key from your CA (RFC 4648 section 5, padding optional), set together with EAB_KID";
+const ACCEPT_EAB_KID: &str = "the key identifier from your CA, set together with EAB_HMAC_KEY";
+const ACCEPT_DOMAINS: &str =
+    "a comma-separated list of DNS names (internationalized names are converted to punycode)";
+const ACCEPT_CHALLENGES: &str =
+    "a comma-separated list of ACME challenge types: tls-alpn-01, http-01 (tried in that order)";
+const ACCEPT_PEM_PAIR: &str =
+    "a path to a PEM file, set together with TLS_CERTIFICATE_PATH and TLS_PRIVATE_KEY_PATH";
+const ACCEPT_TLS_SOURCE: &str = "TLS_LOCAL or TLS_CERTIFICATE_PATH/TLS_PRIVATE_KEY_PATH, not both";
+const ACCEPT_DEFAULT_DOMAIN: &str =
+    "one of the TLS_DOMAIN names, or none (refuse handshakes whose SNI matches no certificate)";
 const ACCEPT_JITTER: &str =
     "a whole number of bytes from 0 to 65533 (digits only); 0 or less disables padding";
 
@@ -203,6 +221,20 @@ pub struct Config {
     pub acme_directory: String,
     pub eab_kid: String,
     pub eab_hmac_key: String,
+    /// `EAB_KID` with the decoded `EAB_HMAC_KEY`, when both are set.
+    pub eab: Option<Eab>,
+    /// Extra CA certificates (PEM bundle) trusted for the ACME directory.
+    pub acme_ca_file: Option<PathBuf>,
+    /// Challenge types to try, in order.
+    pub acme_challenges: Vec<AcmeChallenge>,
+    /// Own certificate chain and private key (PEM), instead of ACME.
+    pub tls_certificate_path: Option<PathBuf>,
+    pub tls_private_key_path: Option<PathBuf>,
+    /// A self-signed certificate for localhost (development).
+    pub tls_local: bool,
+    /// Whose certificate answers handshakes without a matching SNI; `None`
+    /// refuses them.
+    pub tls_default_domain: Option<String>,
     pub storage_path: PathBuf,
     pub bad_gateway_page: PathBuf,
     pub http_port: u16,
@@ -239,8 +271,12 @@ impl Config {
 
     pub fn from_source(source: &dyn SettingSource) -> Result<Config, ConfigError> {
         let r = Reader { source };
-        let tls_domains = r.list("TLS_DOMAIN");
-        let tls = !tls_domains.is_empty();
+        let tls_domains = r.domains("TLS_DOMAIN")?;
+        let (eab_kid, eab_hmac_key, eab) = r.eab()?;
+        let tls_local = r.bool("TLS_LOCAL", false)?;
+        let (tls_certificate_path, tls_private_key_path) = r.pem_pair(tls_local)?;
+        let tls = !tls_domains.is_empty() || tls_local || tls_certificate_path.is_some();
+        let tls_default_domain = r.default_domain(&tls_domains)?;
         let read_timeout = r.seconds("HTTP_READ_TIMEOUT", 30)?;
         // Thruster: an idle timeout of 0 falls back to the read timeout.
         let idle_timeout = match r.int("HTTP_IDLE_TIMEOUT", 60, ACCEPT_SECONDS)? {
@@ -272,8 +308,15 @@ impl Config {
             request_buffer_max: r.bytes("REQUEST_BUFFER_MAX", 100 << 20)?,
             tls_domains,
             acme_directory: r.string("ACME_DIRECTORY", DEFAULT_ACME_DIRECTORY),
-            eab_kid: r.string("EAB_KID", ""),
-            eab_hmac_key: r.string("EAB_HMAC_KEY", ""),
+            eab_kid,
+            eab_hmac_key,
+            eab,
+            acme_ca_file: r.raw("ACME_CA_FILE").map(|s| s.value.into()),
+            acme_challenges: r.challenges("ACME_CHALLENGES")?,
+            tls_certificate_path,
+            tls_private_key_path,
+            tls_local,
+            tls_default_domain,
             storage_path: r.string("STORAGE_PATH", "./storage/thruster").into(),
             bad_gateway_page: r.string("BAD_GATEWAY_PAGE", "./public/502.html").into(),
             http_port: r.port("HTTP_PORT", 80, 0, ACCEPT_PORT)?,
@@ -289,9 +332,55 @@ impl Config {
         })
     }
 
+    /// TLS mode: ACME domains, own certificate files or a local
+    /// self-signed certificate.
     pub fn tls_enabled(&self) -> bool {
-        !self.tls_domains.is_empty()
+        !self.tls_domains.is_empty() || self.tls_local || self.tls_certificate_path.is_some()
     }
+
+    /// Whether certificates come from an ACME CA (not own files, not local).
+    pub fn acme_enabled(&self) -> bool {
+        !self.tls_domains.is_empty() && !self.tls_local && self.tls_certificate_path.is_none()
+    }
+}
+
+/// External Account Binding: key id and decoded HMAC key.
+pub type Eab = (String, Vec<u8>);
+
+/// An ACME challenge type the proxy can answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AcmeChallenge {
+    TlsAlpn01,
+    Http01,
+}
+
+impl AcmeChallenge {
+    pub fn name(self) -> &'static str {
+        match self {
+            AcmeChallenge::TlsAlpn01 => "tls-alpn-01",
+            AcmeChallenge::Http01 => "http-01",
+        }
+    }
+}
+
+/// A host name as certificates and the redirect compare it: IDNA (UTS 46)
+/// lookup rules, so lower-case ASCII with Unicode labels in punycode; a
+/// trailing dot dropped. `None` if it is no valid name.
+pub fn normalize_domain(name: &str) -> Option<String> {
+    let name = name.trim().trim_end_matches('.');
+    if name.is_empty() {
+        return None;
+    }
+    let ascii = idna::domain_to_ascii(name).ok()?;
+    let valid = !ascii.is_empty()
+        && ascii.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        });
+    valid.then_some(ascii)
 }
 
 fn seconds(n: i64) -> Timeout {
@@ -313,10 +402,88 @@ impl Reader<'_> {
             .unwrap_or_else(|| default.to_string())
     }
 
-    fn list(&self, name: &str) -> Vec<String> {
-        self.raw(name)
-            .map(|s| parse_list(&s.value))
-            .unwrap_or_default()
+    fn domains(&self, name: &str) -> Result<Vec<String>, ConfigError> {
+        let Some(raw) = self.raw(name) else {
+            return Ok(Vec::new());
+        };
+        let mut domains = Vec::new();
+        for item in parse_list(&raw.value) {
+            match normalize_domain(&item) {
+                Some(domain) if !domains.contains(&domain) => domains.push(domain),
+                Some(_) => {}
+                None => return Err(invalid(raw, ACCEPT_DOMAINS)),
+            }
+        }
+        Ok(domains)
+    }
+
+    /// `(EAB_KID, EAB_HMAC_KEY, both with the key decoded)`.
+    fn eab(&self) -> Result<(String, String, Option<Eab>), ConfigError> {
+        use base64::Engine as _;
+        let kid = self.raw("EAB_KID");
+        let key = self.raw("EAB_HMAC_KEY");
+        match (kid, key) {
+            (None, None) => Ok((String::new(), String::new(), None)),
+            (Some(kid), None) => Err(invalid(kid, ACCEPT_EAB_KID)),
+            (None, Some(key)) => Err(invalid(key, ACCEPT_EAB_KEY)),
+            (Some(kid), Some(key)) => {
+                let text = key.value.trim_end_matches('=');
+                match base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(text) {
+                    Ok(bytes) if !bytes.is_empty() => Ok((
+                        kid.value.clone(),
+                        key.value.clone(),
+                        Some((kid.value, bytes)),
+                    )),
+                    _ => Err(invalid(key, ACCEPT_EAB_KEY)),
+                }
+            }
+        }
+    }
+
+    fn pem_pair(&self, local: bool) -> Result<(Option<PathBuf>, Option<PathBuf>), ConfigError> {
+        let cert = self.raw("TLS_CERTIFICATE_PATH");
+        let key = self.raw("TLS_PRIVATE_KEY_PATH");
+        match (cert, key) {
+            (None, None) => Ok((None, None)),
+            (Some(cert), None) => Err(invalid(cert, ACCEPT_PEM_PAIR)),
+            (None, Some(key)) => Err(invalid(key, ACCEPT_PEM_PAIR)),
+            (Some(cert), Some(_)) if local => Err(invalid(cert, ACCEPT_TLS_SOURCE)),
+            (Some(cert), Some(key)) => Ok((Some(cert.value.into()), Some(key.value.into()))),
+        }
+    }
+
+    fn default_domain(&self, domains: &[String]) -> Result<Option<String>, ConfigError> {
+        let Some(raw) = self.raw("TLS_DEFAULT_DOMAIN") else {
+            return Ok(domains.first().cloned());
+        };
+        if raw.value == "none" {
+            return Ok(None);
+        }
+        match normalize_domain(&raw.value) {
+            Some(domain) if domains.contains(&domain) => Ok(Some(domain)),
+            _ => Err(invalid(raw, ACCEPT_DEFAULT_DOMAIN)),
+        }
+    }
+
+    fn challenges(&self, name: &str) -> Result<Vec<AcmeChallenge>, ConfigError> {
+        let Some(raw) = self.raw(name) else {
+            return Ok(vec![AcmeChallenge::TlsAlpn01, AcmeChallenge::Http01]);
+        };
+        let mut list = Vec::new();
+        for item in parse_list(&raw.value) {
+            let challenge = match item.to_ascii_lowercase().as_str() {
+                "tls-alpn-01" => AcmeChallenge::TlsAlpn01,
+                "http-01" => AcmeChallenge::Http01,
+                _ => return Err(invalid(raw, ACCEPT_CHALLENGES)),
+            };
+            if !list.contains(&challenge) {
+                list.push(challenge);
+            }
+        }
+        if list.is_empty() {
+            return Err(invalid(raw, ACCEPT_CHALLENGES));
+        }
+        Ok(list)
     }
 
     fn bool(&self, name: &str, default: bool) -> Result<bool, ConfigError> {
@@ -518,6 +685,63 @@ mod tests {
         assert!(!c.forward_headers);
         let c = config(&[("TLS_DOMAIN", "a.com"), ("FORWARD_HEADERS", "1")]).unwrap();
         assert!(c.forward_headers);
+    }
+
+    #[test]
+    fn tls_domains_are_normalized_to_punycode_and_bad_names_refused() {
+        let c = config(&[("TLS_DOMAIN", "Example.COM., bücher.example, example.com")]).unwrap();
+        assert_eq!(c.tls_domains, vec!["example.com", "xn--bcher-kva.example"]);
+        assert_eq!(c.tls_default_domain.as_deref(), Some("example.com"));
+        assert!(c.acme_enabled());
+        for bad in ["exa mple.com", "a..b", "foo/bar"] {
+            let err = config(&[("TLS_DOMAIN", bad)]).unwrap_err();
+            assert_eq!(err.source_name, "TLS_DOMAIN", "{bad}");
+        }
+    }
+
+    #[test]
+    fn tls_sources_eab_challenges_and_default_domain() {
+        let c = config(&[("TLS_LOCAL", "1")]).unwrap();
+        assert!(c.tls_enabled() && !c.acme_enabled() && !c.forward_headers);
+        let c = config(&[
+            ("TLS_CERTIFICATE_PATH", "/c.pem"),
+            ("TLS_PRIVATE_KEY_PATH", "/k.pem"),
+        ])
+        .unwrap();
+        assert!(c.tls_enabled() && !c.acme_enabled());
+        assert_eq!(c.tls_private_key_path, Some(PathBuf::from("/k.pem")));
+        let err = config(&[("TLS_CERTIFICATE_PATH", "/c.pem")]).unwrap_err();
+        assert_eq!(err.source_name, "TLS_CERTIFICATE_PATH");
+        let err = config(&[
+            ("TLS_LOCAL", "true"),
+            ("TLS_CERTIFICATE_PATH", "/c.pem"),
+            ("TLS_PRIVATE_KEY_PATH", "/k.pem"),
+        ])
+        .unwrap_err();
+        assert!(err.to_string().contains("not both"), "{err}");
+
+        let c = config(&[("EAB_KID", "kid-1"), ("EAB_HMAC_KEY", "aGVsbG8")]).unwrap();
+        assert_eq!(c.eab, Some(("kid-1".to_string(), b"hello".to_vec())));
+        let err = config(&[("EAB_KID", "kid-1"), ("EAB_HMAC_KEY", "no good!")]).unwrap_err();
+        assert_eq!(err.source_name, "EAB_HMAC_KEY");
+        let err = config(&[("EAB_HMAC_KEY", "aGVsbG8")]).unwrap_err();
+        assert_eq!(err.source_name, "EAB_HMAC_KEY");
+
+        let c = config(&[("ACME_CHALLENGES", "http-01")]).unwrap();
+        assert_eq!(c.acme_challenges, vec![AcmeChallenge::Http01]);
+        let err = config(&[("ACME_CHALLENGES", "dns-01")]).unwrap_err();
+        assert!(err.to_string().contains("tls-alpn-01"), "{err}");
+
+        let c = config(&[
+            ("TLS_DOMAIN", "a.com,b.com"),
+            ("TLS_DEFAULT_DOMAIN", "B.com"),
+        ])
+        .unwrap();
+        assert_eq!(c.tls_default_domain.as_deref(), Some("b.com"));
+        let c = config(&[("TLS_DOMAIN", "a.com"), ("TLS_DEFAULT_DOMAIN", "none")]).unwrap();
+        assert_eq!(c.tls_default_domain, None);
+        let err = config(&[("TLS_DOMAIN", "a.com"), ("TLS_DEFAULT_DOMAIN", "c.com")]).unwrap_err();
+        assert_eq!(err.source_name, "TLS_DEFAULT_DOMAIN");
     }
 
     #[test]

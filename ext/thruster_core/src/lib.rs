@@ -8,6 +8,7 @@ pub mod files;
 pub mod log;
 pub mod pipeline;
 pub mod server;
+pub mod tls;
 pub mod upstream;
 
 pub use config::{Config, ConfigError};

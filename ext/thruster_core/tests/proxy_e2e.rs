@@ -90,6 +90,7 @@ fn start_proxy_to(upstream: UpstreamAddr, settings: Vec<(&'static str, String)>)
         ServerOptions {
             upstream,
             http_binds: vec!["127.0.0.1:0".parse().unwrap()],
+            https_binds: Vec::new(),
             inherited_fds: Vec::new(),
             sendfile_token: "test-token".into(),
             worker_threads: 1,

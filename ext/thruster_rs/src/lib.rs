@@ -132,13 +132,15 @@ fn parse_binds(ruby: &Ruby, binds: Vec<String>) -> Result<Vec<SocketAddr>, Error
         .collect()
 }
 
-/// `Thruster::Native.start(options, upstream, binds, inherited_fds)`:
-/// starts the proxy; returns the addresses it listens on.
+/// `Thruster::Native.start(options, upstream, binds, https_binds,
+/// inherited_fds)`: starts the proxy; returns the addresses it listens on
+/// (HTTP first, then HTTPS in TLS mode).
 fn start(
     ruby: &Ruby,
     options: RHash,
     upstream: String,
     binds: Vec<String>,
+    https_binds: Vec<String>,
     inherited_fds: Vec<RawFd>,
 ) -> Result<Vec<String>, Error> {
     if !ATFORK_INSTALLED.swap(true, Ordering::SeqCst) {
@@ -168,6 +170,7 @@ fn start(
         .map_err(|e| thruster_error(ruby, "ConfigError", e.to_string()))?;
     let upstream = parse_upstream(ruby, &upstream)?;
     let http_binds = parse_binds(ruby, binds)?;
+    let https_binds = parse_binds(ruby, https_binds)?;
 
     let mut slot = proxy_slot();
     if slot.is_some() && is_owner() {
@@ -185,13 +188,24 @@ fn start(
     let options = ServerOptions {
         upstream,
         http_binds,
+        https_binds,
         inherited_fds,
         sendfile_token: thruster_core::pipeline::sendfile::token_from_env_or_new(),
         worker_threads: std::thread::available_parallelism().map_or(2, |n| n.get().min(2)),
     };
-    let server =
-        Server::start(config, options).map_err(|e| thruster_error(ruby, "Error", e.to_string()))?;
-    let addrs = server.http_addrs().iter().map(|a| a.to_string()).collect();
+    let server = Server::start(config, options).map_err(|e| {
+        let class = match e {
+            thruster_core::ServerError::Tls(_) => "ConfigError",
+            _ => "Error",
+        };
+        thruster_error(ruby, class, e.to_string())
+    })?;
+    let addrs = server
+        .http_addrs()
+        .iter()
+        .chain(server.https_addrs())
+        .map(|a| a.to_string())
+        .collect();
     *slot = Some(server);
     OWNER_PID.store(std::process::id(), Ordering::SeqCst);
     Ok(addrs)
@@ -293,7 +307,7 @@ fn init(ruby: &Ruby) -> Result<(), Error> {
     let native = thruster.define_module("Native")?;
     native.define_singleton_method("core_version", function!(core_version, 0))?;
     native.define_singleton_method("setting_names", function!(setting_names, 0))?;
-    native.define_singleton_method("start", function!(start, 4))?;
+    native.define_singleton_method("start", function!(start, 5))?;
     native.define_singleton_method("stop", function!(stop, 1))?;
     native.define_singleton_method("handoff_begin", function!(handoff_begin, 0))?;
     native.define_singleton_method("stop_accepting", function!(stop_accepting, 0))?;

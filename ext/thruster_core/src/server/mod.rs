@@ -4,6 +4,11 @@
 //! Binding happens synchronously in `Server::start`, so a busy port is an
 //! error the caller sees before anything else starts (the wrapper then never
 //! starts its child; the Ruby API raises).
+//!
+//! In TLS mode there are two kinds of listeners: HTTPS (`HTTPS_PORT`)
+//! serves the app over TLS, with ALPN choosing HTTP/2 or HTTP/1.1; HTTP
+//! (`HTTP_PORT`) answers ACME HTTP-01 challenges and redirects to HTTPS
+//! (`tls::redirect`).
 
 use std::io;
 use std::net::{Ipv6Addr, SocketAddr};
@@ -18,14 +23,19 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::TcpListener;
 use tokio::runtime::Runtime;
 use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
 
+pub mod client_io;
 pub mod fd_registry;
 pub mod timed_io;
 
 use crate::config::Config;
 use crate::log;
 use crate::pipeline::{ConnInfo, Pipeline, ResponseBody};
+use crate::tls::redirect::Redirect;
+use crate::tls::{Tls, TlsError, ACME_TLS_ALPN};
 use crate::upstream::{Upstream, UpstreamAddr};
+use client_io::ClientIo;
 use timed_io::{ConnState, ConnTimeouts, InFlight, TimedIo};
 
 /// How long `stop` waits by default for in-flight requests (Thruster: 5 s).
@@ -36,12 +46,17 @@ const LISTEN_BACKLOG: i32 = 1024;
 pub enum ServerError {
     #[error("could not start the proxy runtime: {0}")]
     Runtime(#[source] io::Error),
-    #[error("Failed to start HTTP listener on {addr}: {source}")]
+    #[error("Failed to start {listener} listener on {addr}: {source}")]
     Bind {
+        listener: &'static str,
         addr: SocketAddr,
         #[source]
         source: io::Error,
     },
+    /// TLS could not be set up (unreadable certificate files, a bad
+    /// `ACME_CA_FILE`, ...): a configuration error.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
 }
 
 /// Where and how to run, beyond the user's `Config`.
@@ -51,6 +66,9 @@ pub struct ServerOptions {
     /// Addresses to listen on; empty listens on all interfaces (IPv6 and
     /// IPv4) at `HTTP_PORT`.
     pub http_binds: Vec<SocketAddr>,
+    /// HTTPS addresses in TLS mode; empty listens on all interfaces at
+    /// `HTTPS_PORT`.
+    pub https_binds: Vec<SocketAddr>,
     /// Listening sockets handed over by a previous process (across an exec),
     /// used for the bind addresses they match instead of binding anew, so no
     /// connection is refused in between. Unmatched ones are closed.
@@ -68,6 +86,7 @@ impl ServerOptions {
         ServerOptions {
             upstream: UpstreamAddr::Tcp(SocketAddr::from(([127, 0, 0, 1], config.target_port))),
             http_binds: Vec::new(),
+            https_binds: Vec::new(),
             inherited_fds: Vec::new(),
             sendfile_token: crate::pipeline::sendfile::token_from_env_or_new(),
             worker_threads: std::thread::available_parallelism()
@@ -83,6 +102,7 @@ pub struct Server {
     shutdown: watch::Sender<bool>,
     accept_tasks: Vec<tokio::task::JoinHandle<()>>,
     http_addrs: Vec<SocketAddr>,
+    https_addrs: Vec<SocketAddr>,
     listener_fds: Vec<RawFd>,
 }
 
@@ -98,57 +118,129 @@ impl Server {
             .build()
             .map_err(ServerError::Runtime)?;
 
-        let std_listeners = open_listeners(&options, config.http_port)?;
-        let http_addrs = std_listeners
+        let mut inherited = inherited_sockets(&options.inherited_fds);
+        let http_std = open_listeners(
+            "HTTP",
+            &options.http_binds,
+            config.http_port,
+            &mut inherited,
+        )?;
+        let https_std = if config.tls_enabled() {
+            open_listeners(
+                "HTTPS",
+                &options.https_binds,
+                config.https_port,
+                &mut inherited,
+            )?
+        } else {
+            Vec::new()
+        };
+        // Inherited sockets nobody asked for are closed here.
+        drop(inherited);
+        let local_addrs = |listeners: &[std::net::TcpListener]| {
+            listeners
+                .iter()
+                .map(|l| l.local_addr())
+                .collect::<io::Result<Vec<_>>>()
+                .map_err(ServerError::Runtime)
+        };
+        let http_addrs = local_addrs(&http_std)?;
+        let https_addrs = local_addrs(&https_std)?;
+        let listener_fds = http_std
             .iter()
-            .map(|l| l.local_addr())
-            .collect::<io::Result<Vec<_>>>()
-            .map_err(ServerError::Runtime)?;
-        let listener_fds = std_listeners.iter().map(|l| l.as_raw_fd()).collect();
-        let listeners = {
-            let _guard = runtime.enter();
-            std_listeners
+            .chain(&https_std)
+            .map(|l| l.as_raw_fd())
+            .collect();
+        let _guard = runtime.enter();
+        let to_tokio = |listeners: Vec<std::net::TcpListener>| {
+            listeners
                 .into_iter()
                 .map(TcpListener::from_std)
                 .collect::<io::Result<Vec<_>>>()
-                .map_err(ServerError::Runtime)?
+                .map_err(ServerError::Runtime)
         };
+        let http_listeners = to_tokio(http_std)?;
+        let https_listeners = to_tokio(https_std)?;
 
+        let tls = if config.tls_enabled() {
+            Some(Arc::new(Tls::setup(&config)?))
+        } else {
+            None
+        };
         let config = Arc::new(config);
-        let builder = connection_builder(&config);
+        let builders = Arc::new(connection_builders(&config));
         let pipeline = Arc::new(Pipeline::new(
             config.clone(),
             Upstream::new(options.upstream),
             &options.sendfile_token,
         ));
         let (shutdown, shutdown_rx) = watch::channel(false);
-        let accept_tasks = listeners
-            .into_iter()
-            .map(|listener| {
-                runtime.spawn(accept_loop(
-                    listener,
-                    builder.clone(),
-                    pipeline.clone(),
-                    shutdown_rx.clone(),
-                ))
+        let redirect = tls.as_ref().map(|tls| {
+            Arc::new(Redirect {
+                tls: tls.clone(),
+                https_port: https_addrs.first().map_or(config.https_port, |a| a.port()),
             })
-            .collect();
+        });
+        let acceptor = tls
+            .as_ref()
+            .map(|tls| TlsAcceptor::from(tls.server_config.clone()));
+        let mut accept_tasks = Vec::new();
+        for listener in http_listeners {
+            let role = match &redirect {
+                Some(redirect) => Role::Redirect(redirect.clone()),
+                None => Role::App,
+            };
+            accept_tasks.push(runtime.spawn(accept_loop(
+                listener,
+                builders.clone(),
+                pipeline.clone(),
+                role,
+                shutdown_rx.clone(),
+            )));
+        }
+        if let Some(acceptor) = &acceptor {
+            for listener in https_listeners {
+                accept_tasks.push(runtime.spawn(accept_loop(
+                    listener,
+                    builders.clone(),
+                    pipeline.clone(),
+                    Role::Tls(acceptor.clone()),
+                    shutdown_rx.clone(),
+                )));
+            }
+        }
+        if let Some(tls) = &tls {
+            tls.spawn_background(shutdown_rx.clone());
+        }
+        drop(_guard);
 
-        let shown = if options.http_binds.is_empty() {
-            format!(":{}", http_addrs[0].port())
-        } else {
-            http_addrs
-                .iter()
-                .map(|a| a.to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
+        let show = |addrs: &[SocketAddr], binds: &[SocketAddr]| {
+            if binds.is_empty() {
+                addrs
+                    .first()
+                    .map(|a| format!(":{}", a.port()))
+                    .unwrap_or_default()
+            } else {
+                addrs
+                    .iter()
+                    .map(|a| a.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            }
         };
-        log::info("Server started", &[("http", shown.into())]);
+        let mut fields = vec![("http", show(&http_addrs, &options.http_binds).into())];
+        if let Some(tls) = &tls {
+            fields.push(("https", show(&https_addrs, &options.https_binds).into()));
+            fields.push(("tls_domain", config.tls_domains.clone().into()));
+            fields.push(("certificates", tls.describe().into()));
+        }
+        log::info("Server started", &fields);
         Ok(Server {
             runtime: Some(runtime),
             shutdown,
             accept_tasks,
             http_addrs,
+            https_addrs,
             listener_fds,
         })
     }
@@ -162,6 +254,11 @@ impl Server {
         &self.http_addrs
     }
 
+    /// The HTTPS listening addresses (TLS mode only).
+    pub fn https_addrs(&self) -> &[SocketAddr] {
+        &self.https_addrs
+    }
+
     /// Duplicates the listening sockets into fds that survive `exec`, so a
     /// re-executed process (Puma's hot restart) can keep listening without
     /// a gap: connections arriving meanwhile wait in the kernel's backlog.
@@ -169,7 +266,7 @@ impl Server {
     pub fn handoff_fds(&self) -> io::Result<Vec<(RawFd, SocketAddr)>> {
         self.listener_fds
             .iter()
-            .zip(&self.http_addrs)
+            .zip(self.http_addrs.iter().chain(&self.https_addrs))
             .map(|(&fd, &addr)| {
                 // SAFETY: F_DUPFD on a listener fd we own; the new fd has no
                 // FD_CLOEXEC, which is the point.
@@ -221,16 +318,19 @@ impl Drop for Server {
     }
 }
 
-fn open_listeners(
-    options: &ServerOptions,
-    port: u16,
-) -> Result<Vec<std::net::TcpListener>, ServerError> {
-    let mut inherited: Vec<Option<Socket>> = options
-        .inherited_fds
-        .iter()
+fn inherited_sockets(fds: &[RawFd]) -> Vec<Option<Socket>> {
+    fds.iter()
         // SAFETY: the caller hands these fds over to us; we own them now.
         .map(|&fd| Some(unsafe { Socket::from_raw_fd(fd) }))
-        .collect();
+        .collect()
+}
+
+fn open_listeners(
+    listener: &'static str,
+    binds: &[SocketAddr],
+    port: u16,
+    inherited: &mut [Option<Socket>],
+) -> Result<Vec<std::net::TcpListener>, ServerError> {
     let mut take_inherited = |addr: SocketAddr| {
         inherited.iter_mut().find_map(|slot| {
             let matches = slot
@@ -245,38 +345,49 @@ fn open_listeners(
             }
         })
     };
-    let binds: Vec<(SocketAddr, bool)> = if options.http_binds.is_empty() {
+    let binds: Vec<(SocketAddr, bool)> = if binds.is_empty() {
         vec![(SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)), true)]
     } else {
-        options.http_binds.iter().map(|&a| (a, false)).collect()
+        binds.iter().map(|&a| (a, false)).collect()
     };
     let mut listeners = Vec::with_capacity(binds.len());
     for (addr, default) in binds {
         if let Some(socket) = take_inherited(addr) {
-            let err = |source| ServerError::Bind { addr, source };
+            let err = |source| ServerError::Bind {
+                listener,
+                addr,
+                source,
+            };
             socket.set_cloexec(true).map_err(err)?;
             socket.set_nonblocking(true).map_err(err)?;
             listeners.push(socket.into());
             continue;
         }
-        let bound = match bind_one(addr, default) {
+        let bound = match bind_one(listener, addr, default) {
             // One dual-stack socket serves IPv6 and IPv4 clients alike; fall
             // back to IPv4 where the kernel has no IPv6.
             Err(ServerError::Bind { source, .. })
                 if default && source.raw_os_error() == Some(libc::EAFNOSUPPORT) =>
             {
-                bind_one(SocketAddr::from(([0, 0, 0, 0], port)), false)
+                bind_one(listener, SocketAddr::from(([0, 0, 0, 0], port)), false)
             }
             other => other,
         }?;
         listeners.push(bound);
     }
-    // Inherited sockets nobody asked for are closed here (dropped).
     Ok(listeners)
 }
 
-fn bind_one(addr: SocketAddr, dual_stack: bool) -> Result<std::net::TcpListener, ServerError> {
-    let err = |source| ServerError::Bind { addr, source };
+fn bind_one(
+    listener: &'static str,
+    addr: SocketAddr,
+    dual_stack: bool,
+) -> Result<std::net::TcpListener, ServerError> {
+    let err = |source| ServerError::Bind {
+        listener,
+        addr,
+        source,
+    };
     let socket =
         Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)).map_err(err)?;
     if dual_stack {
@@ -290,17 +401,41 @@ fn bind_one(addr: SocketAddr, dual_stack: bool) -> Result<std::net::TcpListener,
     Ok(socket.into())
 }
 
-/// How client connections are served: HTTP/1 only, or HTTP/1 and HTTP/2 by
-/// prior knowledge (`H2C_ENABLED`). hyper-util's auto builder ignores
-/// "HTTP/1 only" once upgrades are on, so plain HTTP/1 uses hyper directly
-/// (which also skips sniffing for the HTTP/2 preface).
-enum ConnBuilder {
-    Http1(hyper::server::conn::http1::Builder),
-    Auto(auto::Builder<TokioExecutor>),
+/// How client connections are served. Cleartext: HTTP/1 only, or HTTP/1
+/// and HTTP/2 by prior knowledge (`H2C_ENABLED`). hyper-util's auto builder
+/// ignores "HTTP/1 only" once upgrades are on, so plain HTTP/1 uses hyper
+/// directly (which also skips sniffing for the HTTP/2 preface). TLS: ALPN
+/// decides between the HTTP/1 and the HTTP/2 builder.
+struct ConnBuilders {
+    http1: hyper::server::conn::http1::Builder,
+    http2: hyper::server::conn::http2::Builder<TokioExecutor>,
+    /// Set when cleartext connections may speak HTTP/2 (h2c).
+    auto: Option<auto::Builder<TokioExecutor>>,
 }
 
-fn connection_builder(config: &Config) -> Arc<ConnBuilder> {
-    let builder = if config.h2c_enabled {
+/// HTTP/2 limits (hyper/h2): at most 250 concurrent streams per connection
+/// (Go's default), a 64 KiB header list (h2 also caps the CONTINUATION
+/// frames that build one, so a CONTINUATION flood ends in a connection
+/// error), and rapid-reset protection: a client that keeps resetting
+/// streams it opened (CVE-2023-44487), or makes the server reset its
+/// streams, gets GOAWAY.
+macro_rules! tune_h2 {
+    ($builder:expr) => {
+        $builder
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(250)
+            .max_header_list_size(64 * 1024)
+            .max_pending_accept_reset_streams(20)
+            .max_local_error_reset_streams(256)
+    };
+}
+
+fn connection_builders(config: &Config) -> ConnBuilders {
+    let mut http1 = hyper::server::conn::http1::Builder::new();
+    http1.timer(TokioTimer::new()).keep_alive(true).writev(true);
+    let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    tune_h2!(http2);
+    let auto = config.h2c_enabled.then(|| {
         let mut auto = auto::Builder::new(TokioExecutor::new());
         // writev keeps hyper from copying body chunks into its own buffer,
         // which zero-copy X-Sendfile bodies rely on (see files::body).
@@ -308,20 +443,28 @@ fn connection_builder(config: &Config) -> Arc<ConnBuilder> {
             .timer(TokioTimer::new())
             .keep_alive(true)
             .writev(true);
-        auto.http2().timer(TokioTimer::new());
-        ConnBuilder::Auto(auto)
-    } else {
-        let mut http1 = hyper::server::conn::http1::Builder::new();
-        http1.timer(TokioTimer::new()).keep_alive(true).writev(true);
-        ConnBuilder::Http1(http1)
-    };
-    Arc::new(builder)
+        tune_h2!(auto.http2());
+        auto
+    });
+    ConnBuilders { http1, http2, auto }
+}
+
+/// What a listener's connections are for.
+#[derive(Clone)]
+enum Role {
+    /// Cleartext, proxied to the app.
+    App,
+    /// TLS, proxied to the app.
+    Tls(TlsAcceptor),
+    /// Cleartext in TLS mode: HTTP-01 answers and redirects to HTTPS.
+    Redirect(Arc<Redirect>),
 }
 
 async fn accept_loop(
     listener: TcpListener,
-    builder: Arc<ConnBuilder>,
+    builders: Arc<ConnBuilders>,
     pipeline: Arc<Pipeline>,
+    role: Role,
     shutdown: watch::Receiver<bool>,
 ) {
     let mut stop_accepting = shutdown.clone();
@@ -356,40 +499,16 @@ async fn accept_loop(
             },
         };
         let _ = stream.set_nodelay(true);
-        let state = Arc::new(ConnState::default());
-        let conn_info = ConnInfo {
+        let conn = Connection {
+            builders: builders.clone(),
+            pipeline: pipeline.clone(),
+            role: role.clone(),
             peer,
-            tls: false,
-            state: state.clone(),
+            timeouts,
+            shutdown: shutdown.clone(),
+            alive: alive.clone(),
         };
-        let pipeline = pipeline.clone();
-        let service = service_fn(move |req| {
-            let pipeline = pipeline.clone();
-            let conn_info = conn_info.clone();
-            async move {
-                let in_flight = conn_info.state.begin_request();
-                let response = pipeline.handle(req, &conn_info).await;
-                Ok::<_, std::convert::Infallible>(response.map(|body| InFlightBody {
-                    body,
-                    _in_flight: in_flight,
-                }))
-            }
-        });
-        let io = TimedIo::new(stream, registration, state, timeouts);
-        let io = TokioIo::new(io);
-        let (stop, alive) = (shutdown.clone(), alive.clone());
-        match &*builder {
-            ConnBuilder::Http1(http1) => {
-                let conn = http1.serve_connection(io, service).with_upgrades();
-                tokio::spawn(serve_until_drained(conn, stop, alive));
-            }
-            ConnBuilder::Auto(auto) => {
-                let conn = auto
-                    .serve_connection_with_upgrades(io, service)
-                    .into_owned();
-                tokio::spawn(serve_until_drained(conn, stop, alive));
-            }
-        }
+        tokio::spawn(conn.run(stream, registration));
     }
     // Closing the listener now makes new connections fail fast instead of
     // queueing in the backlog while we drain.
@@ -398,6 +517,98 @@ async fn accept_loop(
     drop(alive);
     // Resolves once every connection task has dropped its sender.
     let _ = all_closed.recv().await;
+}
+
+/// One accepted client connection and what it needs.
+struct Connection {
+    builders: Arc<ConnBuilders>,
+    pipeline: Arc<Pipeline>,
+    role: Role,
+    peer: SocketAddr,
+    timeouts: ConnTimeouts,
+    shutdown: watch::Receiver<bool>,
+    alive: tokio::sync::mpsc::Sender<()>,
+}
+
+/// Longest TLS handshake allowed when `HTTP_READ_TIMEOUT` is off.
+const MAX_HANDSHAKE: Duration = Duration::from_secs(60);
+
+impl Connection {
+    async fn run(self, stream: tokio::net::TcpStream, registration: fd_registry::Registration) {
+        let (io, h2, tls) = match &self.role {
+            Role::Tls(acceptor) => {
+                // The handshake counts against the header timeout.
+                let limit = self.timeouts.header.unwrap_or(MAX_HANDSHAKE);
+                let mut shutdown = self.shutdown.clone();
+                let handshake = tokio::select! {
+                    _ = shutdown.changed() => return,
+                    result = tokio::time::timeout(limit, acceptor.accept(stream)) => result,
+                };
+                let stream = match handshake {
+                    Ok(Ok(stream)) => stream,
+                    Ok(Err(err)) => {
+                        log::debug(
+                            "TLS handshake failed",
+                            &[
+                                ("remote_addr", self.peer.to_string().into()),
+                                ("error", err.to_string().into()),
+                            ],
+                        );
+                        return;
+                    }
+                    Err(_) => return,
+                };
+                let alpn = stream.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
+                if alpn.as_deref() == Some(ACME_TLS_ALPN) {
+                    // TLS-ALPN-01 validation: the handshake was the answer.
+                    return;
+                }
+                let h2 = alpn.as_deref() == Some(b"h2".as_slice());
+                (ClientIo::Tls(Box::new(stream)), h2, true)
+            }
+            _ => (ClientIo::Plain(stream), false, false),
+        };
+        let state = Arc::new(ConnState::default());
+        let conn_info = ConnInfo {
+            peer: self.peer,
+            tls,
+            state: state.clone(),
+        };
+        let pipeline = self.pipeline.clone();
+        let redirect = match &self.role {
+            Role::Redirect(redirect) => Some(redirect.clone()),
+            _ => None,
+        };
+        let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+            let pipeline = pipeline.clone();
+            let conn_info = conn_info.clone();
+            let redirect = redirect.clone();
+            async move {
+                let in_flight = conn_info.state.begin_request();
+                let response = match &redirect {
+                    Some(redirect) => redirect.respond(&req),
+                    None => pipeline.handle(req, &conn_info).await,
+                };
+                Ok::<_, std::convert::Infallible>(response.map(|body| InFlightBody {
+                    body,
+                    _in_flight: in_flight,
+                }))
+            }
+        });
+        let io = TokioIo::new(TimedIo::new(io, registration, state, self.timeouts));
+        let (stop, alive) = (self.shutdown, self.alive);
+        let builders = &*self.builders;
+        if h2 {
+            let conn = builders.http2.serve_connection(io, service);
+            serve_until_drained(conn, stop, alive).await;
+        } else if let (Some(auto), false) = (&builders.auto, tls) {
+            let conn = auto.serve_connection_with_upgrades(io, service);
+            serve_until_drained(conn, stop, alive).await;
+        } else {
+            let conn = builders.http1.serve_connection(io, service).with_upgrades();
+            serve_until_drained(conn, stop, alive).await;
+        }
+    }
 }
 
 /// A connection that can be asked to finish its in-flight requests and close.
@@ -420,7 +631,22 @@ where
     }
 }
 
-impl<I, S, E, B> GracefulConnection for auto::UpgradeableConnection<'static, I, S, E>
+impl<I, S, E, B> GracefulConnection for hyper::server::conn::http2::Connection<I, S, E>
+where
+    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + 'static,
+    B: http_body::Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    E: hyper::rt::bounds::Http2ServerConnExec<S::Future, B>,
+{
+    type Error = hyper::Error;
+    fn start_graceful_shutdown(self: std::pin::Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
+
+impl<'a, I, S, E, B> GracefulConnection for auto::UpgradeableConnection<'a, I, S, E>
 where
     S: hyper::service::Service<http::Request<hyper::body::Incoming>, Response = http::Response<B>>,
     S::Future: 'static,
