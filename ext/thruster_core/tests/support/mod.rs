@@ -93,6 +93,7 @@ pub fn start_server(config: Config, upstream: SocketAddr, http: u16, https: u16)
             http_binds: vec![SocketAddr::from(([127, 0, 0, 1], http))],
             https_binds: vec![SocketAddr::from(([127, 0, 0, 1], https))],
             inherited_fds: Vec::new(),
+            sendfile_token: "test-token".into(),
             worker_threads: 2,
         },
     )
@@ -193,6 +194,7 @@ impl ServerOptionsFor {
             http_binds: vec![SocketAddr::from(([127, 0, 0, 1], 0))],
             https_binds: vec![SocketAddr::from(([127, 0, 0, 1], 0))],
             inherited_fds: Vec::new(),
+            sendfile_token: "test-token".into(),
             worker_threads: 1,
         }
     }
