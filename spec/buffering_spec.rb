@@ -11,7 +11,9 @@ RSpec.describe "request buffering" do
   def start_thrust_with_unicorn(env = {})
     target = free_port
     thrust = ChildProcess.start(
-      { "HTTP_PORT" => "0", "TARGET_PORT" => target.to_s, "LOG_REQUESTS" => "false" }.merge(env),
+      # Unicorn is not in the Gemfile: run it outside Bundler, like Debian installs it.
+      { "HTTP_PORT" => "0", "TARGET_PORT" => target.to_s, "LOG_REQUESTS" => "false",
+        "RUBYOPT" => nil, "BUNDLE_GEMFILE" => nil, "BUNDLE_BIN_PATH" => nil, "BUNDLER_SETUP" => nil }.merge(env),
       thrust_path, "unicorn", "-c", File.join(FIXTURES, "unicorn.rb"), File.join(FIXTURES, "app.ru")
     )
     port = thrust.http_port
