@@ -12,8 +12,9 @@
 //! - Challenges: TLS-ALPN-01 (RFC 8737) is answered by the HTTPS listener's
 //!   certificate resolver; HTTP-01 by the HTTP listener (`redirect`).
 //! - Storage in `STORAGE_PATH` (0700): `acme-account-<hash>.json` (0600,
-//!   one per directory URL), `<domain>.crt.pem`, `<domain>.key.pem` (0600);
-//!   written atomically.
+//!   one per directory URL), `<domain>.crt.pem`, `<domain>.key.pem` (0600)
+//!   and `<domain>.directory` (the CA it came from: a certificate from
+//!   another `ACME_DIRECTORY` is replaced at start-up); written atomically.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -88,6 +89,13 @@ impl Manager {
         self.storage.join(format!("{domain}.key.pem"))
     }
 
+    /// The directory URL a stored certificate came from, so switching
+    /// `ACME_DIRECTORY` (staging to production) gets a new certificate
+    /// instead of serving the old CA's until renewal.
+    fn issuer_path(&self, domain: &str) -> PathBuf {
+        self.storage.join(format!("{domain}.directory"))
+    }
+
     fn account_path(&self) -> PathBuf {
         let digest = ring::digest::digest(&ring::digest::SHA256, self.directory.as_bytes());
         let hex: String = digest.as_ref()[..8]
@@ -114,6 +122,17 @@ impl Manager {
             ) else {
                 continue;
             };
+            let issuer = std::fs::read_to_string(self.issuer_path(domain)).unwrap_or_default();
+            if issuer.trim() != self.directory {
+                log::info(
+                    "TLS: stored certificate is from another ACME directory; a new one will be issued",
+                    &[
+                        ("domain", domain.clone().into()),
+                        ("stored_directory", issuer.trim().to_string().into()),
+                    ],
+                );
+                continue;
+            }
             match certified_key(&chain, &key) {
                 Ok(key) if usable(&key, domain) => {
                     log::info(
@@ -326,6 +345,10 @@ impl Manager {
         let key = certified_key(chain_pem.as_bytes(), key_pem.as_bytes())?;
         write_atomic(&self.key_path(domain), key_pem.as_bytes(), true)
             .and_then(|_| write_atomic(&self.cert_path(domain), chain_pem.as_bytes(), false))
+            .and_then(|_| {
+                let directory = format!("{}\n", self.directory);
+                write_atomic(&self.issuer_path(domain), directory.as_bytes(), false)
+            })
             .map_err(|e| {
                 format!(
                     "certificate issued but could not be stored in {}: {e}",

@@ -256,7 +256,7 @@ impl Tls {
             || self.store.single().is_some_and(|key| covers(&key, host))
     }
 
-    /// Where certificates and the account are kept (ACME and local).
+    /// The certificate source, for the start-up log line.
     pub fn describe(&self) -> &'static str {
         match self.source {
             Source::Acme(_) => "acme",
