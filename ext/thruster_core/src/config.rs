@@ -156,6 +156,8 @@ pub const SETTINGS: &[(&str, &str)] = &[
     ("HTTP_PORT", "80"),
     ("HTTPS_PORT", "443"),
     ("HTTP_IDLE_TIMEOUT", "60"),
+    ("MAX_CONNECTIONS", "0"),
+    ("MAX_CONNECTIONS_PER_IP", "0"),
     ("UPSTREAM_RETRY_TIMEOUT", "5"),
     ("HTTP_READ_TIMEOUT", "30"),
     ("HTTP_WRITE_TIMEOUT", "30"),
@@ -242,6 +244,10 @@ pub struct Config {
     pub http_idle_timeout: Timeout,
     pub http_read_timeout: Timeout,
     pub http_write_timeout: Timeout,
+    /// Open client connections at most; 0 = derived from the fd limit.
+    pub max_connections: u64,
+    /// Open client connections per client IP at most; 0 = no per-IP cap.
+    pub max_connections_per_ip: u32,
     /// How long a refused connection to the app is retried (app restarting).
     pub upstream_retry_timeout: Timeout,
     pub h2c_enabled: bool,
@@ -325,6 +331,9 @@ impl Config {
             http_read_timeout: read_timeout,
             http_write_timeout: r.seconds("HTTP_WRITE_TIMEOUT", 30)?,
             upstream_retry_timeout: r.seconds("UPSTREAM_RETRY_TIMEOUT", 5)?,
+            max_connections: r.bytes("MAX_CONNECTIONS", 0)?,
+            max_connections_per_ip: r.bytes("MAX_CONNECTIONS_PER_IP", 0)?.min(u32::MAX as u64)
+                as u32,
             h2c_enabled: r.bool("H2C_ENABLED", false)?,
             forward_headers: r.bool("FORWARD_HEADERS", !tls)?,
             log_requests: r.bool("LOG_REQUESTS", true)?,

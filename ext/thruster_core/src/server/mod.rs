@@ -27,6 +27,7 @@ use tokio_rustls::TlsAcceptor;
 
 pub mod client_io;
 pub mod fd_registry;
+pub mod limits;
 pub mod timed_io;
 
 use crate::config::Config;
@@ -168,6 +169,12 @@ impl Server {
             None
         };
         let config = Arc::new(config);
+        let fd_limit = limits::raise_fd_limit();
+        let max_connections = match config.max_connections {
+            0 => limits::automatic_cap(fd_limit),
+            n => n.min(usize::MAX as u64) as usize,
+        };
+        let conn_limits = limits::ConnLimits::new(max_connections, config.max_connections_per_ip);
         let builders = Arc::new(connection_builders(&config));
         let pipeline = Arc::new(Pipeline::new(
             config.clone(),
@@ -195,6 +202,7 @@ impl Server {
                 builders.clone(),
                 pipeline.clone(),
                 role,
+                conn_limits.clone(),
                 shutdown_rx.clone(),
             )));
         }
@@ -205,6 +213,7 @@ impl Server {
                     builders.clone(),
                     pipeline.clone(),
                     Role::Tls(acceptor.clone()),
+                    conn_limits.clone(),
                     shutdown_rx.clone(),
                 )));
             }
@@ -234,6 +243,8 @@ impl Server {
             fields.push(("tls_domain", config.tls_domains.clone().into()));
             fields.push(("certificates", tls.describe().into()));
         }
+        fields.push(("max_connections", max_connections.into()));
+        fields.push(("fd_limit", fd_limit.into()));
         log::info("Server started", &fields);
         Ok(Server {
             runtime: Some(runtime),
@@ -465,6 +476,7 @@ async fn accept_loop(
     builders: Arc<ConnBuilders>,
     pipeline: Arc<Pipeline>,
     role: Role,
+    conn_limits: Arc<limits::ConnLimits>,
     shutdown: watch::Receiver<bool>,
 ) {
     let mut stop_accepting = shutdown.clone();
@@ -478,6 +490,12 @@ async fn accept_loop(
         write_stall: pipeline.config().http_write_timeout,
     };
     loop {
+        // Room under the total cap first: past it, clients wait in the
+        // backlog instead of costing descriptors.
+        let permit = tokio::select! {
+            _ = stop_accepting.changed() => break,
+            permit = conn_limits.reserve() => permit,
+        };
         let (stream, peer, registration) = tokio::select! {
             _ = stop_accepting.changed() => break,
             accepted = std::future::poll_fn(|cx| {
@@ -498,8 +516,18 @@ async fn accept_loop(
                 }
             },
         };
+        let Some(slot) = conn_limits.admit(peer.ip(), permit) else {
+            log::debug(
+                "Connection refused: MAX_CONNECTIONS_PER_IP reached",
+                &[("remote_addr", peer.to_string().into())],
+            );
+            drop(registration);
+            drop(stream);
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let conn = Connection {
+            _slot: slot,
             builders: builders.clone(),
             pipeline: pipeline.clone(),
             role: role.clone(),
@@ -521,6 +549,8 @@ async fn accept_loop(
 
 /// One accepted client connection and what it needs.
 struct Connection {
+    /// Its place under the connection caps, for as long as it lives.
+    _slot: limits::ConnSlot,
     builders: Arc<ConnBuilders>,
     pipeline: Arc<Pipeline>,
     role: Role,
