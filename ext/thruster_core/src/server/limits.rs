@@ -37,7 +37,7 @@ pub fn raise_fd_limit() -> u64 {
             }
         }
     }
-    limit.rlim_cur as u64
+    limit.rlim_cur
 }
 
 /// The total cap when `MAX_CONNECTIONS` is 0: each proxied connection may
@@ -143,7 +143,7 @@ mod tests {
             tokio::time::timeout(std::time::Duration::from_millis(50), limits.reserve()).await;
         assert!(waiting.is_err(), "the second reservation waits");
         drop(slot);
-        tokio::time::timeout(std::time::Duration::from_secs(1), limits.reserve())
+        let _freed = tokio::time::timeout(std::time::Duration::from_secs(1), limits.reserve())
             .await
             .expect("freed");
     }
