@@ -5,6 +5,8 @@
 use http::header::{self, HeaderMap, HeaderName};
 use http::Request;
 
+use crate::pipeline::compression;
+
 /// What identifies a resource: scheme, normalised host, the request target
 /// as sent, and the forwarded headers the app may render from.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -159,32 +161,10 @@ fn accepted_codings(request: &HeaderMap) -> String {
 }
 
 /// Whether the request's `Accept-Encoding` allows `coding` (q > 0, or a
-/// `*` with q > 0 and the coding not listed).
+/// `*` with q > 0 and the coding not listed), by the same weights as
+/// compression ([`compression::weight`]).
 pub fn accepts(request: &HeaderMap, coding: &str) -> bool {
-    let mut star = None;
-    for value in request.get_all(header::ACCEPT_ENCODING) {
-        let Ok(value) = value.to_str() else { continue };
-        for item in value.split(',') {
-            let mut parts = item.split(';');
-            let token = parts.next().unwrap_or("").trim();
-            let q = parts
-                .find_map(|p| {
-                    let p = p.trim();
-                    p.strip_prefix("q=").or_else(|| p.strip_prefix("Q="))
-                })
-                .map(|v| v.trim().parse::<f32>().unwrap_or(0.0))
-                .unwrap_or(1.0);
-            if token.eq_ignore_ascii_case(coding)
-                || (coding == "gzip" && token.eq_ignore_ascii_case("x-gzip"))
-            {
-                return q > 0.0;
-            }
-            if token == "*" {
-                star = Some(q > 0.0);
-            }
-        }
-    }
-    star.unwrap_or(false)
+    compression::weight(request, coding) > 0.0
 }
 
 #[cfg(test)]
@@ -309,5 +289,10 @@ mod tests {
         assert!(accepts(&h("*"), "br"));
         assert!(!accepts(&h("*, br;q=0"), "br"));
         assert!(!accepts(&HeaderMap::new(), "gzip"));
+        // The same reading of repeats as compression (fuzz target
+        // accept_encoding: `zstd;q=0, zstd`).
+        assert!(!accepts(&h("zstd;q=0, zstd"), "zstd"));
+        assert!(!accepts(&h("gzip, x-gzip;q=0"), "gzip"));
+        assert!(accepts(&h("deflate;q=0.1, deflate"), "deflate"));
     }
 }
