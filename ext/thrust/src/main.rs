@@ -136,14 +136,28 @@ fn main() -> ExitCode {
     let child_pid = Arc::new(AtomicI32::new(child.id() as i32));
     let child_running = Arc::new(AtomicBool::new(true));
     let handle = signals.handle();
+    let server = Arc::new(server);
     let relay = {
         let (pid, running) = (child_pid.clone(), child_running.clone());
+        let server = server.clone();
         std::thread::Builder::new()
             .name("thrust-signals".into())
             .spawn(move || {
+                let mut drained = false;
                 for signal in signals.forever() {
                     if !running.load(Ordering::SeqCst) {
                         break;
+                    }
+                    // Stop: first stop accepting and let every request the
+                    // proxy holds be answered by the app, then tell the app.
+                    // Relaying first would make the app close its listener
+                    // under requests still on their way to it.
+                    if (signal == SIGTERM || signal == SIGINT) && !drained {
+                        drained = true;
+                        log::info("Draining before stopping the upstream process", &[]);
+                        if !server.drain(DEFAULT_DRAIN) {
+                            log::info("Drain timed out; stopping anyway", &[]);
+                        }
                     }
                     log::info(
                         "Relaying signal to upstream process",
@@ -160,7 +174,10 @@ fn main() -> ExitCode {
     child_running.store(false, Ordering::SeqCst);
     handle.close();
     let _ = relay.join();
-    server.stop(DEFAULT_DRAIN);
+    match Arc::try_unwrap(server) {
+        Ok(server) => server.stop(DEFAULT_DRAIN),
+        Err(server) => server.begin_shutdown(),
+    }
 
     match status {
         Ok(status) => match (status.code(), status.signal()) {

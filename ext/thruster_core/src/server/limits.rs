@@ -83,6 +83,12 @@ impl ConnLimits {
         })
     }
 
+    /// Client connections open now (listeners waiting to accept hold one
+    /// reservation each until they stop).
+    pub fn open(&self) -> usize {
+        self.max - self.total.available_permits()
+    }
+
     /// Waits for room under the total cap (taken before accepting, so the
     /// excess waits in the backlog rather than holding descriptors).
     pub async fn reserve(&self) -> OwnedSemaphorePermit {

@@ -102,6 +102,7 @@ pub struct Server {
     runtime: Option<Runtime>,
     shutdown: watch::Sender<bool>,
     accept_tasks: Vec<tokio::task::JoinHandle<()>>,
+    conn_limits: Arc<limits::ConnLimits>,
     http_addrs: Vec<SocketAddr>,
     https_addrs: Vec<SocketAddr>,
     listener_fds: Vec<RawFd>,
@@ -250,6 +251,7 @@ impl Server {
             runtime: Some(runtime),
             shutdown,
             accept_tasks,
+            conn_limits,
             http_addrs,
             https_addrs,
             listener_fds,
@@ -295,6 +297,21 @@ impl Server {
     /// request and close, without waiting; `stop` then waits for them.
     pub fn begin_shutdown(&self) {
         let _ = self.shutdown.send(true);
+    }
+
+    /// Stops accepting and waits, up to `limit`, until every client
+    /// connection has finished its request and closed. For a thread outside
+    /// the runtime (it blocks). True when all are done.
+    pub fn drain(&self, limit: Duration) -> bool {
+        self.begin_shutdown();
+        let deadline = std::time::Instant::now() + limit;
+        while self.conn_limits.open() > 0 {
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        true
     }
 
     /// Stops accepting, lets in-flight requests finish for up to `drain`,
