@@ -30,16 +30,6 @@ PUMA = Gem.bin_path("puma", "puma")
 
 abort "bench/memory: #{THRUST} missing; run `bundle exec rake compile`" unless File.executable?(THRUST)
 
-def wait_for(port, deadline: Time.now + 30)
-  loop do
-    return if Net::HTTP.get_response(URI("http://127.0.0.1:#{port}/up")).code == "200"
-  rescue SystemCallError, EOFError
-    raise "nothing answered on #{port}" if Time.now > deadline
-
-    sleep 0.1
-  end
-end
-
 # The command and environment of one setup, listening on `port`.
 def setup_command(name, port, dir)
   env = { "APP_DIR" => dir, "WORKERS" => "2", "RUBYLIB" => File.join(ROOT, "lib"), "RUBYOPT" => nil,
@@ -60,7 +50,7 @@ def measure(name)
   port = BenchSupport.free_port
   env, argv = setup_command(name, port, dir)
   pid = Process.spawn(env, *argv, out: File::NULL, err: File::NULL, pgroup: true)
-  wait_for(port)
+  BenchSupport.wait_for(port, path: "/up")
   sleep 1 until BenchSupport.tree(pid).size >= (name == "puma under thrust" ? 4 : 3)
   50.times { Net::HTTP.get_response(URI("http://127.0.0.1:#{port}/h")) }
   sleep 2 # idle

@@ -36,17 +36,8 @@ def start_thrust(dir, big)
           "RUBYOPT" => nil, "BUNDLE_GEMFILE" => nil }
   pid = Process.spawn(env, THRUST, RbConfig.ruby, Gem.bin_path("puma", "puma"), "-q", "-b",
                       "tcp://127.0.0.1:#{target}", app, out: File::NULL, err: File::NULL, pgroup: true)
-  wait_for(port)
+  BenchSupport.wait_for(port, path: "/", what: "thrust")
   [pid, port]
-end
-
-def wait_for(port, deadline: Time.now + 30)
-  Net::HTTP.start("127.0.0.1", port) { |h| h.head("/") }
-rescue SystemCallError, EOFError
-  raise "thrust did not answer" if Time.now > deadline
-
-  sleep 0.1
-  retry
 end
 
 # Slow readers for SECONDS; returns [RSS samples (KiB), bytes received per client].

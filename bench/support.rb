@@ -1,5 +1,6 @@
 # frozen_string_literal: true
 
+require "net/http"
 require "socket"
 
 # Helpers shared by the benchmark scripts: ports and process-tree memory.
@@ -11,6 +12,19 @@ module BenchSupport
     server.addr[1]
   ensure
     server&.close
+  end
+
+  # Waits until HEAD `path` on the port answers 200 (the server behind it is up).
+  def wait_for(port, path: "/hello", timeout: 30, what: "server")
+    deadline = Time.now + timeout
+    loop do
+      # HEAD: some apps answer every path with a large body.
+      return if Net::HTTP.start("127.0.0.1", port) { |http| http.head(path).code == "200" }
+    rescue SystemCallError, EOFError, Net::ReadTimeout
+      raise "#{what} did not answer on #{port} within #{timeout} s" if Time.now > deadline
+
+      sleep 0.1
+    end
   end
 
   def children(pid)

@@ -10,14 +10,8 @@ require "uri"
 RSpec.describe "cache" do
   # Asks for identity unless told otherwise (Net::HTTP would ask for gzip
   # and decode it silently).
-  def get(port, path, headers: {}, method: Net::HTTP::Get)
-    Net::HTTP.start("127.0.0.1", port, read_timeout: 20) do |http|
-      http.request(method.new(path, { "Accept-Encoding" => "identity" }.merge(headers)))
-    end
-  end
-
   def hits(port, path)
-    Integer(get(port, "/hits?path=#{URI.encode_www_form_component(path)}").body)
+    Integer(identity_request(port, "/hits?path=#{URI.encode_www_form_component(path)}").body)
   end
 
   # [headers, body] as curl received them, decoding the body's coding.
@@ -38,24 +32,24 @@ RSpec.describe "cache" do
 
   it "stores a public response once: miss, then hits that never reach the app" do
     _thrust, port = start_thrust_with_puma
-    first = get(port, "/cache/a.css?#{public_cc}")
+    first = identity_request(port, "/cache/a.css?#{public_cc}")
     expect(first["x-cache"]).to eq("miss")
     expect(first.body).to eq(css("/cache/a.css"))
     3.times do
-      again = get(port, "/cache/a.css?#{public_cc}")
+      again = identity_request(port, "/cache/a.css?#{public_cc}")
       expect(again["x-cache"]).to eq("hit")
       expect(again.body).to eq(first.body)
       expect(again["date"]).to eq(first["date"])
       expect(Integer(again["age"])).to be_between(0, 5)
     end
     expect(hits(port, "/cache/a.css")).to eq(1)
-    head = get(port, "/cache/a.css?#{public_cc}", method: Net::HTTP::Head)
+    head = identity_request(port, "/cache/a.css?#{public_cc}", method: Net::HTTP::Head)
     expect(head["x-cache"]).to eq("hit")
     expect(head["content-length"]).to eq(first.body.bytesize.to_s)
     expect(hits(port, "/cache/a.css")).to eq(1)
     # The query is part of the key; POST bypasses.
-    expect(get(port, "/cache/a.css?#{public_cc}&v=2")["x-cache"]).to eq("miss")
-    expect(get(port, "/cache/a.css?#{public_cc}", method: Net::HTTP::Post)["x-cache"]).to eq("bypass")
+    expect(identity_request(port, "/cache/a.css?#{public_cc}&v=2")["x-cache"]).to eq("miss")
+    expect(identity_request(port, "/cache/a.css?#{public_cc}", method: Net::HTTP::Post)["x-cache"]).to eq("bypass")
   end
 
   it "never stores what a shared cache must not, and keeps Set-Cookie" do
@@ -74,7 +68,7 @@ RSpec.describe "cache" do
     cases.each do |name, query|
       path = "/cache/never-#{name}.css"
       2.times do
-        response = get(port, "#{path}?#{query}")
+        response = identity_request(port, "#{path}?#{query}")
         expect(response["x-cache"]).to eq("miss"), name
         expect(response["set-cookie"]).to eq("session=abc") if name == "cookie"
       end
@@ -88,7 +82,7 @@ RSpec.describe "cache" do
     results = Queue.new
     threads = Array.new(100) do
       Thread.new do
-        response = get(port, path)
+        response = identity_request(port, path)
         results << [response.code, response.body]
       end
     end
@@ -102,45 +96,46 @@ RSpec.describe "cache" do
   it "keeps one entry per Vary variant" do
     _thrust, port = start_thrust_with_puma
     path = "/cache/vary.css?#{public_cc}&vary=Accept"
-    html = get(port, path, headers: { "Accept" => "text/html" })
-    json = get(port, path, headers: { "Accept" => "application/json" })
+    html = identity_request(port, path, headers: { "Accept" => "text/html" })
+    json = identity_request(port, path, headers: { "Accept" => "application/json" })
     expect([html["x-cache"], json["x-cache"]]).to eq(%w[miss miss])
-    expect(get(port, path, headers: { "Accept" => "text/html" }).body).to include("text/html")
-    expect(get(port, path, headers: { "Accept" => "application/json" }).body).to include("application/json")
-    expect(get(port, path, headers: { "Accept" => "application/json" })["x-cache"]).to eq("hit")
+    expect(identity_request(port, path, headers: { "Accept" => "text/html" }).body).to include("text/html")
+    expect(identity_request(port, path,
+                            headers: { "Accept" => "application/json" }).body).to include("application/json")
+    expect(identity_request(port, path, headers: { "Accept" => "application/json" })["x-cache"]).to eq("hit")
     expect(hits(port, "/cache/vary.css")).to eq(2)
   end
 
   it "answers conditionals and ranges from the stored body" do
     _thrust, port = start_thrust_with_puma
     path = "/cache/cond.css?#{public_cc}"
-    full = get(port, path)
+    full = identity_request(port, path)
     etag = full["etag"]
-    not_modified = get(port, path, headers: { "If-None-Match" => etag })
+    not_modified = identity_request(port, path, headers: { "If-None-Match" => etag })
     expect(not_modified.code).to eq("304")
     expect(not_modified["x-cache"]).to eq("hit")
     expect(not_modified["etag"]).to eq(etag)
-    expect(get(port, path, headers: { "If-None-Match" => '"other"' }).code).to eq("200")
+    expect(identity_request(port, path, headers: { "If-None-Match" => '"other"' }).code).to eq("200")
 
-    part = get(port, path, headers: { "Range" => "bytes=0-9" })
+    part = identity_request(port, path, headers: { "Range" => "bytes=0-9" })
     expect(part.code).to eq("206")
     expect(part["content-range"]).to eq("bytes 0-9/4000")
     expect(part.body).to eq(full.body.byteslice(0, 10))
     expect(part["x-cache"]).to eq("hit")
-    suffix = get(port, path, headers: { "Range" => "bytes=-5" })
+    suffix = identity_request(port, path, headers: { "Range" => "bytes=-5" })
     expect(suffix.body).to eq(full.body.byteslice(-5, 5))
-    multi = get(port, path, headers: { "Range" => "bytes=0-1,10-11" })
+    multi = identity_request(port, path, headers: { "Range" => "bytes=0-1,10-11" })
     expect(multi.code).to eq("206")
     expect(multi["content-type"]).to start_with("multipart/byteranges; boundary=")
     expect(multi.body).to include(full.body.byteslice(10, 2))
-    expect(get(port, path, headers: { "Range" => "bytes=5000-" }).code).to eq("416")
+    expect(identity_request(port, path, headers: { "Range" => "bytes=5000-" }).code).to eq("416")
     expect(hits(port, "/cache/cond.css")).to eq(1)
   end
 
   it "compresses a stored body once per coding, decoding to the original" do
     _thrust, port = start_thrust_with_puma
     path = "/cache/big.css?#{public_cc}&size=100000"
-    get(port, path)
+    identity_request(port, path)
     %w[br zstd gzip].each do |coding|
       headers, body = curl(port, path, accept: coding)
       expect(headers["content-encoding"]).to eq(coding)
@@ -149,7 +144,7 @@ RSpec.describe "cache" do
       expect(headers["etag"]).to match(%r{\AW/".*-#{coding}"\z})
       expect(body).to eq(css("/cache/big.css", 100_000))
     end
-    raw = Array.new(2) { get(port, path, headers: { "Accept-Encoding" => "br" }).body }
+    raw = Array.new(2) { identity_request(port, path, headers: { "Accept-Encoding" => "br" }).body }
     expect(raw.uniq.size).to eq(1)
     expect(raw.first.bytesize).to be < 2_000
     expect(hits(port, "/cache/big.css")).to eq(1)
@@ -166,17 +161,17 @@ RSpec.describe "cache" do
     port = thrust.http_port
     wait_for_ok(port, message: "Puma behind thrust")
     path = "/cache/stale.css?cc=public,+max-age%3D1,+stale-if-error%3D60"
-    expect(get(port, path)["x-cache"]).to eq("miss")
-    expect(get(port, path)["x-cache"]).to eq("hit")
+    expect(identity_request(port, path)["x-cache"]).to eq("miss")
+    expect(identity_request(port, path)["x-cache"]).to eq("hit")
     puma.signal("KILL")
     puma.wait
     wait_until(message: "the entry to go stale", timeout: 5) do
-      get(port, path)["x-cache"] == "stale"
+      identity_request(port, path)["x-cache"] == "stale"
     end
-    stale = get(port, path)
+    stale = identity_request(port, path)
     expect(stale.code).to eq("200")
     expect(stale.body).to eq(css("/cache/stale.css"))
     expect(Integer(stale["age"])).to be >= 1
-    expect(get(port, "/cache/never-stored.css").code).to eq("502")
+    expect(identity_request(port, "/cache/never-stored.css").code).to eq("502")
   end
 end

@@ -11,14 +11,8 @@ require "zlib"
 # answers `X-Sendfile: <path>` the way Rack::Sendfile does, and a real Rails
 # app's send_file goes through the Railtie's token check.
 RSpec.describe "X-Sendfile" do
-  def get(port, path, headers: {}, method: Net::HTTP::Get)
-    Net::HTTP.start("127.0.0.1", port, read_timeout: 20) do |http|
-      http.request(method.new(path, { "Accept-Encoding" => "identity" }.merge(headers)))
-    end
-  end
-
   def sendfile(port, file, query = "", **options)
-    get(port, "/sendfile?path=#{URI.encode_www_form_component(file)}#{query}", **options)
+    identity_request(port, "/sendfile?path=#{URI.encode_www_form_component(file)}#{query}", **options)
   end
 
   around do |example|
@@ -113,15 +107,15 @@ RSpec.describe "X-Sendfile" do
 
   it "sends the proxy's token upstream, never a client's, and passes X-Sendfile through when disabled" do
     _thrust, port = start_thrust_with_puma
-    seen = JSON.parse(get(port, "/echo", headers: { "X-Thruster-Sendfile-Token" => "forged",
-                                                    "X-Accel-Mapping" => "/=/" }).body)["headers"]
+    seen = JSON.parse(identity_request(port, "/echo", headers: { "X-Thruster-Sendfile-Token" => "forged",
+                                                                 "X-Accel-Mapping" => "/=/" }).body)["headers"]
     expect(seen["HTTP_X_SENDFILE_TYPE"]).to eq("X-Sendfile")
     expect(seen["HTTP_X_THRUSTER_SENDFILE_TOKEN"]).to match(/\A\h{64}\z/)
     expect(seen).not_to have_key("HTTP_X_ACCEL_MAPPING")
 
     _off, off_port = start_thrust_with_puma(env: { "X_SENDFILE_ENABLED" => "0" })
-    seen = JSON.parse(get(off_port, "/echo", headers: { "X-Sendfile-Type" => "X-Sendfile",
-                                                        "X-Thruster-Sendfile-Token" => "forged" }).body)["headers"]
+    forged = { "X-Sendfile-Type" => "X-Sendfile", "X-Thruster-Sendfile-Token" => "forged" }
+    seen = JSON.parse(identity_request(off_port, "/echo", headers: forged).body)["headers"]
     expect(seen.keys).not_to include("HTTP_X_SENDFILE_TYPE", "HTTP_X_THRUSTER_SENDFILE_TOKEN")
     passed = sendfile(off_port, file, "&body=app+body")
     expect(passed["x-sendfile"]).to eq(file)
@@ -162,14 +156,14 @@ RSpec.describe "X-Sendfile" do
     env = { "RUBYLIB" => File.join(ROOT, "lib"), "SENDFILE_FIXTURE_DIR" => @dir, "RAILS_ENV" => "production",
             "RUBYOPT" => nil, "BUNDLE_GEMFILE" => nil, "THRUSTER_RS_SENDFILE_TOKEN" => nil }
     _thrust, port = start_thrust_with_puma(env:, app: "rails_app/config.ru")
-    response = get(port, "/download")
+    response = identity_request(port, "/download")
     expect(response.code).to eq("200")
     expect(response.body).to eq("quarterly numbers\n" * 5000)
     expect(response["x-sendfile"]).to be_nil
     # Proof the proxy served it: Rails' Rack::Files sets no ETag; ours is
     # derived from size and mtime, and ranges are ours too.
     expect(response["etag"]).to start_with('W/"')
-    part = get(port, "/download", headers: { "Range" => "bytes=0-8" })
+    part = identity_request(port, "/download", headers: { "Range" => "bytes=0-8" })
     expect([part.code, part.body]).to eq(%w[206 quarterly])
   end
 end

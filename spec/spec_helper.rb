@@ -51,6 +51,13 @@ module SpecHelpers
     end
   end
 
+  # A request for the identity bytes (no compression), any method.
+  def identity_request(port, path, headers: {}, method: Net::HTTP::Get)
+    Net::HTTP.start("127.0.0.1", port, read_timeout: 20) do |http|
+      http.request(method.new(path, { "Accept-Encoding" => "identity" }.merge(headers)))
+    end
+  end
+
   # Yields what arrives on `socket` until the server closes it.
   def each_chunk(socket)
     loop { yield socket.readpartial(4096) }

@@ -151,17 +151,17 @@ fn http_01_issuance() {
     if !pebble_installed() {
         return;
     }
-    let rt = runtime();
-    let ports = (free_port(), free_port());
-    let pebble = Pebble::start(ports.0, ports.1, PebbleOptions::default());
-    let upstream = start_echo_upstream(&rt);
-    let storage = TempDir::new("acme-http");
     let domain = "http.example.test";
-    let server = acme_proxy(
-        &pebble,
-        storage.path(),
-        upstream,
+    let AcmeRig {
+        server,
+        pebble,
+        storage,
         ports,
+        // The echo app runs on it.
+        rt: _rt,
+    } = acme_rig(
+        "acme-http",
+        PebbleOptions::default(),
         &[("TLS_DOMAIN", domain), ("ACME_CHALLENGES", "http-01")],
     );
     wait_for_certificate(storage.path(), domain, &pebble);
@@ -181,24 +181,20 @@ fn issuance_with_external_account_binding() {
     if !pebble_installed() {
         return;
     }
-    let rt = runtime();
-    let ports = (free_port(), free_port());
-    let pebble = Pebble::start(
-        ports.0,
-        ports.1,
+    let domain = "eab.example.test";
+    let AcmeRig {
+        server,
+        pebble,
+        storage,
+        ports,
+        // The echo app runs on it.
+        rt: _rt,
+    } = acme_rig(
+        "acme-eab",
         PebbleOptions {
             eab: true,
             ..Default::default()
         },
-    );
-    let upstream = start_echo_upstream(&rt);
-    let storage = TempDir::new("acme-eab");
-    let domain = "eab.example.test";
-    let server = acme_proxy(
-        &pebble,
-        storage.path(),
-        upstream,
-        ports,
         &[
             ("TLS_DOMAIN", domain),
             ("EAB_KID", EAB_KID),
@@ -220,24 +216,20 @@ fn without_external_account_binding_the_ca_refuses_and_the_proxy_keeps_serving()
     if !pebble_installed() {
         return;
     }
-    let rt = runtime();
-    let ports = (free_port(), free_port());
-    let pebble = Pebble::start(
-        ports.0,
-        ports.1,
+    let domain = "noeab.example.test";
+    let AcmeRig {
+        server,
+        pebble,
+        storage,
+        ports,
+        // The echo app runs on it.
+        rt: _rt,
+    } = acme_rig(
+        "acme-noeab",
         PebbleOptions {
             eab: true,
             ..Default::default()
         },
-    );
-    let upstream = start_echo_upstream(&rt);
-    let storage = TempDir::new("acme-noeab");
-    let domain = "noeab.example.test";
-    let server = acme_proxy(
-        &pebble,
-        storage.path(),
-        upstream,
-        ports,
         &[("TLS_DOMAIN", domain)],
     );
     // The CA refuses the account; nothing is stored, the server keeps
@@ -370,25 +362,20 @@ fn renewal_swaps_the_certificate_while_connections_stay_up() {
     if !pebble_installed() {
         return;
     }
-    let rt = runtime();
-    let ports = (free_port(), free_port());
+    const DOMAIN: &str = "renew.example.test";
     // 15 s certificates: renewal is due with a third left, about 10 s in.
-    let pebble = Pebble::start(
-        ports.0,
-        ports.1,
+    let AcmeRig {
+        server,
+        pebble,
+        storage,
+        ports,
+        rt,
+    } = acme_rig(
+        "acme-renew",
         PebbleOptions {
             validity_seconds: Some(15),
             ..Default::default()
         },
-    );
-    let upstream = start_echo_upstream(&rt);
-    let storage = TempDir::new("acme-renew");
-    const DOMAIN: &str = "renew.example.test";
-    let server = acme_proxy(
-        &pebble,
-        storage.path(),
-        upstream,
-        ports,
         &[("TLS_DOMAIN", DOMAIN)],
     );
     wait_for_certificate(storage.path(), DOMAIN, &pebble);

@@ -227,6 +227,38 @@ pub fn acme_proxy(
     start_server(config(&pairs), upstream, http, https)
 }
 
+/// What an issuance test starts with: Pebble, an echo app, and a proxy in
+/// ACME mode for it with its own storage. Fields drop in order: the proxy
+/// stops before Pebble.
+pub struct AcmeRig {
+    pub server: Server,
+    pub pebble: Pebble,
+    pub storage: TempDir,
+    pub ports: (u16, u16),
+    pub rt: tokio::runtime::Runtime,
+}
+
+/// Starts an [`AcmeRig`]; `extra` settings go to the proxy (TLS_DOMAIN, ...).
+pub fn acme_rig(tag: &str, options: PebbleOptions, extra: &[(&str, &str)]) -> AcmeRig {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let ports = (free_port(), free_port());
+    let pebble = Pebble::start(ports.0, ports.1, options);
+    let upstream = start_echo_upstream(&rt);
+    let storage = TempDir::new(tag);
+    let server = acme_proxy(&pebble, storage.path(), upstream, ports, extra);
+    AcmeRig {
+        server,
+        pebble,
+        storage,
+        ports,
+        rt,
+    }
+}
+
 pub fn wait_for_certificate(storage: &Path, domain: &str, pebble: &Pebble) {
     let path = storage.join(format!("{domain}.crt.pem"));
     let started = Instant::now();
