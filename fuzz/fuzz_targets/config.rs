@@ -62,6 +62,7 @@ fn check_config(source: &dyn SettingSource, c: &Config) {
         ("X_SENDFILE_ENABLED", c.x_sendfile_enabled),
         ("GZIP_COMPRESSION_ENABLED", c.gzip_compression_enabled),
         ("REQUEST_BUFFERING", c.request_buffering),
+        ("RESPONSE_BUFFERING", c.response_buffering),
         ("H2C_ENABLED", c.h2c_enabled),
         ("LOG_REQUESTS", c.log_requests),
         ("DEBUG", c.debug),

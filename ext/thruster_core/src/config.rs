@@ -141,6 +141,10 @@ pub const SETTINGS: &[(&str, &str)] = &[
     ("REQUEST_BUFFERING", "true"),
     ("REQUEST_BUFFER_MEMORY", "65536"),
     ("REQUEST_BUFFER_MAX", "104857600"),
+    ("REQUEST_BODY_MIN_RATE", "64"),
+    ("RESPONSE_BUFFERING", "true"),
+    ("RESPONSE_BUFFER_MEMORY", "262144"),
+    ("RESPONSE_BUFFER_MAX", "1073741824"),
     ("TLS_DOMAIN", ""),
     ("ACME_DIRECTORY", DEFAULT_ACME_DIRECTORY),
     ("EAB_KID", ""),
@@ -219,6 +223,17 @@ pub struct Config {
     pub request_buffer_memory: u64,
     /// Bytes of a request body buffered at most; past it the rest streams.
     pub request_buffer_max: u64,
+    /// Bytes per second a request body must average over each
+    /// `BODY_RATE_WINDOW`; 0 = no minimum.
+    pub request_body_min_rate: u64,
+    /// Read upstream responses as fast as the app sends them, whatever the
+    /// client's pace.
+    pub response_buffering: bool,
+    /// Bytes of a response waiting for a slow client kept in memory.
+    pub response_buffer_memory: u64,
+    /// Bytes of a response waiting for a slow client kept on disk at most;
+    /// past it the app waits for the client.
+    pub response_buffer_max: u64,
     pub tls_domains: Vec<String>,
     pub acme_directory: String,
     pub eab_kid: String,
@@ -312,6 +327,10 @@ impl Config {
             request_buffering: r.bool("REQUEST_BUFFERING", true)?,
             request_buffer_memory: r.bytes("REQUEST_BUFFER_MEMORY", 64 << 10)?,
             request_buffer_max: r.bytes("REQUEST_BUFFER_MAX", 100 << 20)?,
+            request_body_min_rate: r.bytes("REQUEST_BODY_MIN_RATE", 64)?,
+            response_buffering: r.bool("RESPONSE_BUFFERING", true)?,
+            response_buffer_memory: r.bytes("RESPONSE_BUFFER_MEMORY", 256 << 10)?,
+            response_buffer_max: r.bytes("RESPONSE_BUFFER_MAX", 1 << 30)?,
             tls_domains,
             acme_directory: r.string("ACME_DIRECTORY", DEFAULT_ACME_DIRECTORY),
             eab_kid,

@@ -12,6 +12,7 @@ pub mod proxy;
 pub mod request_body;
 pub mod request_buffer;
 pub mod request_start;
+pub mod response_buffer;
 pub mod sendfile;
 
 use std::net::SocketAddr;
@@ -174,4 +175,32 @@ pub fn full_body(bytes: impl Into<Bytes>) -> ResponseBody {
     http_body_util::Full::new(bytes.into())
         .map_err(|never| match never {})
         .boxed_unsync()
+}
+
+#[cfg(test)]
+pub(crate) mod test_support {
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    use bytes::Bytes;
+    use http_body::{Body, Frame};
+    use tokio::sync::mpsc;
+
+    use super::BoxError;
+
+    /// A body a test feeds through a channel, one frame per message; it
+    /// ends when the sender is dropped.
+    pub struct ChannelBody(pub mpsc::Receiver<Result<Frame<Bytes>, BoxError>>);
+
+    impl Body for ChannelBody {
+        type Data = Bytes;
+        type Error = BoxError;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+            self.0.poll_recv(cx)
+        }
+    }
 }

@@ -12,8 +12,9 @@ use hyper::body::Incoming;
 
 use bytes::Bytes;
 
-use super::request_body::{BodyCut, CutFlag, LimitedBody};
+use super::request_body::{BodyCut, BodyPace, CutFlag, LimitedBody};
 use super::request_buffer::{self, BufferLimits};
+use super::response_buffer::{self, SpoolLimits};
 use super::{full_body, BoxError, ConnInfo, Pipeline, ResponseBody};
 use crate::log;
 
@@ -191,13 +192,13 @@ pub async fn forward(
     let body = if body.is_end_stream() {
         body.map_err(BoxError::from).boxed_unsync()
     } else {
-        let limited = LimitedBody::new(
-            body,
-            config.max_request_body,
-            config.http_read_timeout,
-            cut.clone(),
-        )
-        .boxed_unsync();
+        let pace = match (config.request_body_min_rate, config.http_read_timeout) {
+            (0, Some(deadline)) => BodyPace::Deadline(deadline),
+            (0, None) => BodyPace::Unlimited,
+            (rate, _) => BodyPace::MinRate(rate),
+        };
+        let limited =
+            LimitedBody::new(body, config.max_request_body, pace, cut.clone()).boxed_unsync();
         if config.request_buffering && client_upgrade.is_none() {
             let limits = BufferLimits {
                 memory: config.request_buffer_memory,
@@ -296,6 +297,16 @@ pub async fn forward(
         return Response::from_parts(parts, full_body(Bytes::new()));
     }
     remove_hop_by_hop(response.headers_mut());
+    if config.response_buffering {
+        let limits = SpoolLimits {
+            memory: config.response_buffer_memory,
+            disk: config.response_buffer_max,
+        };
+        return response_buffer::buffer(response, limits, config.http_write_timeout).await;
+    }
+    response
+        .headers_mut()
+        .remove(response_buffer::X_ACCEL_BUFFERING);
     response.map(|b| b.map_err(BoxError::from).boxed_unsync())
 }
 

@@ -38,7 +38,7 @@ const WRITE_BATCH: usize = 256 * 1024;
 
 /// Opens an unnamed temporary file: nothing to clean up, nothing another
 /// process can open by name.
-fn temp_file() -> std::io::Result<File> {
+pub(crate) fn temp_file() -> std::io::Result<File> {
     let dir = std::env::temp_dir();
     std::fs::OpenOptions::new()
         .read(true)
