@@ -264,3 +264,120 @@ fn forwards_to_an_app_on_a_unix_socket() {
     proxy.stop(Duration::from_secs(1));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// An app that announces more than it sends, then hangs up: `/small` (read
+/// whole before it is passed on), `/large` (spooled), and `/chunked`
+/// (no length: the cut shows as a missing last chunk). All cacheable.
+fn start_truncating_upstream() -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            std::thread::spawn(move || {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && stream.read_exact(&mut byte).is_ok() {
+                    head.push(byte[0]);
+                }
+                let head = String::from_utf8_lossy(&head).to_string();
+                let cc = "Cache-Control: public, max-age=60\r\n";
+                let (response_head, body_len) = if head.starts_with("GET /small") {
+                    (
+                        format!("HTTP/1.1 200 OK\r\n{cc}Content-Length: 1000\r\n\r\n"),
+                        500,
+                    )
+                } else if head.starts_with("GET /large") {
+                    let announced = 4 << 20;
+                    (
+                        format!("HTTP/1.1 200 OK\r\n{cc}Content-Length: {announced}\r\n\r\n"),
+                        1 << 20,
+                    )
+                } else {
+                    (
+                        format!(
+                            "HTTP/1.1 200 OK\r\n{cc}Transfer-Encoding: chunked\r\n\r\n1000\r\n{}\r\n",
+                            "c".repeat(0x1000)
+                        ),
+                        0,
+                    )
+                };
+                let _ = stream.write_all(response_head.as_bytes());
+                let _ = stream.write_all(&vec![b'x'; body_len]);
+                // Closing without the rest: the body is cut short.
+            });
+        }
+    });
+    addr
+}
+
+/// The raw bytes a client gets until the proxy closes or resets.
+fn read_until_closed(addr: SocketAddr, path: &str) -> Vec<u8> {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: x\r\nAccept-Encoding: identity\r\nConnection: close\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 65536];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(e) => panic!(
+                "{path}: no close within 10 s ({e}); got {} bytes",
+                out.len()
+            ),
+        }
+    }
+    out
+}
+
+#[test]
+fn a_truncated_app_body_is_never_passed_on_as_complete_nor_cached() {
+    let upstream = start_truncating_upstream();
+    let proxy = start_proxy(upstream, vec![("LOG_REQUESTS", "false".into())]);
+    // A small body is read whole before anything is sent: its failure is
+    // still a clean 502.
+    for attempt in 0..2 {
+        let got = read_until_closed(proxy.http_addr(), "/small");
+        let text = String::from_utf8_lossy(&got);
+        assert!(text.starts_with("HTTP/1.1 502"), "#{attempt}: {text:.300}");
+    }
+    // A large one is under way when it fails: the client gets what came,
+    // then the connection closes short of the announced length.
+    for (path, announced) in [("/large", 4usize << 20)] {
+        for attempt in 0..2 {
+            let got = read_until_closed(proxy.http_addr(), path);
+            let split = got.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+            let head = String::from_utf8_lossy(&got[..split]).to_ascii_lowercase();
+            assert!(head.starts_with("http/1.1 200"), "{path}: {head}");
+            assert!(
+                head.contains(&format!("content-length: {announced}")),
+                "{path}: {head}"
+            );
+            assert!(
+                got.len() - split < announced,
+                "{path} #{attempt}: {} of {announced} bytes, then the connection closed",
+                got.len() - split
+            );
+            assert!(!head.contains("x-cache: hit"), "{path} #{attempt}: {head}");
+        }
+    }
+    for attempt in 0..2 {
+        let got = read_until_closed(proxy.http_addr(), "/chunked");
+        let text = String::from_utf8_lossy(&got).to_string();
+        assert!(text.starts_with("HTTP/1.1 200"), "{text:.200}");
+        assert!(text.contains("cccc"), "the bytes that came are passed on");
+        assert!(
+            !text.ends_with("0\r\n\r\n"),
+            "#{attempt}: a cut chunked body must not end with the last chunk"
+        );
+        assert!(!text.to_ascii_lowercase().contains("x-cache: hit"));
+    }
+    proxy.stop(Duration::from_secs(1));
+}

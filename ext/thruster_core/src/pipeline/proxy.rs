@@ -302,7 +302,16 @@ pub async fn forward(
             memory: config.response_buffer_memory,
             disk: config.response_buffer_max,
         };
-        return response_buffer::buffer(response, limits, config.http_write_timeout).await;
+        return match response_buffer::buffer(response, limits, config.http_write_timeout).await {
+            Ok(response) => response,
+            Err(err) => {
+                log::info(
+                    "Unable to proxy request",
+                    &[("path", path.into()), ("error", error_chain(&*err).into())],
+                );
+                bad_gateway(pipeline)
+            }
+        };
     }
     response
         .headers_mut()

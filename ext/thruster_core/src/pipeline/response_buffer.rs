@@ -67,22 +67,32 @@ fn wants_buffering(headers: &mut HeaderMap) -> bool {
 /// Buffers `response` when it should be. A small body of known length is
 /// read before the response goes on (no task, no spool); anything else is
 /// spooled by a background task while the client reads.
+///
+/// An error means a small body failed before anything was sent: the caller
+/// answers 502 instead.
 pub async fn buffer(
     response: Response<Incoming>,
     limits: SpoolLimits,
     stall_limit: Option<Duration>,
-) -> Response<ResponseBody> {
+) -> Result<Response<ResponseBody>, BoxError> {
     let (mut parts, body) = response.into_parts();
     if !wants_buffering(&mut parts.headers) || body.is_end_stream() {
-        return Response::from_parts(parts, body.map_err(BoxError::from).boxed_unsync());
+        return Ok(Response::from_parts(
+            parts,
+            body.map_err(BoxError::from).boxed_unsync(),
+        ));
     }
     if body.size_hint().exact().is_some_and(|n| n <= limits.memory) {
         // The common case (pages, JSON): the bytes are on their way or
-        // already here. If the app stalls mid-body, stop waiting at
-        // HTTP_WRITE_TIMEOUT and let the client see what arrived, cut off.
-        return Response::from_parts(parts, read_small(body, stall_limit).await);
+        // already here. An app that stalls mid-body is given up on at
+        // HTTP_WRITE_TIMEOUT, as one that stalls before its headers.
+        let body = read_small(body, stall_limit).await?;
+        return Ok(Response::from_parts(parts, body));
     }
-    Response::from_parts(parts, spool(body, limits).boxed_unsync())
+    Ok(Response::from_parts(
+        parts,
+        spool(body, limits).boxed_unsync(),
+    ))
 }
 
 /// Starts the task that drains `body` into a spool; returns the reading end.
@@ -96,7 +106,10 @@ where
     SpoolReader::new(spool)
 }
 
-async fn read_small(mut body: Incoming, stall_limit: Option<Duration>) -> ResponseBody {
+async fn read_small(
+    mut body: Incoming,
+    stall_limit: Option<Duration>,
+) -> Result<ResponseBody, BoxError> {
     let mut data = BytesMut::new();
     let mut trailers = None;
     let read = async {
@@ -108,40 +121,30 @@ async fn read_small(mut body: Incoming, stall_limit: Option<Duration>) -> Respon
         }
         Ok::<(), BoxError>(())
     };
-    let outcome = match stall_limit {
-        None => read.await,
+    match stall_limit {
+        None => read.await?,
         Some(limit) => tokio::time::timeout(limit, read)
             .await
-            .unwrap_or_else(|_| Err("app stopped sending its response body".into())),
-    };
-    let head = full_body(data.freeze());
-    match (outcome, trailers) {
-        (Ok(()), None) => head,
-        (Ok(()), Some(trailers)) => Chain::new(head, Tail::Trailers(trailers)).boxed_unsync(),
-        (Err(err), _) => Chain::new(head, Tail::Error(err)).boxed_unsync(),
+            .map_err(|_| BoxError::from("the app stopped sending its response body"))??,
     }
+    let data = full_body(data.freeze());
+    Ok(match trailers {
+        None => data,
+        Some(trailers) => WithTrailers {
+            data,
+            trailers: Some(trailers),
+        }
+        .boxed_unsync(),
+    })
 }
 
-/// What comes after a small body read in one go.
-enum Tail {
-    Trailers(HeaderMap),
-    Error(BoxError),
-    Done,
+/// A body followed by trailers.
+struct WithTrailers {
+    data: ResponseBody,
+    trailers: Option<HeaderMap>,
 }
 
-/// A body followed by its trailers, or by the error that cut it short.
-struct Chain {
-    head: ResponseBody,
-    tail: Tail,
-}
-
-impl Chain {
-    fn new(head: ResponseBody, tail: Tail) -> Chain {
-        Chain { head, tail }
-    }
-}
-
-impl Body for Chain {
+impl Body for WithTrailers {
     type Data = Bytes;
     type Error = BoxError;
 
@@ -149,22 +152,18 @@ impl Body for Chain {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        if let Some(frame) = std::task::ready!(Pin::new(&mut self.head).poll_frame(cx)) {
+        if let Some(frame) = std::task::ready!(Pin::new(&mut self.data).poll_frame(cx)) {
             return Poll::Ready(Some(frame));
         }
-        Poll::Ready(match std::mem::replace(&mut self.tail, Tail::Done) {
-            Tail::Trailers(t) => Some(Ok(Frame::trailers(t))),
-            Tail::Error(e) => Some(Err(e)),
-            Tail::Done => None,
-        })
+        Poll::Ready(self.trailers.take().map(|t| Ok(Frame::trailers(t))))
     }
 
     fn is_end_stream(&self) -> bool {
-        matches!(self.tail, Tail::Done) && self.head.is_end_stream()
+        self.trailers.is_none() && self.data.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.head.size_hint()
+        self.data.size_hint()
     }
 }
 
