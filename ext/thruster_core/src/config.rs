@@ -123,7 +123,8 @@ pub fn prefixed_lookup(name: &str, lookup: impl Fn(&str) -> Option<String>) -> O
 }
 
 /// Every setting the proxy understands, as (name, accepted-values text, default).
-/// The README table and the Ruby keyword list are checked against this.
+/// The README table is checked against this (a test below); the Ruby
+/// keywords are these names in snake_case.
 pub const SETTINGS: &[(&str, &str)] = &[
     ("TARGET_PORT", "3000"),
     ("CACHE_SIZE", "67108864"),
@@ -810,6 +811,28 @@ mod tests {
             "{text}"
         );
         assert!(Layered::new([("HTTP_PORT".to_string(), "1".to_string())], &env).is_err());
+    }
+
+    #[test]
+    fn every_setting_has_a_row_in_the_readme_table() {
+        // Users learn the settings from the README: one missing there is
+        // a knob nobody knows about.
+        let readme = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../README.md");
+        let text = std::fs::read_to_string(&readme).expect("README.md at the repository root");
+        // The first cell of a table row names one or more settings.
+        let documented: Vec<&str> = text
+            .lines()
+            .filter_map(|line| line.strip_prefix("| `"))
+            .filter_map(|rest| rest.split(" |").next())
+            .flat_map(|cell| cell.split(['`', ',', ' ']))
+            .filter(|name| !name.is_empty())
+            .collect();
+        let missing: Vec<&str> = SETTINGS
+            .iter()
+            .map(|(name, _)| *name)
+            .filter(|name| !documented.contains(name))
+            .collect();
+        assert!(missing.is_empty(), "not in the README table: {missing:?}");
     }
 
     #[test]
