@@ -42,6 +42,10 @@ run lambda { |env|
   when "/assets/app.css"
     [200, { "content-type" => "text/css", "cache-control" => "public, max-age=31536000, immutable",
             "content-length" => CSS.bytesize.to_s }, [CSS]]
+  when "/stream"
+    # The app streams the file itself: what response buffering handles.
+    [200, { "content-type" => "application/octet-stream", "content-length" => File.size(BIG).to_s },
+     FileBody.new(BIG)]
   when "/download"
     if env["HTTP_X_SENDFILE_TYPE"] == "X-Sendfile"
       [200, { "content-type" => "application/octet-stream", "x-sendfile" => BIG, "content-length" => "0" }, []]

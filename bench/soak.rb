@@ -2,7 +2,8 @@
 
 # Soak: MINUTES of mixed load through `thrust` in front of the benchmark app
 # (small dynamic responses, a gzip page, a cached CSS asset in gzip and br,
-# X-Sendfile downloads, uploads), with thrust's RSS sampled every 10 s. A
+# X-Sendfile downloads, app-streamed downloads through the response buffer,
+# uploads), with thrust's RSS sampled every 10 s. A
 # leak shows as a rising curve; the report is the curve and its first/last
 # minutes. Not part of CI.
 #
@@ -41,15 +42,7 @@ def start
   pid = Process.spawn(env, THRUST, RbConfig.ruby, Gem.bin_path("puma", "puma"), "-q", "-t", "4:4", "-b",
                       "tcp://127.0.0.1:#{env['TARGET_PORT']}", File.join(ROOT, "bench", "app.ru"),
                       out: File.join(WORK, "thrust.log"), err: File.join(WORK, "thrust.log"), pgroup: true)
-  deadline = Time.now + 30
-  begin
-    Net::HTTP.get_response(URI("http://127.0.0.1:#{port}/hello"))
-  rescue SystemCallError, EOFError
-    raise "thrust did not come up; see #{WORK}/thrust.log" if Time.now > deadline
-
-    sleep 0.1
-    retry
-  end
+  BenchSupport.wait_for(port, what: "thrust (see #{WORK}/thrust.log)")
   [pid, port]
 end
 
@@ -62,6 +55,7 @@ def slice(port, kind)
          when :css then ["-c32", "-H", "Accept-Encoding: gzip", "#{url}/assets/app.css"]
          when :css_br then ["-c32", "-H", "Accept-Encoding: br", "#{url}/assets/app.css"]
          when :download then ["-c4", "#{url}/download"]
+         when :stream then ["-c4", "#{url}/stream"]
          when :upload then ["-c8", "-s", UPLOAD, "#{url}/hello"]
          end
   out, = Open3.capture2e("wrk", "-t1", "-d#{SAMPLE_EVERY}s", *args)
@@ -69,7 +63,7 @@ def slice(port, kind)
 end
 
 pid, port = start
-kinds = %i[hello page css css_br download upload]
+kinds = %i[hello page css css_br download stream upload]
 samples = []
 finish = Time.now + (MINUTES * 60)
 begin
