@@ -46,24 +46,26 @@ def start
   [pid, port]
 end
 
+# wrk arguments for each kind of request (the URL path last).
+KINDS = {
+  hello: ["-c32", "/hello"],
+  page: ["-c32", "-H", "Accept-Encoding: gzip", "/page"],
+  css: ["-c32", "-H", "Accept-Encoding: gzip", "/assets/app.css"],
+  css_br: ["-c32", "-H", "Accept-Encoding: br", "/assets/app.css"],
+  download: ["-c4", "/download"],
+  stream: ["-c4", "/stream"],
+  upload: ["-c8", "-s", UPLOAD, "/hello"]
+}.freeze
+
 # One 10 s slice of load on one kind of request.
 def slice(port, kind)
-  url = "http://127.0.0.1:#{port}"
-  args = case kind
-         when :hello then ["-c32", "#{url}/hello"]
-         when :page then ["-c32", "-H", "Accept-Encoding: gzip", "#{url}/page"]
-         when :css then ["-c32", "-H", "Accept-Encoding: gzip", "#{url}/assets/app.css"]
-         when :css_br then ["-c32", "-H", "Accept-Encoding: br", "#{url}/assets/app.css"]
-         when :download then ["-c4", "#{url}/download"]
-         when :stream then ["-c4", "#{url}/stream"]
-         when :upload then ["-c8", "-s", UPLOAD, "#{url}/hello"]
-         end
-  out, = Open3.capture2e("wrk", "-t1", "-d#{SAMPLE_EVERY}s", *args)
+  *options, path = KINDS.fetch(kind)
+  out, = Open3.capture2e("wrk", "-t1", "-d#{SAMPLE_EVERY}s", *options, "http://127.0.0.1:#{port}#{path}")
   out[%r{Requests/sec:\s+([\d.]+)}, 1].to_f
 end
 
 pid, port = start
-kinds = %i[hello page css css_br download stream upload]
+kinds = KINDS.keys
 samples = []
 finish = Time.now + (MINUTES * 60)
 begin
