@@ -9,19 +9,6 @@ require "io/wait"
 # Unicorn behind `thrust` keeps answering while 50 clients upload slowly,
 # because no upload reaches a worker before it is complete.
 RSpec.describe "request buffering" do
-  def start_thrust_with_unicorn(env = {})
-    target = free_port
-    thrust = ChildProcess.start(
-      # Unicorn is not in the Gemfile: run it outside Bundler, like Debian installs it.
-      { "HTTP_PORT" => "0", "TARGET_PORT" => target.to_s, "LOG_REQUESTS" => "false",
-        "RUBYOPT" => nil, "BUNDLE_GEMFILE" => nil, "BUNDLE_BIN_PATH" => nil, "BUNDLER_SETUP" => nil }.merge(env),
-      thrust_path, "unicorn", "-c", File.join(FIXTURES, "unicorn.rb"), File.join(FIXTURES, "app.ru")
-    )
-    port = thrust.http_port
-    wait_for_ok(port, timeout: 30, message: "Unicorn behind thrust")
-    [thrust, port]
-  end
-
   # Requests for /up answered within `seconds` by 4 keep-alive clients.
   def rate(port, seconds)
     deadline = monotonic + seconds
@@ -109,15 +96,7 @@ end
 # one Unicorn worker.
 RSpec.describe "response buffering" do
   def start_thrust_with_one_unicorn_worker(env = {})
-    target = free_port
-    thrust = ChildProcess.start(
-      { "HTTP_PORT" => "0", "TARGET_PORT" => target.to_s, "LOG_REQUESTS" => "false", "WORKERS" => "1",
-        "RUBYOPT" => nil, "BUNDLE_GEMFILE" => nil, "BUNDLE_BIN_PATH" => nil, "BUNDLER_SETUP" => nil }.merge(env),
-      thrust_path, "unicorn", "-c", File.join(FIXTURES, "unicorn.rb"), File.join(FIXTURES, "app.ru")
-    )
-    port = thrust.http_port
-    wait_for_ok(port, timeout: 30, message: "Unicorn behind thrust")
-    [thrust, port]
+    start_thrust_with_unicorn({ "WORKERS" => "1" }.merge(env))
   end
 
   # A client that asks for `path` and then reads nothing, with a small

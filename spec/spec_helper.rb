@@ -78,6 +78,20 @@ module SpecHelpers
 
   # Starts `thrust` in front of the fixture Puma app and waits until a
   # request passes through to the app.
+  # A Unicorn (WORKERS workers, default 4) behind `thrust`.
+  def start_thrust_with_unicorn(env = {})
+    target = free_port
+    thrust = ChildProcess.start(
+      # Unicorn is not in the Gemfile: run it outside Bundler, like Debian installs it.
+      { "HTTP_PORT" => "0", "TARGET_PORT" => target.to_s, "LOG_REQUESTS" => "false",
+        "RUBYOPT" => nil, "BUNDLE_GEMFILE" => nil, "BUNDLE_BIN_PATH" => nil, "BUNDLER_SETUP" => nil }.merge(env),
+      thrust_path, "unicorn", "-c", File.join(FIXTURES, "unicorn.rb"), File.join(FIXTURES, "app.ru")
+    )
+    port = thrust.http_port
+    wait_for_ok(port, timeout: 30, message: "Unicorn behind thrust")
+    [thrust, port]
+  end
+
   def start_thrust_with_puma(env: {}, config: "puma.rb", app: "app.ru")
     target = free_port
     thrust = ChildProcess.start(

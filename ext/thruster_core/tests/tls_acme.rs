@@ -152,28 +152,21 @@ fn http_01_issuance() {
         return;
     }
     let domain = "http.example.test";
-    let AcmeRig {
-        server,
-        pebble,
-        storage,
-        ports,
-        // The echo app runs on it.
-        rt: _rt,
-    } = acme_rig(
+    let rig = acme_rig(
         "acme-http",
         PebbleOptions::default(),
         &[("TLS_DOMAIN", domain), ("ACME_CHALLENGES", "http-01")],
     );
-    wait_for_certificate(storage.path(), domain, &pebble);
+    wait_for_certificate(rig.storage.path(), domain, &rig.pebble);
     assert!(
-        pebble.log().contains("validate w/ HTTP"),
+        rig.pebble.log().contains("validate w/ HTTP"),
         "validated over HTTP-01:\n{}",
-        pebble.log()
+        rig.pebble.log()
     );
-    let (status, body, err) = curl(domain, ports.1, "/x", &pebble.root(), &["--http2"]);
+    let (status, body, err) = curl(domain, rig.ports.1, "/x", &rig.pebble.root(), &["--http2"]);
     assert_eq!(status, "2 200", "{err}");
     assert!(body.contains("x-forwarded-proto: https"), "{body}");
-    server.stop(Duration::from_secs(1));
+    rig.server.stop(Duration::from_secs(1));
 }
 
 #[test]
@@ -182,14 +175,7 @@ fn issuance_with_external_account_binding() {
         return;
     }
     let domain = "eab.example.test";
-    let AcmeRig {
-        server,
-        pebble,
-        storage,
-        ports,
-        // The echo app runs on it.
-        rt: _rt,
-    } = acme_rig(
+    let rig = acme_rig(
         "acme-eab",
         PebbleOptions {
             eab: true,
@@ -201,14 +187,14 @@ fn issuance_with_external_account_binding() {
             ("EAB_HMAC_KEY", EAB_KEY),
         ],
     );
-    wait_for_certificate(storage.path(), domain, &pebble);
+    wait_for_certificate(rig.storage.path(), domain, &rig.pebble);
     assert!(
-        pebble.log().contains(EAB_KID),
+        rig.pebble.log().contains(EAB_KID),
         "account bound with {EAB_KID}"
     );
-    let (status, _, err) = curl(domain, ports.1, "/", &pebble.root(), &["--http2"]);
+    let (status, _, err) = curl(domain, rig.ports.1, "/", &rig.pebble.root(), &["--http2"]);
     assert_eq!(status, "2 200", "{err}");
-    server.stop(Duration::from_secs(1));
+    rig.server.stop(Duration::from_secs(1));
 }
 
 #[test]
@@ -217,14 +203,7 @@ fn without_external_account_binding_the_ca_refuses_and_the_proxy_keeps_serving()
         return;
     }
     let domain = "noeab.example.test";
-    let AcmeRig {
-        server,
-        pebble,
-        storage,
-        ports,
-        // The echo app runs on it.
-        rt: _rt,
-    } = acme_rig(
+    let rig = acme_rig(
         "acme-noeab",
         PebbleOptions {
             eab: true,
@@ -237,20 +216,24 @@ fn without_external_account_binding_the_ca_refuses_and_the_proxy_keeps_serving()
     wait_for(
         Duration::from_secs(20),
         "the refused account request",
-        || pebble.log().contains("POST /sign-me-up").then_some(()),
+        || rig.pebble.log().contains("POST /sign-me-up").then_some(()),
     );
     assert!(
-        !pebble.log().contains("There are now 1 accounts"),
+        !rig.pebble.log().contains("There are now 1 accounts"),
         "{}",
-        pebble.log()
+        rig.pebble.log()
     );
-    assert!(!storage.path().join(format!("{domain}.crt.pem")).exists());
+    assert!(!rig
+        .storage
+        .path()
+        .join(format!("{domain}.crt.pem"))
+        .exists());
     let redirect = raw_http(
-        ports.0,
+        rig.ports.0,
         &format!("GET / HTTP/1.1\r\nHost: {domain}\r\n\r\n"),
     );
     assert!(redirect.starts_with("HTTP/1.1 301 "), "{redirect}");
-    server.stop(Duration::from_secs(1));
+    rig.server.stop(Duration::from_secs(1));
 }
 
 #[test]

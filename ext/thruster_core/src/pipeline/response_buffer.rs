@@ -26,12 +26,12 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName};
 use http::Response;
-use http_body::{Body, Frame, SizeHint};
+use http_body::{Body, Frame};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tokio::sync::Notify;
 
-use super::{full_body, BoxError, ResponseBody};
+use super::{BoxError, ResponseBody};
 use crate::log;
 use crate::server::fd_registry::{self, Registration};
 
@@ -107,64 +107,18 @@ where
 }
 
 async fn read_small(
-    mut body: Incoming,
+    body: Incoming,
     stall_limit: Option<Duration>,
 ) -> Result<ResponseBody, BoxError> {
-    let mut data = BytesMut::new();
-    let mut trailers = None;
-    let read = async {
-        while let Some(frame) = body.frame().await {
-            match frame?.into_data() {
-                Ok(chunk) => data.extend_from_slice(&chunk),
-                Err(frame) => trailers = frame.into_trailers().ok(),
-            }
-        }
-        Ok::<(), BoxError>(())
-    };
-    match stall_limit {
+    let read = body.collect();
+    let collected = match stall_limit {
         None => read.await?,
         Some(limit) => tokio::time::timeout(limit, read)
             .await
             .map_err(|_| BoxError::from("the app stopped sending its response body"))??,
-    }
-    let data = full_body(data.freeze());
-    Ok(match trailers {
-        None => data,
-        Some(trailers) => WithTrailers {
-            data,
-            trailers: Some(trailers),
-        }
-        .boxed_unsync(),
-    })
-}
-
-/// A body followed by trailers.
-struct WithTrailers {
-    data: ResponseBody,
-    trailers: Option<HeaderMap>,
-}
-
-impl Body for WithTrailers {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        if let Some(frame) = std::task::ready!(Pin::new(&mut self.data).poll_frame(cx)) {
-            return Poll::Ready(Some(frame));
-        }
-        Poll::Ready(self.trailers.take().map(|t| Ok(Frame::trailers(t))))
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.trailers.is_none() && self.data.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.data.size_hint()
-    }
+    };
+    // The chunks as they came, then the app's trailers.
+    Ok(collected.map_err(|never| match never {}).boxed_unsync())
 }
 
 /// The spool between the filling task and the client.
@@ -187,9 +141,8 @@ struct SpoolState {
     queue: VecDeque<Segment>,
     in_memory: u64,
     file: Option<Arc<SpoolFile>>,
-    /// Disk bytes queued and not yet read.
-    on_disk: u64,
-    /// Next file offsets to write and to read.
+    /// Next file offsets to write and to read: the bytes between them are
+    /// queued on disk.
     write_at: u64,
     read_at: u64,
     /// The app's body ended (`Ok`) or failed (`Err`).
@@ -218,6 +171,13 @@ impl Spool {
         // A panic while holding the lock leaves plain data behind, still
         // consistent enough to finish or fail one response.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl SpoolState {
+    /// Bytes queued in the file and not yet read.
+    fn on_disk(&self) -> u64 {
+        self.write_at - self.read_at
     }
 }
 
@@ -345,14 +305,14 @@ fn place(spool: &Spool, batch: &mut BytesMut, data: Bytes) -> Placement {
     }
     if batch.is_empty()
         && (state.in_memory + len <= spool.limits.memory
-            || (state.in_memory == 0 && state.on_disk == 0))
+            || (state.in_memory == 0 && state.on_disk() == 0))
     {
         state.in_memory += len;
         state.queue.push_back(Segment::Memory(data));
         wake_reader(state);
         return Placement::Placed;
     }
-    if !state.disk_failed && state.on_disk + batch.len() as u64 + len <= spool.limits.disk {
+    if !state.disk_failed && state.on_disk() + batch.len() as u64 + len <= spool.limits.disk {
         drop(state);
         batch.extend_from_slice(&data);
         return Placement::Placed;
@@ -378,7 +338,7 @@ async fn flush(spool: &Spool, batch: &mut BytesMut) -> Result<(), BoxError> {
     }
     let (file, offset) = {
         let mut state = spool.lock();
-        if state.on_disk == 0 {
+        if state.on_disk() == 0 {
             // Nothing unread on disk, so no read in flight: start over at
             // the beginning of the file instead of growing it.
             state.write_at = 0;
@@ -423,7 +383,6 @@ async fn flush(spool: &Spool, batch: &mut BytesMut) -> Result<(), BoxError> {
         .map_err(std::io::Error::other)??;
     let mut state = spool.lock();
     state.write_at = offset + len;
-    state.on_disk += len;
     match state.queue.back_mut() {
         Some(Segment::Disk(n)) => *n += len,
         _ => state.queue.push_back(Segment::Disk(len)),
@@ -484,7 +443,6 @@ async fn read_disk(spool: Arc<Spool>) -> Option<Result<Frame<Bytes>, BoxError>> 
     };
     let mut state = spool.lock();
     state.read_at += len as u64;
-    state.on_disk -= len as u64;
     if let Some(Segment::Disk(n)) = state.queue.front_mut() {
         *n -= len as u64;
         if *n == 0 {
