@@ -76,6 +76,61 @@ RSpec.describe "cache" do
     end
   end
 
+  it "stores responses with an empty body: Content-Length 0, 204 and redirects" do
+    _thrust, port = start_thrust_with_puma
+    cases = {
+      "/cache/empty.css" => ["200", "size=0&#{public_cc}"],
+      "/cache/no-content" => ["204", "status=204&size=0&#{public_cc}"],
+      "/cache/moved" => ["301", "status=301&size=0&location=%2Fcache%2Fnew&#{public_cc}"],
+      "/cache/found" => ["302", "status=302&size=0&location=%2Fcache%2Fnew&#{public_cc}"]
+    }
+    cases.each do |path, (code, query)|
+      first = identity_request(port, "#{path}?#{query}")
+      expect([first.code, first["x-cache"]]).to eq([code, "miss"]), path
+      2.times do
+        again = identity_request(port, "#{path}?#{query}")
+        expect([again.code, again["x-cache"]]).to eq([code, "hit"]), path
+        expect(again["location"]).to eq(first["location"]), path
+        expect(again["cache-control"]).to eq("public, max-age=60"), path
+        expect(again.body.to_s).to eq(""), path
+      end
+      expect(hits(port, path)).to eq(1), path
+    end
+    expect(identity_request(port, "/cache/moved?#{cases['/cache/moved'][1]}")["location"]).to eq("/cache/new")
+  end
+
+  it "bypasses the cache for a request with Connection: upgrade, in any letter case" do
+    _thrust, port = start_thrust_with_puma
+    path = "/cache/upgrade.css?#{public_cc}"
+    # Not stored from an upgrade request...
+    response = identity_request(port, path, headers: { "Connection" => "Upgrade" })
+    expect(response["x-cache"]).to eq("bypass")
+    expect(identity_request(port, path)["x-cache"]).to eq("miss")
+    # ...and not answered from the cache either.
+    expect(identity_request(port, path)["x-cache"]).to eq("hit")
+    ["upgrade", "keep-alive, UPGRADE"].each do |value|
+      expect(identity_request(port, path, headers: { "Connection" => value })["x-cache"]).to eq("bypass"), value
+    end
+    expect(hits(port, "/cache/upgrade.css")).to eq(4)
+  end
+
+  it "answers a conditional hit with a 304 that carries validators, not representation metadata" do
+    _thrust, port = start_thrust_with_puma
+    path = "/cache/cond.css?#{public_cc}&vary=Accept"
+    etag = identity_request(port, path)["etag"]
+    gzip_etag = identity_request(port, path, headers: { "Accept-Encoding" => "gzip" }).then do |r|
+      expect(r["content-encoding"]).to eq("gzip")
+      r["etag"]
+    end
+    [[etag, "identity"], [gzip_etag, "gzip"]].each do |tag, coding|
+      response = identity_request(port, path, headers: { "If-None-Match" => tag, "Accept-Encoding" => coding })
+      expect([response.code, response["x-cache"], response["etag"]]).to eq(["304", "hit", tag]), coding
+      expect(response["cache-control"]).to eq("public, max-age=60"), coding
+      expect(response["vary"]).to include("Accept"), coding
+      expect(response.to_hash.keys & %w[content-type content-length content-encoding]).to be_empty, coding
+    end
+  end
+
   it "sends 100 concurrent misses for one key upstream once" do
     _thrust, port = start_thrust_with_puma
     path = "/cache/herd.css?#{public_cc}&sleep=0.5"

@@ -49,6 +49,18 @@ RSpec.describe "compression" do
     expect(headers["vary"]).to eq("Accept")
   end
 
+  it "leaves per-user responses identity under GZIP_COMPRESSION_DISABLE_ON_AUTH, Vary on credentials included" do
+    _thrust, port = start_thrust_with_puma(env: { "GZIP_COMPRESSION_DISABLE_ON_AUTH" => "true" })
+    # No Cookie or Authorization in these requests: the response alone says per-user.
+    { "Cookie" => "vary=Cookie", "Accept, Authorization" => "vary=Accept,+Authorization",
+      "Set-Cookie" => "cookie=s%3D1", "private" => "cc=private" }.each do |why, query|
+      headers, = curl(port, "/cache/guard.css?#{query}", accept: "gzip", decode: false)
+      expect(headers).not_to have_key("content-encoding"), why
+    end
+    headers, = curl(port, "/cache/guard.css?vary=Accept", accept: "gzip", decode: false)
+    expect(headers["content-encoding"]).to eq("gzip")
+  end
+
   it "gives HEAD the headers GET gets" do
     _thrust, port = start_thrust_with_puma
     headers, = curl(port, "/page", accept: "gzip", head: true, decode: false)

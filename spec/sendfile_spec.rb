@@ -38,7 +38,11 @@ RSpec.describe "X-Sendfile" do
     etag = full["etag"]
     expect(etag).to start_with('W/"')
 
-    expect(sendfile(port, file, headers: { "If-None-Match" => etag }).code).to eq("304")
+    not_modified = sendfile(port, file, headers: { "If-None-Match" => etag })
+    expect(not_modified.code).to eq("304")
+    # RFC 9110 §15.4.5: validators stay, representation metadata goes.
+    expect(not_modified["etag"]).to eq(etag)
+    expect(not_modified.to_hash.keys & %w[content-type content-length content-encoding accept-ranges]).to be_empty
     expect(sendfile(port, file, headers: { "If-Modified-Since" => full["last-modified"] }).code).to eq("304")
     part = sendfile(port, file, headers: { "Range" => "bytes=100-199" })
     expect([part.code, part["content-range"], part.body.b]).to eq(["206", "bytes 100-199/300000", data[100, 100]])

@@ -87,6 +87,27 @@ pub fn evaluate(method: &Method, req: &HeaderMap, v: &Validators) -> Preconditio
     Precondition::Proceed
 }
 
+/// Representation metadata a `304 Not Modified` leaves out. RFC 9110
+/// §15.4.5: the 304 carries the fields a 200 would have carried among
+/// `Cache-Control`, `Content-Location`, `Date`, `ETag`, `Expires` and `Vary`
+/// (plus `Last-Modified`, which may stay), and no other representation
+/// metadata: the client keeps its stored copy's type, length and coding.
+const NOT_IN_304: [HeaderName; 6] = [
+    header::CONTENT_TYPE,
+    header::CONTENT_LENGTH,
+    header::CONTENT_ENCODING,
+    header::CONTENT_LANGUAGE,
+    header::CONTENT_RANGE,
+    header::ACCEPT_RANGES,
+];
+
+/// Turns the headers a `200` would carry into those of its `304`.
+pub fn not_modified_headers(headers: &mut HeaderMap) {
+    for name in NOT_IN_304 {
+        headers.remove(name);
+    }
+}
+
 /// How long before `now` a Last-Modified date must lie for us to call it a
 /// strong validator (§8.8.2.2). RFC 9110 only asks for "reliable knowledge
 /// that the representation did not change twice during the second"; a file
@@ -463,5 +484,45 @@ mod tests {
         let v = Validators::from_headers(&h);
         assert_eq!(v.etag, Some("\"x\""));
         assert_eq!(v.last_modified, Some(at(LM)));
+    }
+
+    #[test]
+    fn a_304_keeps_validators_and_caching_fields_only() {
+        let mut h = HeaderMap::new();
+        for (name, value) in [
+            ("etag", "\"v1\""),
+            ("cache-control", "public, max-age=60"),
+            ("vary", "Accept-Encoding"),
+            ("date", LM),
+            ("expires", LM),
+            ("last-modified", LM),
+            ("content-location", "/a.css"),
+            ("content-type", "text/css"),
+            ("content-length", "4000"),
+            ("content-encoding", "gzip"),
+            ("content-language", "en"),
+            ("content-range", "bytes 0-9/4000"),
+            ("accept-ranges", "bytes"),
+        ] {
+            h.insert(
+                HeaderName::from_static(name),
+                HeaderValue::from_static(value),
+            );
+        }
+        not_modified_headers(&mut h);
+        let mut kept: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
+        kept.sort_unstable();
+        assert_eq!(
+            kept,
+            [
+                "cache-control",
+                "content-location",
+                "date",
+                "etag",
+                "expires",
+                "last-modified",
+                "vary"
+            ]
+        );
     }
 }

@@ -151,6 +151,9 @@ pub struct RequestFacts {
     pub head: bool,
     /// The request carries credentials and the guard is on.
     pub guarded: bool,
+    /// GZIP_COMPRESSION_DISABLE_ON_AUTH: responses that declare themselves
+    /// per-user stay identity too.
+    pub guard_responses: bool,
     /// GZIP_COMPRESSION_JITTER: most padding bytes per response (0: none).
     pub jitter: u32,
 }
@@ -192,6 +195,7 @@ impl RequestFacts {
             coding: negotiate(headers),
             head: method == Method::HEAD,
             guarded,
+            guard_responses: guard_on_auth,
             jitter,
         }
     }
@@ -266,6 +270,7 @@ pub fn coding_for(
 ) -> Option<Coding> {
     let coding = facts.coding?;
     if facts.guarded
+        || (facts.guard_responses && per_user(h))
         || status.is_informational()
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED
@@ -289,26 +294,27 @@ pub fn coding_for(
     Some(coding)
 }
 
+/// Whether a response declares itself per-user: it sets a cookie, is
+/// `private` or `no-store`, or varies on the request's credentials
+/// (`Vary: Cookie` / `Authorization`). That is where BREACH-style secrets
+/// live, so the guard (GZIP_COMPRESSION_DISABLE_ON_AUTH) leaves these
+/// identity even for a request without credentials. Thruster means to check
+/// this but its check runs too late to matter.
+fn per_user(h: &HeaderMap) -> bool {
+    h.contains_key(header::SET_COOKIE)
+        || cache_control_has(h, &["private", "no-store"])
+        || h.get_all(header::VARY)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .any(|t| t.eq_ignore_ascii_case("cookie") || t.eq_ignore_ascii_case("authorization"))
+}
+
 /// Applies compression to a response per the request's facts. Adds
 /// `Vary: Accept-Encoding` to every response with a body that could vary.
-///
-/// With `guard_on_auth` (GZIP_COMPRESSION_DISABLE_ON_AUTH), responses that
-/// are clearly per-user (Set-Cookie, `private`, `no-store`) stay identity
-/// too: that is where BREACH-style secrets live. Thruster means to check
-/// this but its check runs too late to matter.
-pub fn apply(
-    facts: &RequestFacts,
-    guard_on_auth: bool,
-    mut response: Response<ResponseBody>,
-) -> Response<ResponseBody> {
-    let per_user = guard_on_auth
-        && (response.headers().contains_key(header::SET_COOKIE)
-            || cache_control_has(response.headers(), &["private", "no-store"]));
-    let coding = if per_user {
-        None
-    } else {
-        choose(facts, &response)
-    };
+pub fn apply(facts: &RequestFacts, mut response: Response<ResponseBody>) -> Response<ResponseBody> {
+    let coding = choose(facts, &response);
     let status = response.status();
     if !status.is_informational() && status != StatusCode::SWITCHING_PROTOCOLS {
         merge_vary(response.headers_mut());
@@ -653,6 +659,7 @@ mod tests {
             coding,
             head: false,
             guarded: false,
+            guard_responses: false,
             jitter: 0,
         }
     }
@@ -694,7 +701,7 @@ mod tests {
     async fn each_coding_round_trips_with_rfc_headers() {
         assert!(TEXT.len() as u64 >= MIN_COMPRESS_SIZE);
         for coding in [Coding::Gzip, Coding::Brotli, Coding::Zstd] {
-            let r = apply(&facts(Some(coding)), false, response("text/html", TEXT));
+            let r = apply(&facts(Some(coding)), response("text/html", TEXT));
             let h = r.headers().clone();
             assert_eq!(h[header::CONTENT_ENCODING], coding.token());
             assert!(!h.contains_key(header::CONTENT_LENGTH));
@@ -719,18 +726,15 @@ mod tests {
                     coding: Some(coding),
                     head: false,
                     guarded: false,
+                    guard_responses: false,
                     jitter: 32,
                 };
-                let encoded = body_bytes(apply(&f, false, response("text/html", TEXT))).await;
+                let encoded = body_bytes(apply(&f, response("text/html", TEXT))).await;
                 assert_eq!(decode(coding, &encoded), TEXT, "{coding:?} still decodes");
                 sizes.insert(encoded.len());
             }
-            let unpadded = body_bytes(apply(
-                &facts(Some(coding)),
-                false,
-                response("text/html", TEXT),
-            ))
-            .await;
+            let unpadded =
+                body_bytes(apply(&facts(Some(coding)), response("text/html", TEXT))).await;
             assert!(
                 sizes.len() > 3,
                 "{coding:?}: padding varies per response: {sizes:?}"
@@ -749,9 +753,9 @@ mod tests {
                 coding: Some(Coding::Gzip),
                 head: false,
                 guarded: false,
+                guard_responses: false,
                 jitter: 32,
             },
-            false,
             response("text/html", TEXT),
         ))
         .await;
@@ -784,6 +788,7 @@ mod tests {
                     coding: Some(Coding::Gzip),
                     head: false,
                     guarded: true,
+                    guard_responses: false,
                     jitter: 0,
                 },
             ),
@@ -800,7 +805,7 @@ mod tests {
         ];
         for (why, r, f) in cases {
             let before_encoding = r.headers().get(header::CONTENT_ENCODING).cloned();
-            let r = apply(&f, false, r);
+            let r = apply(&f, r);
             assert_eq!(
                 r.headers().get(header::CONTENT_ENCODING).cloned(),
                 before_encoding,
@@ -816,26 +821,51 @@ mod tests {
 
     #[tokio::test(flavor = "current_thread")]
     async fn guard_refuses_per_user_responses() {
+        let guarding = RequestFacts {
+            guard_responses: true,
+            ..facts(Some(Coding::Gzip))
+        };
+        // (response header, value): each marks the response as per-user.
+        let per_user: &[(header::HeaderName, &str)] = &[
+            (header::SET_COOKIE, "s=1"),
+            (header::CACHE_CONTROL, "Private, max-age=0"),
+            (header::CACHE_CONTROL, "no-store"),
+            (header::VARY, "Cookie"),
+            (header::VARY, "Accept, authorization"),
+        ];
+        for (name, value) in per_user {
+            let mut r = response("text/html", TEXT);
+            r.headers_mut()
+                .insert(name, HeaderValue::from_static(value));
+            let guarded = apply(&guarding, r);
+            assert!(
+                !guarded.headers().contains_key(header::CONTENT_ENCODING),
+                "{name}: {value} stays identity under the guard"
+            );
+            let mut headers = HeaderMap::new();
+            headers.insert(name, HeaderValue::from_static(value));
+            headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html"));
+            assert_eq!(
+                coding_for(&guarding, StatusCode::OK, &headers, Some(4096)),
+                None,
+                "{name}: {value}: cache hits and X-Sendfile decide alike"
+            );
+            let mut r = response("text/html", TEXT);
+            r.headers_mut()
+                .insert(name, HeaderValue::from_static(value));
+            assert_eq!(
+                apply(&facts(Some(Coding::Gzip)), r).headers()[header::CONTENT_ENCODING],
+                "gzip",
+                "{name}: {value}: without the guard it does not matter"
+            );
+        }
         let mut r = response("text/html", TEXT);
         r.headers_mut()
-            .insert(header::SET_COOKIE, HeaderValue::from_static("s=1"));
-        let r = apply(&facts(Some(Coding::Gzip)), true, r);
-        assert!(!r.headers().contains_key(header::CONTENT_ENCODING));
-        let mut r = response("text/html", TEXT);
-        r.headers_mut().insert(
-            header::CACHE_CONTROL,
-            HeaderValue::from_static("Private, max-age=0"),
-        );
-        let r = apply(&facts(Some(Coding::Gzip)), true, r);
-        assert!(!r.headers().contains_key(header::CONTENT_ENCODING));
-        let mut r = response("text/html", TEXT);
-        r.headers_mut()
-            .insert(header::SET_COOKIE, HeaderValue::from_static("s=1"));
-        let r = apply(&facts(Some(Coding::Gzip)), false, r);
+            .insert(header::VARY, HeaderValue::from_static("Accept, Origin"));
         assert_eq!(
-            r.headers()[header::CONTENT_ENCODING],
+            apply(&guarding, r).headers()[header::CONTENT_ENCODING],
             "gzip",
-            "without the guard, cookies do not matter"
+            "a Vary without credentials is not per-user"
         );
     }
 
@@ -845,12 +875,13 @@ mod tests {
             coding: Some(Coding::Gzip),
             head: true,
             guarded: false,
+            guard_responses: false,
             jitter: 0,
         };
         let mut r = response("text/html", TEXT);
         // A HEAD body is empty; its Content-Length is the one GET would get.
         *r.body_mut() = full_body(Bytes::new());
-        let r = apply(&f, false, r);
+        let r = apply(&f, r);
         assert_eq!(r.headers()[header::CONTENT_ENCODING], "gzip");
         assert!(!r.headers().contains_key(header::CONTENT_LENGTH));
     }

@@ -117,11 +117,7 @@ impl Pipeline {
             }
         };
         if let Some(facts) = &compression {
-            response = compression::apply(
-                facts,
-                self.config.gzip_compression_disable_on_auth,
-                response,
-            );
+            response = compression::apply(facts, response);
         }
         match record {
             Some(record) => logging::log_on_completion(response, record, started),

@@ -237,6 +237,7 @@ fn respond(
         Precondition::Proceed => {}
         Precondition::NotModified => {
             parts.status = StatusCode::NOT_MODIFIED;
+            conditional::not_modified_headers(&mut parts.headers);
             return Response::from_parts(parts, full_body(Bytes::new()));
         }
         Precondition::PreconditionFailed => {

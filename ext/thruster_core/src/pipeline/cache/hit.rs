@@ -80,10 +80,7 @@ pub async fn respond(
     match conditional::evaluate(method, request, &validators) {
         Precondition::Proceed => {}
         Precondition::NotModified => {
-            // RFC 9110 §15.4.5: the 304 carries the validators and caching
-            // fields a 200 would, but no content fields.
-            headers.remove(header::CONTENT_LENGTH);
-            headers.remove(header::CONTENT_RANGE);
+            conditional::not_modified_headers(&mut headers);
             return build(StatusCode::NOT_MODIFIED, headers, Bytes::new());
         }
         Precondition::PreconditionFailed => {

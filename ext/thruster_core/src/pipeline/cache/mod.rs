@@ -236,6 +236,11 @@ impl HttpCache {
                 return response;
             }
         }
+        // An empty body (a redirect, a 204, `Content-Length: 0`) is never
+        // polled by hyper, so there is nothing to capture: store it now.
+        let empty = response.status() == StatusCode::NO_CONTENT
+            || expected == Some(0)
+            || response.body().is_end_stream();
         let capture = Capture {
             store: Arc::clone(&self.store),
             base,
@@ -248,6 +253,10 @@ impl HttpCache {
             body: BytesMut::new(),
             _guard: guard,
         };
+        if empty {
+            capture.store();
+            return response;
+        }
         response.map(|inner| {
             CaptureBody {
                 inner,
@@ -258,8 +267,18 @@ impl HttpCache {
     }
 }
 
+/// A request asking for a protocol switch (RFC 9110 §7.8): an `Upgrade`
+/// field, or the `upgrade` token in `Connection` in any letter case
+/// (connection options are case-insensitive, §7.6.1). Neither is answered
+/// from the cache nor stored.
 fn is_upgrade(headers: &HeaderMap) -> bool {
     headers.contains_key(header::UPGRADE)
+        || headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|token| token.trim().eq_ignore_ascii_case("upgrade"))
 }
 
 /// RFC 5861 §4: the errors a stale response may stand in for.
@@ -357,5 +376,35 @@ impl Body for CaptureBody {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upgrade_requests_are_recognised_in_any_letter_case() {
+        let cases: &[(&[(&str, &str)], bool)] = &[
+            (&[("upgrade", "websocket")], true),
+            (&[("connection", "Upgrade")], true),
+            (&[("connection", "keep-alive, UPGRADE")], true),
+            (
+                &[("connection", "keep-alive"), ("connection", "upgrade")],
+                true,
+            ),
+            (&[("connection", "keep-alive, x-upgraded")], false),
+            (&[], false),
+        ];
+        for (fields, expected) in cases {
+            let mut h = HeaderMap::new();
+            for (name, value) in *fields {
+                h.append(
+                    HeaderName::from_static(name),
+                    HeaderValue::from_static(value),
+                );
+            }
+            assert_eq!(is_upgrade(&h), *expected, "{fields:?}");
+        }
     }
 }
