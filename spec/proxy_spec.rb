@@ -86,12 +86,17 @@ RSpec.describe "proxy semantics" do
       socket.write(ws_frame("hello"))
       expect(read_ws_frame(socket)).to eq("hello")
       # Idle for longer than every timeout: the tunnel stays up.
-      thrust.wait_for_output(/"status":101/)
       sleep 2.5
       socket.write(ws_frame("still here"))
       expect(read_ws_frame(socket)).to eq("still here")
+      # The session is logged when it ends, not at the 101: no line yet.
+      expect(thrust.log_lines.select { |l| l["path"] == "/ws" }).to be_empty
+      socket.close
+      line = request_log(thrust, "/ws")
+      expect(line).to include("status" => 101, "method" => "GET")
+      expect(line["dur"]).to be >= 2500
     ensure
-      socket&.close
+      socket&.close unless socket&.closed?
     end
   end
 
@@ -135,12 +140,37 @@ RSpec.describe "proxy semantics" do
       expect(seen).not_to have_key("HTTP_FORWARDED")
     end
 
+    # What Rack and Rails read for request.ssl?, scheme, port and remote_ip.
+    let(:other_claims) do
+      { "X-Forwarded-Ssl" => "on", "X-Forwarded-Scheme" => "https", "X-Forwarded-Port" => "443",
+        "X-Real-IP" => "6.6.6.6", "Client-IP" => "6.6.6.7" }
+    end
+    let(:other_claim_keys) do
+      %w[HTTP_X_FORWARDED_SSL HTTP_X_FORWARDED_SCHEME HTTP_X_FORWARDED_PORT HTTP_X_REAL_IP HTTP_CLIENT_IP]
+    end
+
     it "replaces client values with FORWARD_HEADERS=false" do
       _thrust, port = start_thrust_with_puma(env: { "FORWARD_HEADERS" => "false" })
-      seen = JSON.parse(http_get(port, "/h", spoofed.merge("Host" => "app.test")).body)["headers"]
+      seen = JSON.parse(http_get(port, "/h", spoofed.merge(other_claims, "Host" => "app.test")).body)["headers"]
       expect(seen).to include("HTTP_X_FORWARDED_FOR" => "127.0.0.1", "HTTP_X_FORWARDED_HOST" => "app.test",
                               "HTTP_X_FORWARDED_PROTO" => "http")
       expect(seen).not_to have_key("HTTP_FORWARDED")
+      expect(seen.keys & other_claim_keys).to be_empty
+    end
+
+    it "passes the other forwarding claims on when forwarded headers are trusted" do
+      _thrust, port = start_thrust_with_puma
+      seen = JSON.parse(http_get(port, "/h", other_claims).body)["headers"]
+      expect(seen.values_at(*other_claim_keys)).to eq(other_claims.values)
+    end
+
+    it "sends Host: localhost:<TARGET_PORT> for an HTTP/1.0 request without one" do
+      _thrust, port = start_thrust_with_puma
+      response = raw_exchange(port, "GET /h10 HTTP/1.0\r\n\r\n")
+      expect(response).to start_with("HTTP/1.0 200")
+      seen = JSON.parse(response.split("\r\n\r\n", 2).last)
+      # The app's PORT is thrust's TARGET_PORT.
+      expect(seen["headers"]["HTTP_HOST"]).to eq("localhost:#{seen.fetch('port_env')}")
     end
 
     it "keeps a client X-Request-Start and strips hop-by-hop headers" do

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{Request, Response, Uri};
+use http::{HeaderValue, Request, Response, Uri};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::client::legacy::Client;
@@ -199,6 +199,7 @@ pub struct Upstream {
     client: Client<AppConnector, RequestBody>,
     authority: Authority,
     addr: std::sync::Arc<UpstreamAddr>,
+    fallback_host: HeaderValue,
 }
 
 impl std::fmt::Display for Upstream {
@@ -215,6 +216,13 @@ impl Upstream {
             UpstreamAddr::Unix(_) => Authority::try_from("localhost"),
         }
         .expect("a socket address or `localhost` is a valid authority");
+        // RFC 9112 §3.2: every HTTP/1.1 request carries Host. For clients
+        // that sent none (HTTP/1.0), name the app the way Thruster does.
+        let fallback_host = match &addr {
+            UpstreamAddr::Tcp(sock) => HeaderValue::try_from(format!("localhost:{}", sock.port())),
+            UpstreamAddr::Unix(_) => HeaderValue::try_from("localhost"),
+        }
+        .expect("`localhost[:port]` is a valid header value");
         let addr = std::sync::Arc::new(addr);
         let connector = AppConnector { addr: addr.clone() };
         let client = Client::builder(TokioExecutor::new())
@@ -230,7 +238,14 @@ impl Upstream {
             client,
             authority,
             addr,
+            fallback_host,
         }
+    }
+
+    /// The `Host` sent to the app for a request that had none:
+    /// `localhost:<port>`, or `localhost` for a Unix socket.
+    pub fn fallback_host(&self) -> &HeaderValue {
+        &self.fallback_host
     }
 
     /// The URI the upstream request is sent to: the app's address plus the
@@ -253,5 +268,18 @@ impl Upstream {
         req: Request<RequestBody>,
     ) -> Result<Response<Incoming>, hyper_util::client::legacy::Error> {
         self.client.request(req).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn fallback_host_names_the_app_as_thruster_does() {
+        let tcp = Upstream::new(UpstreamAddr::Tcp("127.0.0.1:3001".parse().unwrap()));
+        assert_eq!(tcp.fallback_host(), "localhost:3001");
+        let unix = Upstream::new(UpstreamAddr::Unix("/tmp/puma.sock".into()));
+        assert_eq!(unix.fallback_host(), "localhost");
     }
 }

@@ -2,6 +2,7 @@
 //! has been fully sent (or dropped), with Thruster's fields in its order.
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -76,12 +77,38 @@ impl RequestRecord {
     }
 }
 
-/// Wraps the response so the log line is written once its body is done.
+/// Carried on a `101 Switching Protocols` response whose tunnel the proxy
+/// runs: its request log line waits for the tunnel to close, so `dur` is the
+/// session's length (operators look for long WebSocket sessions).
+#[derive(Clone)]
+pub struct TunnelEnd(Arc<tokio::sync::Notify>);
+
+/// Held by the tunnel task; dropping it (the tunnel closed, failed or was
+/// cancelled) releases the log line.
+pub struct TunnelOpen(Arc<tokio::sync::Notify>);
+
+impl TunnelEnd {
+    pub fn new() -> (TunnelEnd, TunnelOpen) {
+        let notify = Arc::new(tokio::sync::Notify::new());
+        (TunnelEnd(Arc::clone(&notify)), TunnelOpen(notify))
+    }
+}
+
+impl Drop for TunnelOpen {
+    fn drop(&mut self) {
+        // notify_one keeps a permit if the logger is not waiting yet.
+        self.0.notify_one();
+    }
+}
+
+/// Wraps the response so the log line is written once its body is done, or
+/// for an upgrade once its tunnel has closed.
 pub fn log_on_completion(
-    response: Response<ResponseBody>,
+    mut response: Response<ResponseBody>,
     record: RequestRecord,
     started: Instant,
 ) -> Response<ResponseBody> {
+    let tunnel = response.extensions_mut().remove::<TunnelEnd>();
     let status = response.status().as_u16();
     let mut record = record;
     if let Some(cache) = response.headers().get("x-cache") {
@@ -97,15 +124,23 @@ pub fn log_on_completion(
         .get(header::CONTENT_TYPE)
         .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
         .unwrap_or_default();
+    let pending = Pending {
+        record,
+        started,
+        status,
+        content_type,
+    };
+    if let Some(TunnelEnd(closed)) = tunnel {
+        tokio::spawn(async move {
+            closed.notified().await;
+            pending.write(0);
+        });
+        return response;
+    }
     response.map(|inner| {
         LoggedBody {
             inner,
-            pending: Some(Pending {
-                record,
-                started,
-                status,
-                content_type,
-            }),
+            pending: Some(pending),
             sent: 0,
         }
         .boxed_unsync()
@@ -125,9 +160,9 @@ struct LoggedBody {
     sent: u64,
 }
 
-impl LoggedBody {
-    fn finish(&mut self) {
-        let Some(p) = self.pending.take() else { return };
+impl Pending {
+    fn write(self, sent: u64) {
+        let p = self;
         let r = p.record;
         log::info(
             "Request",
@@ -138,7 +173,7 @@ impl LoggedBody {
                 ("method", r.method.into()),
                 ("req_content_length", r.req_content_length.into()),
                 ("req_content_type", r.req_content_type.into()),
-                ("resp_content_length", self.sent.into()),
+                ("resp_content_length", sent.into()),
                 ("resp_content_type", p.content_type.into()),
                 ("remote_addr", r.remote_addr.into()),
                 ("user_agent", r.user_agent.into()),
@@ -147,6 +182,14 @@ impl LoggedBody {
                 ("proto", r.proto.into()),
             ],
         );
+    }
+}
+
+impl LoggedBody {
+    fn finish(&mut self) {
+        if let Some(pending) = self.pending.take() {
+            pending.write(self.sent);
+        }
     }
 }
 

@@ -12,6 +12,7 @@ use hyper::body::Incoming;
 
 use bytes::Bytes;
 
+use super::logging::{TunnelEnd, TunnelOpen};
 use super::request_body::{BodyCut, BodyPace, CutFlag, LimitedBody};
 use super::request_buffer::{self, BufferLimits};
 use super::response_buffer::{self, SpoolLimits};
@@ -36,6 +37,18 @@ const HOP_BY_HOP: [&str; 9] = [
 const X_FORWARDED_FOR: &str = "x-forwarded-for";
 const X_FORWARDED_HOST: &str = "x-forwarded-host";
 const X_FORWARDED_PROTO: &str = "x-forwarded-proto";
+
+/// Other client-address and scheme claims that Rack and Rails read
+/// (`request.ssl?`, `scheme`, `port`, `remote_ip`). The proxy does not set
+/// them; when forwarded headers are not trusted, a client's copies would be
+/// believed by the app, so they are removed.
+const UNTRUSTED_CLAIMS: [&str; 5] = [
+    "x-forwarded-ssl",
+    "x-forwarded-scheme",
+    "x-forwarded-port",
+    "x-real-ip",
+    "client-ip",
+];
 
 /// Removes hop-by-hop fields and every field named in `Connection`
 /// (RFC 9110 §7.6.1). Returns the `Upgrade` value when the message asked for
@@ -87,8 +100,10 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) -> Option<HeaderValue> {
 ///
 /// With `trust` (FORWARD_HEADERS, default without TLS) a proxy in front of us
 /// is believed: its `X-Forwarded-For` chain is extended and its `-Host` and
-/// `-Proto` kept. Without it, client-sent values are replaced, so a client
-/// cannot spoof its address or scheme to the app.
+/// `-Proto` kept. Without it, client-sent values are replaced and the other
+/// claims Rack reads (`X-Forwarded-Ssl`, `-Scheme`, `-Port`, `X-Real-IP`,
+/// `Client-IP`) removed, so a client cannot spoof its address or scheme to
+/// the app.
 pub fn set_forwarded_headers(
     headers: &mut HeaderMap,
     client_ip: IpAddr,
@@ -134,6 +149,11 @@ pub fn set_forwarded_headers(
         let proto = if tls { "https" } else { "http" };
         headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
     }
+    if !trust {
+        for name in UNTRUSTED_CLAIMS {
+            headers.remove(name);
+        }
+    }
     // RFC 7239 `Forwarded` would carry a second, unchecked copy of the same
     // claims; Thruster drops it and so do we.
     headers.remove(header::FORWARDED);
@@ -165,9 +185,8 @@ pub async fn forward(
         conn.tls,
         config.forward_headers,
     );
-    if let Some(h) = &host {
-        req.headers_mut().insert(header::HOST, h.clone());
-    }
+    let host = host.unwrap_or_else(|| pipeline.upstream.fallback_host().clone());
+    req.headers_mut().insert(header::HOST, host);
     let client_on_upgrade = client_upgrade
         .as_ref()
         .map(|_| hyper::upgrade::on(&mut req));
@@ -288,12 +307,18 @@ pub async fn forward(
     };
 
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+        let mut end = None;
         if let Some(client_on_upgrade) = client_on_upgrade {
             conn.state.mark_upgraded();
             let upstream_on_upgrade = hyper::upgrade::on(&mut response);
-            tokio::spawn(tunnel(client_on_upgrade, upstream_on_upgrade));
+            let (tunnel_end, open) = TunnelEnd::new();
+            end = Some(tunnel_end);
+            tokio::spawn(tunnel(client_on_upgrade, upstream_on_upgrade, open));
         }
-        let (parts, _) = response.into_parts();
+        let (mut parts, _) = response.into_parts();
+        if let Some(end) = end {
+            parts.extensions.insert(end);
+        }
         return Response::from_parts(parts, full_body(Bytes::new()));
     }
     remove_hop_by_hop(response.headers_mut());
@@ -414,7 +439,13 @@ pub(crate) fn closing(mut response: Response<ResponseBody>) -> Response<Response
 
 /// Copies bytes both ways between client and app once both sides switched
 /// protocols (WebSocket). Request timeouts no longer apply.
-async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+/// `_open` is dropped when the tunnel ends, however it ends, which writes
+/// the request's log line.
+async fn tunnel(
+    client: hyper::upgrade::OnUpgrade,
+    upstream: hyper::upgrade::OnUpgrade,
+    _open: TunnelOpen,
+) {
     let (client, upstream) = match tokio::try_join!(client, upstream) {
         Ok(pair) => pair,
         Err(err) => {
@@ -661,6 +692,30 @@ mod tests {
                 !h.contains_key(header::FORWARDED),
                 "{rule}: Forwarded is dropped"
             );
+        }
+    }
+
+    #[test]
+    fn other_forwarding_claims_are_removed_unless_trusted() {
+        let ip: IpAddr = "192.0.2.7".parse().unwrap();
+        let claims: Fields = &[
+            ("x-forwarded-ssl", "on"),
+            ("x-forwarded-scheme", "https"),
+            ("x-forwarded-port", "443"),
+            ("x-real-ip", "6.6.6.6"),
+            ("client-ip", "6.6.6.6"),
+        ];
+        for trust in [false, true] {
+            let mut h = headers(claims);
+            set_forwarded_headers(&mut h, ip, None, false, trust);
+            for (name, value) in claims {
+                let expected = if trust {
+                    vec![value.to_string()]
+                } else {
+                    vec![]
+                };
+                assert_eq!(values(&h, name), expected, "{name}, trusted: {trust}");
+            }
         }
     }
 

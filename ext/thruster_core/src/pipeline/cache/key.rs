@@ -19,7 +19,8 @@ pub struct BaseKey {
 
 /// Forwarded headers Rails/Rack use to build URLs (`request.host`,
 /// `request.scheme`, `request.port`). When they are trusted they change the
-/// page, so they are part of the key; otherwise the proxy strips them.
+/// page, so they are part of the key; otherwise the proxy replaces or
+/// removes them (`proxy::set_forwarded_headers`) and they cannot matter.
 const FORWARDED: &[&str] = &[
     "forwarded",
     "x-forwarded-host",
