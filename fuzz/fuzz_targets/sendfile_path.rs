@@ -1,6 +1,6 @@
 //! X-Sendfile path handling: `jail::resolve` with arbitrary path bytes
 //! against a fixed root holding files, a directory, a FIFO and symlinks that
-//! point inside and outside; `jail::parse_roots` over arbitrary lists.
+//! point inside and outside; `config::parse_roots` over arbitrary lists.
 //!
 //! Invariants: no panic, never a hang (a FIFO is never opened); an accepted
 //! path is canonical, lies under the root component by component, is a
@@ -15,7 +15,8 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
-use thruster_core::files::jail::{parse_roots, resolve};
+use thruster_core::config::parse_roots;
+use thruster_core::files::jail::resolve;
 
 struct Fixture {
     /// Canonical; the only allowed root.

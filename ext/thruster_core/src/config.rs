@@ -8,6 +8,7 @@
 //! through to `HTTP_PORT`. An invalid value is an error naming the variable,
 //! the value and what is accepted (Thruster silently uses the default).
 
+use std::fs;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -314,9 +315,8 @@ impl Config {
                 .unwrap_or(Duration::ZERO),
             x_sendfile_enabled: r.bool("X_SENDFILE_ENABLED", true)?,
             x_sendfile_roots: match r.raw("X_SENDFILE_ROOTS") {
-                None => crate::files::jail::default_roots(),
-                Some(s) => crate::files::jail::parse_roots(&s.value)
-                    .map_err(|_| invalid(s, ACCEPT_DIRECTORIES))?,
+                None => default_roots(),
+                Some(s) => parse_roots(&s.value).map_err(|_| invalid(s, ACCEPT_DIRECTORIES))?,
             },
             gzip_compression_enabled: r.bool("GZIP_COMPRESSION_ENABLED", true)?,
             gzip_compression_disable_on_auth: r.bool("GZIP_COMPRESSION_DISABLE_ON_AUTH", false)?,
@@ -607,10 +607,60 @@ pub fn parse_list(value: &str) -> Vec<String> {
         .collect()
 }
 
+/// Where X-Sendfile may read when `X_SENDFILE_ROOTS` is not set: the working
+/// directory (the application) and the temporary directory (where Rack and
+/// Rails put generated downloads), both `std::env::temp_dir()` and `/tmp` as
+/// they differ when `TMPDIR` is set. Canonical, without duplicates; a
+/// directory that does not exist is left out.
+pub fn default_roots() -> Vec<PathBuf> {
+    let candidates = [
+        std::env::current_dir().ok(),
+        Some(std::env::temp_dir()),
+        Some(PathBuf::from("/tmp")),
+    ];
+    let mut roots = Vec::new();
+    for dir in candidates.into_iter().flatten() {
+        if let Ok(dir) = fs::canonicalize(dir) {
+            if !roots.contains(&dir) {
+                roots.push(dir);
+            }
+        }
+    }
+    roots
+}
+
+/// Parses an `X_SENDFILE_ROOTS` value: directories separated by commas, each
+/// trimmed, empty items dropped — the same list syntax as every other list
+/// setting (`config::parse_list`). A relative directory is relative to the
+/// working directory at parse time.
+///
+/// Every directory must exist: a typo here would otherwise only show up as
+/// every X-Sendfile response being refused. The error is a message naming
+/// the entry. An empty list is an error too; a caller that wants "serve
+/// nothing from disk" should say so with `X_SENDFILE_ENABLED=false`.
+pub fn parse_roots(value: &str) -> Result<Vec<PathBuf>, String> {
+    let mut roots = Vec::new();
+    for entry in value.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+        let dir = fs::canonicalize(entry).map_err(|e| format!("{entry}: {e}"))?;
+        if !dir.is_dir() {
+            return Err(format!("{entry}: not a directory"));
+        }
+        if !roots.contains(&dir) {
+            roots.push(dir);
+        }
+    }
+    if roots.is_empty() {
+        return Err("no directory given".to_string());
+    }
+    Ok(roots)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sys::test_support::TempDir;
     use std::collections::HashMap;
+    use std::fs;
 
     struct Map(HashMap<&'static str, &'static str>);
     impl SettingSource for Map {
@@ -853,5 +903,44 @@ mod tests {
         let mut listed: Vec<String> = SETTINGS.iter().map(|(n, _)| n.to_string()).collect();
         listed.sort();
         assert_eq!(read, listed);
+    }
+
+    #[test]
+    fn roots() {
+        let t = TempDir::new("roots");
+        let a = t.0.join("a");
+        let b = t.0.join("b");
+        fs::create_dir(&a).unwrap();
+        fs::create_dir(&b).unwrap();
+        let file = t.file("f", b"");
+        let (sa, sb) = (a.display().to_string(), b.display().to_string());
+
+        assert_eq!(
+            parse_roots(&format!("{sa},{sb}")),
+            Ok(vec![a.clone(), b.clone()])
+        );
+        assert_eq!(
+            parse_roots(&format!(" {sa} , ,{sb}/, {sa}/.")),
+            Ok(vec![a.clone(), b.clone()])
+        );
+        assert_eq!(parse_roots(&format!("{sb}/../a")), Ok(vec![a.clone()]));
+        assert!(parse_roots("").is_err());
+        assert!(parse_roots(" , ").is_err());
+        let missing = parse_roots(&format!("{sa},{sa}/nope")).unwrap_err();
+        assert!(missing.starts_with(&format!("{sa}/nope: ")), "{missing}");
+        assert_eq!(
+            parse_roots(&file.display().to_string()),
+            Err(format!("{}: not a directory", file.display()))
+        );
+
+        let defaults = default_roots();
+        let cwd = fs::canonicalize(std::env::current_dir().unwrap()).unwrap();
+        assert_eq!(defaults[0], cwd);
+        assert!(defaults.contains(&fs::canonicalize(std::env::temp_dir()).unwrap()));
+        assert!(defaults.contains(&fs::canonicalize("/tmp").unwrap()));
+        let mut unique = defaults.clone();
+        unique.sort();
+        unique.dedup();
+        assert_eq!(unique.len(), defaults.len());
     }
 }

@@ -4,10 +4,13 @@
 //! extension both drive it through [`server::Server`].
 
 pub mod config;
+pub mod conn;
 pub mod files;
+pub mod http;
 pub mod log;
 pub mod pipeline;
 pub mod server;
+pub mod sys;
 pub mod tls;
 pub mod upstream;
 

@@ -9,13 +9,11 @@
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderValue, Request, Response, Uri};
 use hyper::body::Incoming;
@@ -25,16 +23,14 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
 
-use crate::pipeline::BoxError;
-use crate::server::fd_registry::{self, Registration};
+pub use crate::http::RequestBody;
+use crate::sys::{self, Registration};
 
 /// Idle upstream connections are dropped after this long (below Puma's 20 s
 /// persistent timeout, so the app never closes one we are about to reuse).
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 const POOL_MAX_IDLE: usize = 256;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-
-pub type RequestBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
 
 /// Where the app listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -73,29 +69,15 @@ impl tower_service::Service<Uri> for AppConnector {
             let connect = async {
                 match &*addr {
                     UpstreamAddr::Tcp(sock) => {
-                        // The socket is registered as it is created, before
-                        // the connect wait, so no fork in between keeps it.
-                        let (socket, registration) = {
-                            let _gate = fd_registry::OpenGate::enter();
-                            let socket = if sock.is_ipv4() {
-                                tokio::net::TcpSocket::new_v4()?
-                            } else {
-                                tokio::net::TcpSocket::new_v6()?
-                            };
-                            let registration = fd_registry::register(socket.as_raw_fd());
-                            (socket, registration)
-                        };
+                        // Registered as it is created, before the connect
+                        // wait, so no fork in between keeps it.
+                        let (registration, socket) = sys::tcp_socket(sock)?.into_parts();
                         let stream = socket.connect(*sock).await?;
                         stream.set_nodelay(true)?;
                         Ok(AppStream::new(registration, AppIo::Tcp(stream)))
                     }
                     UpstreamAddr::Unix(path) => {
-                        let (socket, registration) = {
-                            let _gate = fd_registry::OpenGate::enter();
-                            let socket = tokio::net::UnixSocket::new_stream()?;
-                            let registration = fd_registry::register(socket.as_raw_fd());
-                            (socket, registration)
-                        };
+                        let (registration, socket) = sys::unix_socket()?.into_parts();
                         let stream = socket.connect(path).await?;
                         Ok(AppStream::new(registration, AppIo::Unix(stream)))
                     }

@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use magnus::{function, prelude::*, Error, ExceptionClass, RHash, RModule, Ruby, Value};
 use thruster_core::config::{Environment, Layered};
-use thruster_core::server::fd_registry;
+use thruster_core::sys::fd_registry;
 use thruster_core::upstream::UpstreamAddr;
 use thruster_core::{Config, Server, ServerOptions};
 

@@ -4,7 +4,6 @@
 //! slow client holds at most a chunk or two of memory, whatever the file
 //! size, and the runtime threads never block on the disk.
 
-use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -14,7 +13,8 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use tokio::task::JoinHandle;
 
-use crate::server::timed_io::{ConnState, FileRegion};
+use crate::conn::{ConnState, FileRegion, MARKER_LEN};
+use crate::sys::OwnedFile;
 
 /// Big enough that per-chunk overhead (a blocking-pool hop, a frame, a
 /// write) is noise next to the copy; small enough to keep memory flat.
@@ -31,33 +31,8 @@ pub enum Piece {
 
 type Read = JoinHandle<std::io::Result<Bytes>>;
 
-/// Largest file region one zero-copy frame stands for.
-pub const MARKER_LEN: usize = 4 << 20;
-
-/// Zero-copy frames are slices of this region. Their bytes are never sent:
-/// the connection recognises the address and sends the file region queued
-/// for it with sendfile(2) instead. Allocated zeroed and never touched, so
-/// it costs address space, not memory.
-fn marker() -> &'static [u8] {
-    static MARKER: std::sync::OnceLock<&'static [u8]> = std::sync::OnceLock::new();
-    MARKER.get_or_init(|| Box::leak(vec![0u8; MARKER_LEN].into_boxed_slice()))
-}
-
-/// Whether `buf` lies inside the zero-copy marker region.
-pub fn is_zero_copy_marker(buf: &[u8]) -> bool {
-    let Some(region) = ZERO_COPY_USED.get() else {
-        return false;
-    };
-    let (base, p) = (region.as_ptr() as usize, buf.as_ptr() as usize);
-    !buf.is_empty() && p >= base && p < base + MARKER_LEN
-}
-
-/// Set once the marker exists, so connections that never carried a
-/// zero-copy body pay one atomic load per write.
-static ZERO_COPY_USED: std::sync::OnceLock<&'static [u8]> = std::sync::OnceLock::new();
-
 pub struct FileBody {
-    file: Arc<File>,
+    file: Arc<OwnedFile>,
     pieces: std::collections::VecDeque<Piece>,
     pending: Option<Read>,
     remaining: u64,
@@ -68,7 +43,7 @@ pub struct FileBody {
 }
 
 impl FileBody {
-    pub fn new(file: File, pieces: Vec<Piece>) -> FileBody {
+    pub fn new(file: OwnedFile, pieces: Vec<Piece>) -> FileBody {
         let remaining = pieces
             .iter()
             .map(|p| match p {
@@ -87,18 +62,17 @@ impl FileBody {
 
     /// Sends file regions with sendfile(2) on this connection.
     pub fn zero_copy(mut self, conn: Arc<ConnState>) -> FileBody {
-        ZERO_COPY_USED.get_or_init(marker);
         self.zero_copy = Some(conn);
         self
     }
 
     /// The whole file.
-    pub fn whole(file: File, len: u64) -> FileBody {
+    pub fn whole(file: OwnedFile, len: u64) -> FileBody {
         FileBody::new(file, vec![Piece::File { start: 0, len }])
     }
 }
 
-fn read_at(file: Arc<File>, start: u64, len: u64) -> Read {
+fn read_at(file: Arc<OwnedFile>, start: u64, len: u64) -> Read {
     tokio::task::spawn_blocking(move || {
         let mut buf = vec![0u8; len as usize];
         let mut filled = 0;
@@ -123,7 +97,7 @@ fn read_at(file: Arc<File>, start: u64, len: u64) -> Read {
 
 impl Body for FileBody {
     type Data = Bytes;
-    type Error = super::super::pipeline::BoxError;
+    type Error = crate::http::BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
@@ -152,7 +126,7 @@ impl Body for FileBody {
                 Some(Piece::File { start, len }) => {
                     if let Some(conn) = &self.zero_copy {
                         let now = len.min(MARKER_LEN as u64);
-                        conn.queue_file_region(FileRegion {
+                        let frame = conn.queue_file_region(FileRegion {
                             file: Arc::clone(&self.file),
                             offset: start,
                             len: now,
@@ -164,7 +138,6 @@ impl Body for FileBody {
                             });
                         }
                         self.remaining -= now;
-                        let frame = Bytes::from_static(&marker()[..now as usize]);
                         return Poll::Ready(Some(Ok(Frame::data(frame))));
                     }
                     let now = len.min(CHUNK);
@@ -208,7 +181,7 @@ mod tests {
             .write_all(&data)
             .unwrap();
 
-        let body = FileBody::whole(File::open(&path).unwrap(), data.len() as u64);
+        let body = FileBody::whole(crate::sys::open_read(&path, 0).unwrap(), data.len() as u64);
         assert_eq!(body.size_hint().exact(), Some(data.len() as u64));
         let got = body.collect().await.unwrap().to_bytes();
         assert_eq!(&got[..], &data[..]);
@@ -222,7 +195,7 @@ mod tests {
                 len: 4,
             },
         ];
-        let got = FileBody::new(File::open(&path).unwrap(), pieces)
+        let got = FileBody::new(crate::sys::open_read(&path, 0).unwrap(), pieces)
             .collect()
             .await
             .unwrap()
@@ -234,7 +207,10 @@ mod tests {
         assert_eq!(&got[..], &expected[..]);
 
         // A file cut short after the length was announced ends in an error.
-        let body = FileBody::whole(File::open(&path).unwrap(), data.len() as u64 + 10);
+        let body = FileBody::whole(
+            crate::sys::open_read(&path, 0).unwrap(),
+            data.len() as u64 + 10,
+        );
         assert!(body.collect().await.is_err());
         std::fs::remove_file(&path).unwrap();
     }

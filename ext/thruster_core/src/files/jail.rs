@@ -5,9 +5,8 @@
 //! `/etc/shadow`. A path is served only if, with every symlink and `..`
 //! resolved, it names a regular file under one of the allowed roots.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs;
 use std::io;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
@@ -25,7 +24,7 @@ pub struct ResolvedFile {
     /// Read-only. Opened with `O_NONBLOCK`, which changes nothing for a
     /// regular file but kept a FIFO swapped in at the last moment from
     /// blocking the open.
-    pub file: File,
+    pub file: crate::sys::OwnedFile,
 }
 
 /// Why an X-Sendfile path was not served. The Display is the log line.
@@ -106,10 +105,7 @@ pub fn resolve(path: impl AsRef<Path>, roots: &[PathBuf]) -> Result<ResolvedFile
             path: requested.to_path_buf(),
         });
     }
-    let file = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(&canonical)
+    let file = crate::sys::open_read(&canonical, libc::O_NOFOLLOW | libc::O_NONBLOCK)
         .map_err(|e| FileRefusal::from_io(requested, e))?;
     let meta = file
         .metadata()
@@ -131,7 +127,7 @@ pub fn resolve(path: impl AsRef<Path>, roots: &[PathBuf]) -> Result<ResolvedFile
 }
 
 /// `canonical` must already be canonical. The root is compared as given
-/// first (roots from [`parse_roots`] and [`default_roots`] are canonical),
+/// first (roots from `config::parse_roots` and `config::default_roots` are canonical),
 /// and canonicalized only if that fails. The fast path cannot wrongly accept:
 /// a canonical path contains no `..` and passes through no symlink, so it can
 /// only start with a root that names the same directory.
@@ -140,97 +136,12 @@ fn is_under(canonical: &Path, root: &Path) -> bool {
         || fs::canonicalize(root).is_ok_and(|root| canonical.starts_with(root))
 }
 
-/// Where X-Sendfile may read when `X_SENDFILE_ROOTS` is not set: the working
-/// directory (the application) and the temporary directory (where Rack and
-/// Rails put generated downloads), both `std::env::temp_dir()` and `/tmp` as
-/// they differ when `TMPDIR` is set. Canonical, without duplicates; a
-/// directory that does not exist is left out.
-pub fn default_roots() -> Vec<PathBuf> {
-    let candidates = [
-        std::env::current_dir().ok(),
-        Some(std::env::temp_dir()),
-        Some(PathBuf::from("/tmp")),
-    ];
-    let mut roots = Vec::new();
-    for dir in candidates.into_iter().flatten() {
-        if let Ok(dir) = fs::canonicalize(dir) {
-            if !roots.contains(&dir) {
-                roots.push(dir);
-            }
-        }
-    }
-    roots
-}
-
-/// Parses an `X_SENDFILE_ROOTS` value: directories separated by commas, each
-/// trimmed, empty items dropped — the same list syntax as every other list
-/// setting (`config::parse_list`). A relative directory is relative to the
-/// working directory at parse time.
-///
-/// Every directory must exist: a typo here would otherwise only show up as
-/// every X-Sendfile response being refused. The error is a message naming
-/// the entry. An empty list is an error too; a caller that wants "serve
-/// nothing from disk" should say so with `X_SENDFILE_ENABLED=false`.
-pub fn parse_roots(value: &str) -> Result<Vec<PathBuf>, String> {
-    let mut roots = Vec::new();
-    for entry in value.split(',').map(str::trim).filter(|e| !e.is_empty()) {
-        let dir = fs::canonicalize(entry).map_err(|e| format!("{entry}: {e}"))?;
-        if !dir.is_dir() {
-            return Err(format!("{entry}: not a directory"));
-        }
-        if !roots.contains(&dir) {
-            roots.push(dir);
-        }
-    }
-    if roots.is_empty() {
-        return Err("no directory given".to_string());
-    }
-    Ok(roots)
-}
-
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::sys::test_support::TempDir;
     use std::os::unix::ffi::OsStrExt;
     use std::os::unix::fs::symlink;
-    use std::sync::atomic::{AtomicU32, Ordering};
-
-    /// A fresh directory under the temp dir, removed on drop. Canonical, so
-    /// expectations can compare paths directly.
-    pub(crate) struct TempDir(pub(crate) PathBuf);
-
-    impl TempDir {
-        pub(crate) fn new(tag: &str) -> TempDir {
-            static N: AtomicU32 = AtomicU32::new(0);
-            let name = format!(
-                "thruster-files-{tag}-{}-{}-{}",
-                std::process::id(),
-                N.fetch_add(1, Ordering::Relaxed),
-                SystemTime::now()
-                    .duration_since(SystemTime::UNIX_EPOCH)
-                    .unwrap()
-                    .as_nanos()
-            );
-            let dir = std::env::temp_dir().join(name);
-            fs::create_dir(&dir).unwrap();
-            TempDir(fs::canonicalize(dir).unwrap())
-        }
-
-        pub(crate) fn file(&self, rel: &str, contents: &[u8]) -> PathBuf {
-            let p = self.0.join(rel);
-            if let Some(parent) = p.parent() {
-                fs::create_dir_all(parent).unwrap();
-            }
-            fs::write(&p, contents).unwrap();
-            p
-        }
-    }
-
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = fs::remove_dir_all(&self.0);
-        }
-    }
 
     /// What `resolve` answered, reduced to something a table can hold.
     #[derive(Debug, PartialEq)]
@@ -406,7 +317,7 @@ pub(crate) mod tests {
             fs::metadata(&file).unwrap().modified().unwrap()
         );
         let mut read = String::new();
-        io::Read::read_to_string(&mut &ok.file, &mut read).unwrap();
+        io::Read::read_to_string(&mut &*ok.file, &mut read).unwrap();
         assert_eq!(read, "hello");
     }
 
@@ -438,44 +349,5 @@ pub(crate) mod tests {
             FileRefusal::NotFound { path: p }.to_string(),
             "X-Sendfile path /srv/x: no such file"
         );
-    }
-
-    #[test]
-    fn roots() {
-        let t = TempDir::new("roots");
-        let a = t.0.join("a");
-        let b = t.0.join("b");
-        fs::create_dir(&a).unwrap();
-        fs::create_dir(&b).unwrap();
-        let file = t.file("f", b"");
-        let (sa, sb) = (a.display().to_string(), b.display().to_string());
-
-        assert_eq!(
-            parse_roots(&format!("{sa},{sb}")),
-            Ok(vec![a.clone(), b.clone()])
-        );
-        assert_eq!(
-            parse_roots(&format!(" {sa} , ,{sb}/, {sa}/.")),
-            Ok(vec![a.clone(), b.clone()])
-        );
-        assert_eq!(parse_roots(&format!("{sb}/../a")), Ok(vec![a.clone()]));
-        assert!(parse_roots("").is_err());
-        assert!(parse_roots(" , ").is_err());
-        let missing = parse_roots(&format!("{sa},{sa}/nope")).unwrap_err();
-        assert!(missing.starts_with(&format!("{sa}/nope: ")), "{missing}");
-        assert_eq!(
-            parse_roots(&file.display().to_string()),
-            Err(format!("{}: not a directory", file.display()))
-        );
-
-        let defaults = default_roots();
-        let cwd = fs::canonicalize(std::env::current_dir().unwrap()).unwrap();
-        assert_eq!(defaults[0], cwd);
-        assert!(defaults.contains(&fs::canonicalize(std::env::temp_dir()).unwrap()));
-        assert!(defaults.contains(&fs::canonicalize("/tmp").unwrap()));
-        let mut unique = defaults.clone();
-        unique.sort();
-        unique.dedup();
-        assert_eq!(unique.len(), defaults.len());
     }
 }

@@ -5,11 +5,8 @@
 //! in-memory cached body ([`slice_body`]) and a file read piece by piece
 //! ([`Multipart::parts`] gives each part's header bytes and byte range).
 
-use std::collections::hash_map::RandomState;
-use std::hash::{BuildHasher, Hasher};
 use std::ops::Range;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use http::{header, HeaderMap, HeaderValue, Method};
@@ -346,24 +343,10 @@ impl Multipart {
     }
 }
 
-/// A boundary unlikely to occur in any body: 128 bits from std's randomly
-/// keyed hasher (fresh keys per `RandomState`), mixed with a counter and the
-/// clock. Not cryptographic, and it need not be: the body is the
-/// application's own, we only have to avoid colliding with it by accident.
+/// A boundary unlikely to occur in any body: 128 random bits. The body is
+/// the application's own; we only have to avoid colliding with it.
 pub fn new_boundary() -> String {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    let word = || {
-        let mut h = RandomState::new().build_hasher();
-        h.write_u64(n);
-        h.write_u128(nanos);
-        h.finish()
-    };
-    format!("thruster-{:016x}{:016x}", word(), word())
+    format!("thruster-{}", crate::sys::random::hex(16))
 }
 
 /// A 206 body cut from an in-memory representation.
@@ -415,7 +398,7 @@ pub fn slice_body(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
+    use std::time::{Duration, UNIX_EPOCH};
     use RangeOutcome::{Full, Partial, Unsatisfiable};
 
     fn r(start: u64, end: u64) -> ByteRange {

@@ -59,7 +59,7 @@ pub fn precompressed_sibling(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::files::jail::tests::TempDir;
+    use crate::sys::test_support::TempDir;
     use std::fs::File;
     use std::os::unix::fs::symlink;
     use std::time::{Duration, SystemTime};

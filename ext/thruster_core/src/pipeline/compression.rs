@@ -19,7 +19,7 @@ use http::{Method, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 
-use super::{BoxError, ResponseBody};
+use crate::http::{BoxError, ResponseBody};
 
 /// Bodies smaller than this are not worth a compressed representation.
 pub const MIN_COMPRESS_SIZE: u64 = 1024;
@@ -162,18 +162,10 @@ pub struct RequestFacts {
 /// unlike Thruster's content-derived length, so repeating a request does not
 /// reproduce the same size.
 fn padding_len(max: u32) -> usize {
-    use std::hash::{BuildHasher, Hasher};
-    use std::sync::atomic::{AtomicU64, Ordering};
-    use std::sync::OnceLock;
-    static KEYS: OnceLock<std::collections::hash_map::RandomState> = OnceLock::new();
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
     if max == 0 {
         return 0;
     }
-    // SipHash with OS-random keys over a counter: unpredictable, no extra crate.
-    let mut hasher = KEYS.get_or_init(Default::default).build_hasher();
-    hasher.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
-    (hasher.finish() % u64::from(max)) as usize + 1
+    (crate::sys::random::u64() % u64::from(max)) as usize + 1
 }
 
 fn padding_text(len: usize) -> Vec<u8> {
@@ -544,7 +536,7 @@ impl Body for CompressBody {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pipeline::full_body;
+    use crate::http::full_body;
     use std::io::Read;
 
     fn accept(values: &[&str]) -> HeaderMap {

@@ -12,7 +12,8 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use serde_json::Value;
 
-use super::{BoxError, ConnInfo, ResponseBody};
+use super::ConnInfo;
+use crate::http::{BoxError, ResponseBody};
 use crate::log;
 
 /// The request-side facts of a log line, captured before the request is

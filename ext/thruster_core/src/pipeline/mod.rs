@@ -19,19 +19,14 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use bytes::Bytes;
 use http::{header, Request, Response, StatusCode, Version};
 use http_body::Body as _;
-use http_body_util::combinators::UnsyncBoxBody;
-use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
 use crate::config::Config;
-use crate::server::timed_io::ConnState;
+use crate::conn::ConnState;
+use crate::http::{plain_response, ResponseBody};
 use crate::upstream::Upstream;
-
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
-pub type ResponseBody = UnsyncBoxBody<Bytes, BoxError>;
 
 /// What the pipeline knows about the client connection a request came on.
 #[derive(Debug, Clone)]
@@ -102,7 +97,9 @@ impl Pipeline {
                     None => proxy::forward(self, req, conn).await,
                 };
                 match file_request {
-                    Some(file_request) if response.headers().contains_key(sendfile::X_SENDFILE) => {
+                    Some(file_request)
+                        if response.headers().contains_key(crate::http::X_SENDFILE) =>
+                    {
                         self.sendfile
                             .serve(
                                 &file_request,
@@ -154,49 +151,5 @@ impl Pipeline {
             }
         }
         None
-    }
-}
-
-/// A short `text/plain` response made by the proxy itself.
-pub fn plain_response(status: StatusCode, text: &str) -> Response<ResponseBody> {
-    Response::builder()
-        .status(status)
-        .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
-        .body(full_body(format!("{text}\n")))
-        .expect("a status and a static header form a valid response")
-}
-
-/// A body of fixed bytes, boxed into the pipeline's response body type.
-pub fn full_body(bytes: impl Into<Bytes>) -> ResponseBody {
-    http_body_util::Full::new(bytes.into())
-        .map_err(|never| match never {})
-        .boxed_unsync()
-}
-
-#[cfg(test)]
-pub(crate) mod test_support {
-    use std::pin::Pin;
-    use std::task::{Context, Poll};
-
-    use bytes::Bytes;
-    use http_body::{Body, Frame};
-    use tokio::sync::mpsc;
-
-    use super::BoxError;
-
-    /// A body a test feeds through a channel, one frame per message; it
-    /// ends when the sender is dropped.
-    pub struct ChannelBody(pub mpsc::Receiver<Result<Frame<Bytes>, BoxError>>);
-
-    impl Body for ChannelBody {
-        type Data = Bytes;
-        type Error = BoxError;
-
-        fn poll_frame(
-            mut self: Pin<&mut Self>,
-            cx: &mut Context<'_>,
-        ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-            self.0.poll_recv(cx)
-        }
     }
 }

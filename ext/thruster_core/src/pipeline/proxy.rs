@@ -16,7 +16,8 @@ use super::logging::{TunnelEnd, TunnelOpen};
 use super::request_body::{BodyCut, BodyPace, CutFlag, LimitedBody};
 use super::request_buffer::{self, BufferLimits};
 use super::response_buffer::{self, SpoolLimits};
-use super::{full_body, BoxError, ConnInfo, Pipeline, ResponseBody};
+use super::{ConnInfo, Pipeline};
+use crate::http::{full_body, BoxError, ResponseBody, X_ACCEL_BUFFERING};
 use crate::log;
 
 /// Hop-by-hop fields (RFC 9110 §7.6.1), plus the non-standard ones proxies
@@ -338,9 +339,7 @@ pub async fn forward(
             }
         };
     }
-    response
-        .headers_mut()
-        .remove(response_buffer::X_ACCEL_BUFFERING);
+    response.headers_mut().remove(X_ACCEL_BUFFERING);
     response.map(|b| b.map_err(BoxError::from).boxed_unsync())
 }
 

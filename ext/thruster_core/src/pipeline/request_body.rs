@@ -19,7 +19,7 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use tokio::time::{Instant, Sleep};
 
-use super::BoxError;
+use crate::http::BoxError;
 
 /// Why a request body was cut off.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -240,7 +240,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pipeline::test_support::ChannelBody as Fed;
+    use crate::http::test_support::ChannelBody as Fed;
     use http_body_util::BodyExt;
     use tokio::sync::mpsc;
 

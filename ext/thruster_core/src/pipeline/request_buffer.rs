@@ -8,9 +8,7 @@
 //! `disk` bytes buffering gives up and the rest streams to the app.
 
 use std::collections::VecDeque;
-use std::fs::File;
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
@@ -18,8 +16,9 @@ use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 
-use super::{BoxError, ResponseBody};
 use crate::files::body::FileBody;
+use crate::http::{BoxError, ResponseBody};
+use crate::sys::OwnedFile;
 
 #[derive(Debug, Clone, Copy)]
 pub struct BufferLimits {
@@ -36,38 +35,9 @@ pub struct Buffered {
 /// Writes to disk are batched to this size to keep blocking-pool hops few.
 const WRITE_BATCH: usize = 256 * 1024;
 
-/// Opens an unnamed temporary file: nothing to clean up, nothing another
-/// process can open by name.
-pub(crate) fn temp_file() -> std::io::Result<File> {
-    let dir = std::env::temp_dir();
-    std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .mode(0o600)
-        .custom_flags(libc::O_TMPFILE)
-        .open(&dir)
-        .or_else(|_| {
-            // Filesystems without O_TMPFILE: a private name, unlinked at once.
-            let path = dir.join(format!(
-                "thruster-body-{}-{}",
-                std::process::id(),
-                crate::pipeline::sendfile::new_token()
-            ));
-            let file = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&path)?;
-            std::fs::remove_file(&path)?;
-            Ok(file)
-        })
-}
-
-async fn write_batch(file: File, batch: Bytes) -> std::io::Result<File> {
+async fn write_batch(file: OwnedFile, batch: Bytes) -> std::io::Result<OwnedFile> {
     tokio::task::spawn_blocking(move || {
-        let mut file = file;
-        file.write_all(&batch)?;
+        (&*file).write_all(&batch)?;
         Ok(file)
     })
     .await
@@ -79,7 +49,7 @@ async fn write_batch(file: File, batch: Bytes) -> std::io::Result<File> {
 pub async fn buffer(mut body: ResponseBody, limits: BufferLimits) -> Result<Buffered, BoxError> {
     let mut memory: Vec<Bytes> = Vec::new();
     let mut in_memory = 0u64;
-    let mut file: Option<File> = None;
+    let mut file: Option<OwnedFile> = None;
     let mut on_disk = 0u64;
     let mut batch = BytesMut::new();
     loop {
@@ -97,7 +67,7 @@ pub async fn buffer(mut body: ResponseBody, limits: BufferLimits) -> Result<Buff
                 continue;
             }
             file = Some(
-                tokio::task::spawn_blocking(temp_file)
+                tokio::task::spawn_blocking(crate::sys::temp_file)
                     .await
                     .map_err(std::io::Error::other)??,
             );
@@ -126,7 +96,7 @@ pub async fn buffer(mut body: ResponseBody, limits: BufferLimits) -> Result<Buff
     }
     match file {
         None => Ok(Buffered {
-            body: Sequence::new(memory.into_iter().map(crate::pipeline::full_body).collect())
+            body: Sequence::new(memory.into_iter().map(crate::http::full_body).collect())
                 .boxed_unsync(),
             len: Some(in_memory),
         }),
@@ -195,7 +165,7 @@ impl Body for Sequence {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pipeline::full_body;
+    use crate::http::full_body;
 
     fn chunks(n: usize, size: usize) -> (ResponseBody, Vec<u8>) {
         let data: Vec<u8> = (0..n * size).map(|i| (i % 253) as u8).collect();

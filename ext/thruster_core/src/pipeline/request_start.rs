@@ -7,7 +7,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use http::header::HeaderValue;
 use http::HeaderMap;
 
-pub const X_REQUEST_START: &str = "x-request-start";
+use crate::http::X_REQUEST_START;
 
 pub fn stamp(headers: &mut HeaderMap) {
     let present = headers

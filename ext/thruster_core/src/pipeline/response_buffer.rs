@@ -14,9 +14,7 @@
 //! upgrades (tunnelled, never reach here).
 
 use std::collections::VecDeque;
-use std::fs::File;
 use std::future::Future;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -24,20 +22,16 @@ use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use http::header::{self, HeaderMap, HeaderName};
+use http::header::{self, HeaderMap};
 use http::Response;
 use http_body::{Body, Frame};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tokio::sync::Notify;
 
-use super::{BoxError, ResponseBody};
+use crate::http::{BoxError, ResponseBody, X_ACCEL_BUFFERING};
 use crate::log;
-use crate::server::fd_registry::{self, Registration};
-
-/// nginx's switch (`X-Accel-Buffering: no`), which Rails apps already send
-/// for streamed responses. It is meant for the proxy and is not passed on.
-pub const X_ACCEL_BUFFERING: HeaderName = HeaderName::from_static("x-accel-buffering");
+use crate::sys::OwnedFile;
 
 /// Writes to the spool file are batched to this size, and reads from it
 /// come in pieces of at most this size.
@@ -140,7 +134,7 @@ enum Segment {
 struct SpoolState {
     queue: VecDeque<Segment>,
     in_memory: u64,
-    file: Option<Arc<SpoolFile>>,
+    file: Option<Arc<OwnedFile>>,
     /// Next file offsets to write and to read: the bytes between them are
     /// queued on disk.
     write_at: u64,
@@ -188,21 +182,6 @@ fn wake_reader(mut state: MutexGuard<'_, SpoolState>) {
     if let Some(waker) = waker {
         waker.wake();
     }
-}
-
-/// The temporary file, registered so a forked Puma worker closes it.
-struct SpoolFile {
-    _registration: Registration,
-    file: File,
-}
-
-fn open_spool_file() -> std::io::Result<SpoolFile> {
-    let _gate = fd_registry::OpenGate::enter();
-    let file = super::request_buffer::temp_file()?;
-    Ok(SpoolFile {
-        _registration: fd_registry::register(file.as_raw_fd()),
-        file,
-    })
 }
 
 /// Moves the app's body into the spool until it ends, fails, or the client
@@ -348,7 +327,7 @@ async fn flush(spool: &Spool, batch: &mut BytesMut) -> Result<(), BoxError> {
     };
     let file = match file {
         Some(file) => file,
-        None => match tokio::task::spawn_blocking(open_spool_file)
+        None => match tokio::task::spawn_blocking(crate::sys::temp_file)
             .await
             .map_err(std::io::Error::other)
             .and_then(|r| r)
@@ -378,7 +357,7 @@ async fn flush(spool: &Spool, batch: &mut BytesMut) -> Result<(), BoxError> {
     };
     let bytes = batch.split().freeze();
     let len = bytes.len() as u64;
-    tokio::task::spawn_blocking(move || file.file.write_all_at(&bytes, offset))
+    tokio::task::spawn_blocking(move || file.write_all_at(&bytes, offset))
         .await
         .map_err(std::io::Error::other)??;
     let mut state = spool.lock();
@@ -432,7 +411,7 @@ async fn read_disk(spool: Arc<Spool>) -> Option<Result<Frame<Bytes>, BoxError>> 
     };
     let read = tokio::task::spawn_blocking(move || {
         let mut buf = vec![0u8; len];
-        file.file.read_exact_at(&mut buf, offset).map(|()| buf)
+        file.read_exact_at(&mut buf, offset).map(|()| buf)
     })
     .await
     .map_err(std::io::Error::other)
@@ -527,7 +506,7 @@ impl Body for SpoolReader {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pipeline::test_support::ChannelBody as Fed;
+    use crate::http::test_support::ChannelBody as Fed;
     use tokio::sync::mpsc;
 
     const CHUNK: usize = 16 * 1024;

@@ -19,20 +19,17 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Response, StatusCode};
 use http_body_util::BodyExt;
 
-use super::{full_body, ResponseBody};
+use crate::conn::ConnState;
 use crate::files::body::{FileBody, Piece};
 use crate::files::conditional::{self, Precondition, Validators};
 use crate::files::range::{self, RangeOutcome};
 use crate::files::{jail, mime, siblings, ResolvedFile};
+use crate::http::{full_body, ResponseBody, X_ACCEL_MAPPING, X_SENDFILE, X_SENDFILE_TYPE};
 use crate::log;
 use crate::pipeline::cache::key;
 use crate::pipeline::compression::{self, Coding, RequestFacts};
-use crate::server::timed_io::ConnState;
 use std::sync::Arc;
 
-pub const X_SENDFILE: HeaderName = HeaderName::from_static("x-sendfile");
-pub const X_SENDFILE_TYPE: HeaderName = HeaderName::from_static("x-sendfile-type");
-pub const X_ACCEL_MAPPING: HeaderName = HeaderName::from_static("x-accel-mapping");
 /// Proves to the app's middleware that a request came through this proxy.
 pub const TOKEN_HEADER: HeaderName = HeaderName::from_static("x-thruster-sendfile-token");
 /// Where the app process finds the token (set for the child by `thrust`, and
@@ -43,25 +40,8 @@ pub const TOKEN_ENV: &str = "THRUSTER_RS_SENDFILE_TOKEN";
 pub fn token_from_env_or_new() -> String {
     match std::env::var(TOKEN_ENV) {
         Ok(token) if !token.is_empty() => token,
-        _ => new_token(),
+        _ => crate::sys::random::hex(32),
     }
-}
-
-pub fn new_token() -> String {
-    let mut bytes = [0u8; 32];
-    let mut filled = 0;
-    while filled < bytes.len() {
-        // SAFETY: writes at most the remaining length into our own buffer.
-        let n = unsafe {
-            libc::getrandom(bytes[filled..].as_mut_ptr().cast(), bytes.len() - filled, 0)
-        };
-        if n > 0 {
-            filled += n as usize;
-        } else if std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
-            panic!("getrandom failed: {}", std::io::Error::last_os_error());
-        }
-    }
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 pub struct Sendfile {

@@ -72,7 +72,7 @@ impl AsyncWrite for ClientIo {
     }
 }
 
-impl super::timed_io::SendfileSocket for ClientIo {
+impl super::conn_io::SendfileSocket for ClientIo {
     fn poll_sendfile(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,

@@ -26,18 +26,20 @@ use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
 pub mod client_io;
-pub mod fd_registry;
+pub mod conn_io;
 pub mod limits;
-pub mod timed_io;
 
 use crate::config::Config;
+use crate::conn::{ConnState, InFlight};
+use crate::http::ResponseBody;
 use crate::log;
-use crate::pipeline::{ConnInfo, Pipeline, ResponseBody};
+use crate::pipeline::{ConnInfo, Pipeline};
+use crate::sys::fd_registry;
 use crate::tls::redirect::Redirect;
 use crate::tls::{Tls, TlsError, ACME_TLS_ALPN};
 use crate::upstream::{Upstream, UpstreamAddr};
 use client_io::ClientIo;
-use timed_io::{ConnState, ConnTimeouts, InFlight, TimedIo};
+use conn_io::{ConnIo, ConnTimeouts};
 
 /// How long `stop` waits by default for in-flight requests (Thruster: 5 s).
 pub const DEFAULT_DRAIN: Duration = Duration::from_secs(5);
@@ -642,7 +644,7 @@ impl Connection {
                 }))
             }
         });
-        let io = TokioIo::new(TimedIo::new(io, registration, state, self.timeouts));
+        let io = TokioIo::new(ConnIo::new(io, registration, state, self.timeouts));
         let (stop, alive) = (self.shutdown, self.alive);
         let builders = &*self.builders;
         if h2 {
@@ -756,7 +758,7 @@ pin_project_lite::pin_project! {
 
 impl http_body::Body for InFlightBody {
     type Data = bytes::Bytes;
-    type Error = crate::pipeline::BoxError;
+    type Error = crate::http::BoxError;
 
     fn poll_frame(
         self: std::pin::Pin<&mut Self>,

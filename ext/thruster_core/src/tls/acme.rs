@@ -21,13 +21,12 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use std::future::Future;
-use std::os::fd::AsRawFd;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
+use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use instant_acme::{
@@ -42,7 +41,7 @@ use tokio::sync::watch;
 use super::{certified_key, covers, leaf_validity, write_atomic, CertStore, TlsError};
 use crate::config::{AcmeChallenge, Config};
 use crate::log;
-use crate::server::fd_registry::{self, Registration};
+use crate::sys::Registration;
 
 type HttpClient = Client<HttpsConnector<RegisteredConnector>, BodyWrapper<Bytes>>;
 
@@ -174,7 +173,7 @@ impl Manager {
     async fn manage(self: Arc<Self>, domain: String, mut shutdown: watch::Receiver<bool>) {
         let mut failures: u32 = 0;
         let mut retry_at: Option<SystemTime> = None;
-        let mut jitter = random_fraction() * 0.1;
+        let mut jitter = crate::sys::random::fraction() * 0.1;
         loop {
             let now = SystemTime::now();
             let due = retry_at.unwrap_or_else(|| self.renewal_due(&domain, jitter));
@@ -196,7 +195,7 @@ impl Manager {
                 Ok(key) => {
                     failures = 0;
                     retry_at = None;
-                    jitter = random_fraction() * 0.1;
+                    jitter = crate::sys::random::fraction() * 0.1;
                     log::info(
                         if renewing {
                             "TLS: certificate renewed"
@@ -439,14 +438,7 @@ fn retry_delay(failures: u32) -> Duration {
     let base = FIRST_RETRY
         .saturating_mul(1u32 << failures.saturating_sub(1).min(16))
         .min(MAX_RETRY);
-    base.mul_f64(0.75 + random_fraction() * 0.5)
-}
-
-fn random_fraction() -> f64 {
-    use ring::rand::SecureRandom;
-    let mut bytes = [0u8; 4];
-    let _ = ring::rand::SystemRandom::new().fill(&mut bytes);
-    f64::from(u32::from_le_bytes(bytes)) / f64::from(u32::MAX)
+    base.mul_f64(0.75 + crate::sys::random::fraction() * 0.5)
 }
 
 /// The TLS-ALPN-01 validation certificate (RFC 8737 §3): self-signed, the
@@ -508,22 +500,23 @@ fn http_client(ca_file: Option<&Path>) -> Result<HttpClient, TlsError> {
         .map_err(|e| TlsError(e.to_string()))?
         .with_root_certificates(roots)
         .with_no_client_auth();
-    let mut tcp = HttpConnector::new();
-    tcp.enforce_http(false);
-    tcp.set_connect_timeout(Some(Duration::from_secs(30)));
     let connector = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_only()
         .enable_http1()
         .enable_http2()
-        .wrap_connector(RegisteredConnector(tcp));
+        .wrap_connector(RegisteredConnector);
     Ok(Client::builder(TokioExecutor::new()).build(connector))
 }
 
-/// hyper-util's TCP connector, with every connection to the CA in the
-/// fd registry: a Puma worker forked while one is open closes it.
+/// TCP connections to the CA, each socket in the fd registry from its
+/// creation (through `sys`, like every socket of the proxy): a Puma worker
+/// forked while one is open, or still connecting, closes it.
 #[derive(Clone)]
-struct RegisteredConnector(HttpConnector);
+struct RegisteredConnector;
+
+/// Longest wait for one TCP connection to the CA.
+const CA_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A connection to the ACME server, registered until dropped.
 struct RegisteredStream {
@@ -534,28 +527,55 @@ struct RegisteredStream {
 
 impl tower_service::Service<http::Uri> for RegisteredConnector {
     type Response = RegisteredStream;
-    type Error = <HttpConnector as tower_service::Service<http::Uri>>::Error;
+    type Error = std::io::Error;
     type Future = Pin<Box<dyn Future<Output = Result<RegisteredStream, Self::Error>> + Send>>;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.0.poll_ready(cx)
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, uri: http::Uri) -> Self::Future {
-        let connecting = self.0.call(uri);
         Box::pin(async move {
-            let stream = connecting.await?;
-            Ok(RegisteredStream {
-                _registration: fd_registry::register(stream.inner().as_raw_fd()),
-                stream,
-            })
+            let host = uri
+                .host()
+                .ok_or_else(|| std::io::Error::other(format!("no host in {uri}")))?
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_string();
+            let port = uri.port_u16().unwrap_or(443);
+            let connect = async {
+                let mut last = std::io::Error::other(format!("{host} has no address"));
+                // Each address in turn, as the resolver orders them.
+                for addr in tokio::net::lookup_host((host.as_str(), port)).await? {
+                    let (registration, socket) = crate::sys::tcp_socket(&addr)?.into_parts();
+                    match socket.connect(addr).await {
+                        Ok(stream) => {
+                            stream.set_nodelay(true)?;
+                            return Ok(RegisteredStream {
+                                _registration: registration,
+                                stream: TokioIo::new(stream),
+                            });
+                        }
+                        Err(err) => last = err,
+                    }
+                }
+                Err(last)
+            };
+            tokio::time::timeout(CA_CONNECT_TIMEOUT, connect)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("connecting to {host}:{port} timed out"),
+                    ))
+                })
         })
     }
 }
 
 impl Connection for RegisteredStream {
     fn connected(&self) -> Connected {
-        self.stream.connected()
+        Connected::new()
     }
 }
 

@@ -18,7 +18,7 @@ use http::{header, HeaderValue, Method, Request, Response, StatusCode, Version};
 
 use super::Tls;
 use crate::config::normalize_domain;
-use crate::pipeline::{full_body, ResponseBody};
+use crate::http::{full_body, ResponseBody};
 
 pub const CHALLENGE_PREFIX: &str = "/.well-known/acme-challenge/";
 

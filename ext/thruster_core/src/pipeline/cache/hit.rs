@@ -11,11 +11,10 @@ use http::{Method, Response, StatusCode};
 
 use super::key::{self, BaseKey, CacheKey};
 use super::store::{Entry, Store};
-use super::X_CACHE;
 use crate::files::conditional::{self, Precondition, Validators};
 use crate::files::range::{self, RangeOutcome};
+use crate::http::{full_body, ResponseBody, X_CACHE};
 use crate::pipeline::compression::{self, RequestFacts};
-use crate::pipeline::{full_body, ResponseBody};
 
 /// Whether the stored response is acceptable to this client: an app-encoded
 /// body only goes to clients that accept its coding.

@@ -28,13 +28,12 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
 use super::compression::RequestFacts;
-use super::{proxy, BoxError, ConnInfo, Pipeline, ResponseBody};
+use super::{proxy, ConnInfo, Pipeline};
+use crate::http::{BoxError, ResponseBody, X_CACHE};
 use crate::log;
 use directives::Freshness;
 use key::BaseKey;
 use store::{Entry, LeaderGuard, Lookup, Store, Turn};
-
-pub const X_CACHE: HeaderName = HeaderName::from_static("x-cache");
 
 /// Longest a request waits for another one fetching the same resource
 /// before going upstream itself, when no upstream timeout is configured.
@@ -221,7 +220,7 @@ impl HttpCache {
         if self.sendfile {
             let target = response
                 .headers()
-                .get(super::sendfile::X_SENDFILE)
+                .get(crate::http::X_SENDFILE)
                 .filter(|v| !v.is_empty())
                 .map(|v| std::path::PathBuf::from(std::ffi::OsStr::from_bytes(v.as_bytes())));
             if let Some(target) = target {

@@ -1,5 +1,9 @@
-//! Connection-level timeouts, enforced on the client socket itself so they
-//! follow what the connection is doing rather than a fixed request deadline:
+//! The client connection's socket as hyper sees it: connection-level
+//! timeouts, 1xx responses written ahead of the final one, and file regions
+//! sent with sendfile(2) (see `crate::conn`).
+//!
+//! Timeouts are enforced on the socket itself so they follow what the
+//! connection is doing rather than a fixed request deadline:
 //!
 //! - idle: no request in flight and no bytes arrive for `HTTP_IDLE_TIMEOUT`
 //!   → the keep-alive connection is closed;
@@ -17,118 +21,19 @@
 //! writes to the socket, so bytes queued here cannot interleave with a
 //! response.
 
-use std::collections::VecDeque;
 use std::future::Future;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll, Waker};
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{sleep, Instant, Sleep};
 
-use super::fd_registry::Registration;
-
-/// What the request path tells the socket about the connection.
-#[derive(Debug, Default)]
-pub struct ConnState {
-    in_flight: AtomicUsize,
-    upgraded: AtomicBool,
-    /// The connection task's waker, so the end of a response can make the
-    /// socket start its idle clock even if nothing else polls it.
-    reader: Mutex<Option<Waker>>,
-    /// Informational response bytes waiting to be written.
-    informational: Mutex<Vec<u8>>,
-    /// Set once the final response of the current request exists; no
-    /// informational response may follow it.
-    final_response: AtomicBool,
-    /// File regions to send with sendfile(2) in place of the marker bytes
-    /// the response body hands to hyper, in body order.
-    zero_copy: Mutex<VecDeque<FileRegion>>,
-}
-
-/// A part of an open file to send from the kernel's page cache.
-#[derive(Debug)]
-pub struct FileRegion {
-    pub file: Arc<std::fs::File>,
-    pub offset: u64,
-    pub len: u64,
-}
-
-impl ConnState {
-    /// Marks a request as in flight until the guard is dropped (when its
-    /// response body is done).
-    pub fn begin_request(self: &Arc<Self>) -> InFlight {
-        self.in_flight.fetch_add(1, Ordering::AcqRel);
-        self.final_response.store(false, Ordering::Release);
-        InFlight(self.clone())
-    }
-
-    /// Announces that the next `region.len` marker bytes written to this
-    /// connection stand for that region of a file (see `files::body`).
-    pub fn queue_file_region(&self, region: FileRegion) {
-        if let Ok(mut queue) = self.zero_copy.lock() {
-            queue.push_back(region);
-        }
-    }
-
-    /// Queues a serialized HTTP/1.1 informational response for the client.
-    /// Refused (false) once the final response is under way.
-    pub fn send_informational(&self, head: &[u8]) -> bool {
-        let Ok(mut queue) = self.informational.lock() else {
-            return false;
-        };
-        if self.final_response.load(Ordering::Acquire) {
-            return false;
-        }
-        queue.extend_from_slice(head);
-        drop(queue);
-        self.wake_reader();
-        true
-    }
-
-    /// The app's final response arrived: informational responses end here.
-    pub fn mark_final_response(&self) {
-        // Taking the lock orders this after any informational queued before.
-        let _queue = self.informational.lock();
-        self.final_response.store(true, Ordering::Release);
-    }
-
-    fn wake_reader(&self) {
-        let waker = self.reader.lock().ok().and_then(|mut w| w.take());
-        if let Some(waker) = waker {
-            waker.wake();
-        }
-    }
-
-    /// The connection now carries another protocol; timeouts stop.
-    pub fn mark_upgraded(&self) {
-        self.upgraded.store(true, Ordering::Release);
-    }
-
-    fn busy(&self) -> bool {
-        self.in_flight.load(Ordering::Acquire) > 0
-    }
-
-    fn upgraded(&self) -> bool {
-        self.upgraded.load(Ordering::Acquire)
-    }
-}
-
-/// Held while a request is in flight.
-#[derive(Debug)]
-pub struct InFlight(Arc<ConnState>);
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.0.wake_reader();
-        }
-    }
-}
+use crate::conn::ConnState;
+use crate::sys::Registration;
 
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ConnTimeouts {
@@ -148,7 +53,7 @@ enum ReadPhase {
 }
 
 pin_project_lite::pin_project! {
-    pub struct TimedIo<T> {
+    pub struct ConnIo<T> {
         // Declared first so it drops (unregisters) before the socket closes.
         registration: Registration,
         #[pin]
@@ -161,7 +66,7 @@ pin_project_lite::pin_project! {
     }
 }
 
-impl<T> TimedIo<T> {
+impl<T> ConnIo<T> {
     /// A new connection must send its first request head within the header
     /// timeout, like any later one.
     pub fn new(
@@ -169,10 +74,10 @@ impl<T> TimedIo<T> {
         registration: Registration,
         state: Arc<ConnState>,
         timeouts: ConnTimeouts,
-    ) -> TimedIo<T> {
+    ) -> ConnIo<T> {
         let mut read_deadline = None;
         arm(&mut read_deadline, timeouts.header);
-        TimedIo {
+        ConnIo {
             registration,
             inner,
             state,
@@ -218,7 +123,7 @@ fn flush_informational<T: AsyncWrite>(
     Poll::Ready(Ok(()))
 }
 
-impl<T: AsyncRead + AsyncWrite> AsyncRead for TimedIo<T> {
+impl<T: AsyncRead + AsyncWrite> AsyncRead for ConnIo<T> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -268,7 +173,7 @@ impl<T: AsyncRead + AsyncWrite> AsyncRead for TimedIo<T> {
     }
 }
 
-impl<T: AsyncWrite> TimedIo<T> {
+impl<T: AsyncWrite> ConnIo<T> {
     /// Every write path: queued informational bytes go out first, then the
     /// write itself, with the stall deadline armed while it cannot proceed.
     fn write_with<R>(
@@ -349,7 +254,7 @@ impl SendfileSocket for tokio::net::TcpStream {
     }
 }
 
-impl<T: AsyncWrite + SendfileSocket> TimedIo<T> {
+impl<T: AsyncWrite + SendfileSocket> ConnIo<T> {
     /// Writes the slices before the first marker slice as usual, or, when a
     /// marker slice comes first, sends its file region with sendfile(2).
     fn write_vectored_or_file(
@@ -359,7 +264,7 @@ impl<T: AsyncWrite + SendfileSocket> TimedIo<T> {
     ) -> Poll<io::Result<usize>> {
         let first_marker = bufs
             .iter()
-            .position(|b| crate::files::body::is_zero_copy_marker(b));
+            .position(|b| crate::conn::is_zero_copy_marker(b));
         match first_marker {
             None => self.write_with(cx, |io, cx| io.poll_write_vectored(cx, bufs)),
             Some(i) if i > 0 => {
@@ -394,13 +299,13 @@ impl<T: AsyncWrite + SendfileSocket> TimedIo<T> {
     }
 }
 
-impl<T: AsyncWrite + SendfileSocket> AsyncWrite for TimedIo<T> {
+impl<T: AsyncWrite + SendfileSocket> AsyncWrite for ConnIo<T> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        if crate::files::body::is_zero_copy_marker(buf) {
+        if crate::conn::is_zero_copy_marker(buf) {
             return self.write_vectored_or_file(cx, &[io::IoSlice::new(buf)]);
         }
         self.write_with(cx, |io, cx| io.poll_write(cx, buf))

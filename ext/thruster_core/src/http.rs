@@ -1,0 +1,78 @@
+//! The bottom layer's HTTP vocabulary: the body types every layer above
+//! passes around, small constructors for them, and the names of the
+//! non-standard header fields the proxy reads or writes.
+
+use bytes::Bytes;
+use http::{header, HeaderName, Response, StatusCode};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::BodyExt;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The response body type of the whole request path: boxed, so the cache,
+/// files, compression and the upstream can each hand back their own body.
+pub type ResponseBody = UnsyncBoxBody<Bytes, BoxError>;
+
+/// Request bodies as they enter the pipeline and go upstream: boxed, so an
+/// HTTP/1 or HTTP/2 body (hyper's `Incoming`) and a QUIC stream alike can
+/// enter the same path.
+pub type RequestBody = UnsyncBoxBody<Bytes, BoxError>;
+
+/// The proxy's cache verdict on a response: `hit`, `miss`, `stale`, `bypass`.
+pub const X_CACHE: HeaderName = HeaderName::from_static("x-cache");
+/// The app asks the proxy to send this file as the body.
+pub const X_SENDFILE: HeaderName = HeaderName::from_static("x-sendfile");
+/// Old Rack's opt-in request header for X-Sendfile (no longer honoured).
+pub const X_SENDFILE_TYPE: HeaderName = HeaderName::from_static("x-sendfile-type");
+/// nginx's path mapping for X-Accel-Redirect; never passed to the app.
+pub const X_ACCEL_MAPPING: HeaderName = HeaderName::from_static("x-accel-mapping");
+/// nginx's switch (`X-Accel-Buffering: no`), which Rails apps already send
+/// for streamed responses: it turns response buffering off. It is meant for
+/// the proxy and is not passed on.
+pub const X_ACCEL_BUFFERING: HeaderName = HeaderName::from_static("x-accel-buffering");
+/// When the proxy received the request (`t=<unix ms>`), for queue-time metrics.
+pub const X_REQUEST_START: HeaderName = HeaderName::from_static("x-request-start");
+
+/// A short `text/plain` response made by the proxy itself.
+pub fn plain_response(status: StatusCode, text: &str) -> Response<ResponseBody> {
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
+        .body(full_body(format!("{text}\n")))
+        .expect("a status and a static header form a valid response")
+}
+
+/// A body of fixed bytes, boxed into the pipeline's response body type.
+pub fn full_body(bytes: impl Into<Bytes>) -> ResponseBody {
+    http_body_util::Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+#[cfg(test)]
+pub(crate) mod test_support {
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    use bytes::Bytes;
+    use http_body::{Body, Frame};
+    use tokio::sync::mpsc;
+
+    use super::BoxError;
+
+    /// A body a test feeds through a channel, one frame per message; it
+    /// ends when the sender is dropped.
+    pub struct ChannelBody(pub mpsc::Receiver<Result<Frame<Bytes>, BoxError>>);
+
+    impl Body for ChannelBody {
+        type Data = Bytes;
+        type Error = BoxError;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+            self.0.poll_recv(cx)
+        }
+    }
+}

@@ -1,0 +1,222 @@
+//! System helpers of the bottom layer: the fork registry of every fd the
+//! proxy owns, the one way to open such an fd, unnamed temporary files, and
+//! random bytes.
+//!
+//! Fork safety: in-process, the proxy lives in the Puma master, which forks
+//! workers while connections are open. Every fd the proxy opens — sockets,
+//! spool and buffer files, files it serves — is created through
+//! [`Registered::open`], which registers it with no fork in between, so a
+//! forked worker closes them all at once (`fd_registry::close_all_after_fork`).
+//! A socket left open in a worker would keep a client from ever seeing EOF;
+//! a temporary file would keep its disk space allocated for the worker's
+//! life.
+
+pub mod fd_registry;
+pub mod random;
+
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::OpenOptionsExt;
+
+pub use fd_registry::Registration;
+
+/// A file the proxy opened, registered while it is open.
+pub type OwnedFile = Registered<File>;
+
+/// An fd the proxy owns, registered for closing in forked children for as
+/// long as this value lives.
+#[derive(Debug)]
+pub struct Registered<T: AsRawFd> {
+    // Declared first so it drops (unregisters) before the fd closes: a
+    // number reused by someone else is never closed by a child.
+    registration: Registration,
+    inner: T,
+}
+
+impl<T: AsRawFd> Registered<T> {
+    /// Creates the fd with `open` and registers it, with no fork in between
+    /// (a fork waits for the gate). `open` must be quick and synchronous:
+    /// a socket or a file, never a connect.
+    pub fn open(open: impl FnOnce() -> io::Result<T>) -> io::Result<Registered<T>> {
+        let _gate = fd_registry::OpenGate::enter();
+        let inner = open()?;
+        Ok(Registered {
+            registration: fd_registry::register(inner.as_raw_fd()),
+            inner,
+        })
+    }
+
+    /// The registration and the fd, for a value that becomes another type
+    /// around the same fd (a socket that connects into a stream): keep the
+    /// registration alive as long as the new value.
+    pub fn into_parts(self) -> (Registration, T) {
+        (self.registration, self.inner)
+    }
+
+    pub fn get_ref(&self) -> &T {
+        &self.inner
+    }
+}
+
+impl<T: AsRawFd> std::ops::Deref for Registered<T> {
+    type Target = T;
+
+    fn deref(&self) -> &T {
+        &self.inner
+    }
+}
+
+impl<T: AsRawFd> AsRawFd for Registered<T> {
+    fn as_raw_fd(&self) -> RawFd {
+        self.inner.as_raw_fd()
+    }
+}
+
+/// An unnamed temporary file (0600) in the temp directory: nothing to clean
+/// up, nothing another process can open by name. Blocking: call it on the
+/// blocking pool.
+pub fn temp_file() -> io::Result<Registered<File>> {
+    let dir = std::env::temp_dir();
+    Registered::open(|| {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .mode(0o600)
+            .custom_flags(libc::O_TMPFILE)
+            .open(&dir)
+    })
+    .or_else(|_| {
+        // Filesystems without O_TMPFILE: a private name, unlinked at once.
+        let path = dir.join(format!(
+            "thruster-body-{}-{}",
+            std::process::id(),
+            random::hex(16)
+        ));
+        let file = Registered::open(|| {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)
+        })?;
+        std::fs::remove_file(&path)?;
+        Ok(file)
+    })
+}
+
+/// Opens a file for reading, registered.
+pub fn open_read(path: &std::path::Path, flags: i32) -> io::Result<Registered<File>> {
+    Registered::open(|| {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(flags)
+            .open(path)
+    })
+}
+
+/// A TCP socket for `addr`'s family, registered before it connects (the
+/// connect wait is where a fork would otherwise catch it unregistered).
+pub fn tcp_socket(addr: &std::net::SocketAddr) -> io::Result<Registered<tokio::net::TcpSocket>> {
+    Registered::open(|| {
+        if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()
+        } else {
+            tokio::net::TcpSocket::new_v6()
+        }
+    })
+}
+
+/// A Unix stream socket, registered before it connects.
+pub fn unix_socket() -> io::Result<Registered<tokio::net::UnixSocket>> {
+    Registered::open(tokio::net::UnixSocket::new_stream)
+}
+
+/// Helpers for tests in every layer.
+#[cfg(test)]
+pub(crate) mod test_support {
+    use std::fs;
+    use std::path::PathBuf;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::time::SystemTime;
+
+    /// A fresh directory under the temp dir, removed on drop. Canonical, so
+    /// expectations can compare paths directly.
+    pub(crate) struct TempDir(pub(crate) PathBuf);
+
+    impl TempDir {
+        pub(crate) fn new(tag: &str) -> TempDir {
+            static N: AtomicU32 = AtomicU32::new(0);
+            let name = format!(
+                "thruster-files-{tag}-{}-{}-{}",
+                std::process::id(),
+                N.fetch_add(1, Ordering::Relaxed),
+                SystemTime::now()
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .unwrap()
+                    .as_nanos()
+            );
+            let dir = std::env::temp_dir().join(name);
+            fs::create_dir(&dir).unwrap();
+            TempDir(fs::canonicalize(dir).unwrap())
+        }
+
+        pub(crate) fn file(&self, rel: &str, contents: &[u8]) -> PathBuf {
+            let p = self.0.join(rel);
+            if let Some(parent) = p.parent() {
+                fs::create_dir_all(parent).unwrap();
+            }
+            fs::write(&p, contents).unwrap();
+            p
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Seek, Write};
+
+    #[test]
+    fn temp_files_are_registered_unnamed_and_private() {
+        let mut file = temp_file().unwrap();
+        let fd = file.as_raw_fd();
+        assert!(fd_registry::is_registered(fd));
+        let link = std::fs::read_link(format!("/proc/self/fd/{fd}")).unwrap();
+        assert!(
+            link.to_string_lossy().contains("(deleted)"),
+            "no name another process could open: {link:?}"
+        );
+        let meta = file.metadata().unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        let f: &mut File = &mut file.inner;
+        f.write_all(b"spooled").unwrap();
+        f.rewind().unwrap();
+        let mut back = String::new();
+        f.read_to_string(&mut back).unwrap();
+        assert_eq!(back, "spooled");
+        drop(file);
+        assert!(!fd_registry::is_registered(fd));
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn sockets_are_registered_before_they_connect() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let socket = tcp_socket(&addr).unwrap();
+        assert!(fd_registry::is_registered(socket.as_raw_fd()));
+        let (registration, socket) = socket.into_parts();
+        let stream = socket.connect(addr).await.unwrap();
+        assert!(fd_registry::is_registered(stream.as_raw_fd()));
+        drop(registration);
+        assert!(!fd_registry::is_registered(stream.as_raw_fd()));
+    }
+}
