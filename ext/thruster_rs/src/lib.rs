@@ -34,19 +34,6 @@ fn proxy_slot() -> MutexGuard<'static, Option<Server>> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-fn parse_upstream(ruby: &Ruby, text: &str) -> Result<UpstreamAddr, Error> {
-    if let Some(path) = text.strip_prefix("unix:") {
-        return Ok(UpstreamAddr::Unix(path.trim_start_matches("//").into()));
-    }
-    let addr = text.strip_prefix("tcp://").unwrap_or(text);
-    addr.parse::<SocketAddr>().map(UpstreamAddr::Tcp).map_err(|_| {
-        errors::config_error(
-            ruby,
-            format!("invalid upstream {text:?}: expected \"unix:/path/to.sock\" or \"IP:PORT\" (e.g. \"127.0.0.1:3000\")"),
-        )
-    })
-}
-
 fn parse_binds(ruby: &Ruby, binds: Vec<String>) -> Result<Vec<SocketAddr>, Error> {
     binds
         .iter()
@@ -88,7 +75,9 @@ fn start(
         .map_err(|e| errors::config_error(ruby, e.to_string()))?;
     let config =
         Config::from_source(&source).map_err(|e| errors::config_error(ruby, e.to_string()))?;
-    let upstream = parse_upstream(ruby, &upstream)?;
+    let upstream = upstream
+        .parse::<UpstreamAddr>()
+        .map_err(|e| errors::config_error(ruby, e.to_string()))?;
     let http_binds = parse_binds(ruby, binds)?;
     let https_binds = parse_binds(ruby, https_binds)?;
 
