@@ -242,6 +242,26 @@ RSpec.describe "in-process mode (Puma plugin)" do
       expect(out).to include("http_port", '"abc"', "TCP port")
     end
 
+    it "raises Thruster::ConfigError for a bad upstream, naming the value and the accepted forms" do
+      out = ruby_eval('require "thruster"; begin; Thruster.start(upstream: "localhost:3000"); ' \
+                      "rescue Thruster::ConfigError => e; print e.message; end")
+      expect(out).to include('invalid upstream "localhost:3000"', '"unix:/path/to.sock"', '"unix:///path/to.sock"',
+                             '"IP:PORT"', '"[IPv6]:PORT"', "host names are not resolved")
+    end
+
+    it "refuses a Unix socket upstream without a path at start" do
+      out = ruby_eval('require "thruster"; begin; Thruster.start(upstream: "unix:"); ' \
+                      "rescue Thruster::ConfigError => e; print e.message; end")
+      expect(out).to include('invalid upstream "unix:"', "path is empty")
+    end
+
+    it "raises Thruster::Error, not ConfigError, when the proxy already runs" do
+      script = 'require "thruster"; Thruster.start(upstream: "127.0.0.1:1", http_port: 0, bind: nil); ' \
+               'begin; Thruster.start(upstream: "127.0.0.1:1", http_port: 0, bind: nil); ' \
+               "rescue Thruster::Error => e; print e.class, \": \", e.message; ensure; Thruster.stop; end"
+      expect(ruby_eval(script)).to include("Thruster::Error: the proxy is already running")
+    end
+
     it "lets keywords win over THRUSTER_X and X" do
       script = 'require "thruster"; ENV["THRUSTER_HTTP_PORT"] = "1"; ENV["HTTP_PORT"] = "2"; ' \
                'p Thruster.start(upstream: "127.0.0.1:1", http_port: 0, bind: nil); Thruster.stop'

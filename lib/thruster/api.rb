@@ -15,7 +15,8 @@ module Thruster
     #
     #   Thruster.start(upstream: "unix:/app/tmp/sockets/puma.sock", http_port: 8080)
     #
-    # upstream: "unix:/path" or "IP:PORT" of the app server.
+    # upstream: the app server: "unix:/path" (or "unix:///path"), "IP:PORT"
+    # or "[IPv6]:PORT"; host names are not resolved.
     # bind: "IP:PORT" or an array of them; default all interfaces at http_port.
     # https_bind: the same for HTTPS in TLS mode (tls_domain:, tls_local:,
     # tls_certificate_path:); default all interfaces at https_port.

@@ -11,6 +11,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::pin::Pin;
+use std::str::FromStr;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -45,6 +46,50 @@ impl std::fmt::Display for UpstreamAddr {
             UpstreamAddr::Tcp(addr) => write!(f, "{addr}"),
             UpstreamAddr::Unix(path) => write!(f, "unix:{}", path.display()),
         }
+    }
+}
+
+/// Why a string is not an upstream address. The message is shown as is to
+/// whoever configured `upstream:`, so it names the value and every form
+/// [`UpstreamAddr::from_str`] accepts.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UpstreamAddrError {
+    /// `unix:` (or `unix://`) with nothing after it: it would only fail once
+    /// the first request tries to connect.
+    #[error(
+        "invalid upstream {0:?}: the Unix socket path is empty; expected \"unix:/path/to.sock\" \
+         or \"unix:///path/to.sock\""
+    )]
+    EmptyUnixPath(String),
+    /// Neither a Unix socket nor a numeric socket address.
+    #[error(
+        "invalid upstream {0:?}: expected \"unix:/path/to.sock\", \"unix:///path/to.sock\", \
+         \"IP:PORT\" or \"[IPv6]:PORT\" (e.g. \"127.0.0.1:3000\" or \"[::1]:3000\", optionally \
+         prefixed with \"tcp://\"); host names are not resolved"
+    )]
+    NotAnAddress(String),
+}
+
+/// `unix:PATH` or `unix://PATH`, so `unix:///abs` is `/abs` and
+/// `unix://tmp/puma.sock` is relative, as in Puma's own binds; or a numeric
+/// socket address, optionally after `tcp://`. Host names are refused, not
+/// resolved: callers that accept them (the Puma plugin, for Puma's binds)
+/// resolve them first, the way Puma does.
+impl FromStr for UpstreamAddr {
+    type Err = UpstreamAddrError;
+
+    fn from_str(text: &str) -> Result<UpstreamAddr, UpstreamAddrError> {
+        if let Some(rest) = text.strip_prefix("unix:") {
+            let path = rest.strip_prefix("//").unwrap_or(rest);
+            if path.is_empty() {
+                return Err(UpstreamAddrError::EmptyUnixPath(text.to_owned()));
+            }
+            return Ok(UpstreamAddr::Unix(path.into()));
+        }
+        let addr = text.strip_prefix("tcp://").unwrap_or(text);
+        addr.parse::<SocketAddr>()
+            .map(UpstreamAddr::Tcp)
+            .map_err(|_| UpstreamAddrError::NotAnAddress(text.to_owned()))
     }
 }
 
@@ -256,6 +301,84 @@ impl Upstream {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn upstream_parses_every_accepted_form() {
+        let tcp = |s: &str| UpstreamAddr::Tcp(s.parse().unwrap());
+        let unix = |s: &str| UpstreamAddr::Unix(s.into());
+        let cases = [
+            ("127.0.0.1:3000", tcp("127.0.0.1:3000")),
+            ("tcp://127.0.0.1:3000", tcp("127.0.0.1:3000")),
+            ("[::1]:3000", tcp("[::1]:3000")),
+            ("tcp://[::1]:3000", tcp("[::1]:3000")),
+            ("[fe80::1%2]:3000", tcp("[fe80::1%2]:3000")),
+            ("0.0.0.0:0", tcp("0.0.0.0:0")),
+            ("unix:/app/tmp/puma.sock", unix("/app/tmp/puma.sock")),
+            ("unix:///app/tmp/puma.sock", unix("/app/tmp/puma.sock")),
+            // Relative paths resolve against the cwd, as Puma's binds do.
+            ("unix:tmp/puma.sock", unix("tmp/puma.sock")),
+            ("unix://tmp/puma.sock", unix("tmp/puma.sock")),
+            // Only one `//` is the scheme's: the rest stays an absolute path.
+            ("unix:////app/puma.sock", unix("//app/puma.sock")),
+            ("unix:/", unix("/")),
+        ];
+        for (input, expected) in cases {
+            assert_eq!(input.parse::<UpstreamAddr>(), Ok(expected), "{input}");
+        }
+    }
+
+    #[test]
+    fn upstream_refuses_anything_else_naming_value_and_forms() {
+        let not_an_address = [
+            "",
+            "3000",
+            ":3000",
+            "localhost:3000",
+            "tcp://localhost:3000",
+            "127.0.0.1",
+            "127.0.0.1:",
+            "127.0.0.1:99999",
+            "::1:3000",
+            "[::1]",
+            " 127.0.0.1:3000",
+            "127.0.0.1:3000/",
+            "http://127.0.0.1:3000",
+            "tcp:127.0.0.1:3000",
+            "unix",
+            "UNIX:/tmp/puma.sock",
+            "/tmp/puma.sock",
+        ];
+        for input in not_an_address {
+            let err = input.parse::<UpstreamAddr>().unwrap_err();
+            assert_eq!(
+                err,
+                UpstreamAddrError::NotAnAddress(input.into()),
+                "{input:?}"
+            );
+            let message = err.to_string();
+            assert!(message.contains(&format!("{input:?}")), "{message}");
+            for form in ["unix:/path", "unix:///path", "IP:PORT", "[IPv6]:PORT"] {
+                assert!(message.contains(form), "{message} lacks {form}");
+            }
+        }
+        for input in ["unix:", "unix://"] {
+            let err = input.parse::<UpstreamAddr>().unwrap_err();
+            assert_eq!(err, UpstreamAddrError::EmptyUnixPath(input.into()));
+            let message = err.to_string();
+            assert!(message.contains(&format!("{input:?}")), "{message}");
+            assert!(message.contains("path is empty"), "{message}");
+            assert!(message.contains("\"unix:/path/to.sock\""), "{message}");
+        }
+    }
+
+    #[test]
+    fn upstream_display_parses_back() {
+        for input in ["127.0.0.1:3000", "[::1]:3000", "unix:/app/tmp/puma.sock"] {
+            let addr: UpstreamAddr = input.parse().unwrap();
+            assert_eq!(addr.to_string(), input);
+            assert_eq!(addr.to_string().parse::<UpstreamAddr>(), Ok(addr));
+        }
+    }
 
     #[tokio::test(flavor = "current_thread")]
     async fn fallback_host_names_the_app_as_thruster_does() {

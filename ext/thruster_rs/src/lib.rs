@@ -2,54 +2,30 @@
 //! core's server inside the Ruby process (the Puma master), and keeps that
 //! safe across `fork`. No proxy logic lives here.
 //!
-//! Fork safety (a Puma master forks workers while the proxy runs):
-//! - the server lives in a Rust static, never in a Ruby object, so Ruby's
-//!   teardown in a worker never drops (and deadlocks on) the inherited
-//!   runtime;
-//! - every entry point checks that it runs in the process that started the
-//!   proxy; in a child it does nothing;
-//! - a `pthread_atfork` child handler closes every socket the proxy owns,
-//!   using only async-signal-safe calls.
+//! The server lives in a Rust static, never in a Ruby object: Ruby's
+//! teardown in a forked worker would otherwise drop the inherited runtime,
+//! whose threads did not survive the fork, and deadlock. See `fork.rs` for
+//! the rest of the fork rules.
 
-use std::ffi::c_void;
+mod errors;
+mod fork;
+mod nogvl;
+
 use std::net::SocketAddr;
 use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
-use magnus::{function, prelude::*, Error, ExceptionClass, RHash, RModule, Ruby, Value};
+use magnus::{function, prelude::*, Error, RHash, Ruby, Value};
 use thruster_core::config::{Environment, Layered};
 use thruster_core::sys::fd_registry;
 use thruster_core::upstream::UpstreamAddr;
 use thruster_core::{Config, Server, ServerOptions};
 
+use crate::fork::is_owner;
+use crate::nogvl::without_gvl;
+
 static PROXY: Mutex<Option<Server>> = Mutex::new(None);
-/// The pid that started the running proxy (0: none).
-static OWNER_PID: AtomicU32 = AtomicU32::new(0);
-static ATFORK_INSTALLED: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn close_proxy_fds_in_child() {
-    // Only atomics and close(2): this runs between fork and the child's
-    // first instruction, when other threads' locks may be held.
-    if OWNER_PID.load(Ordering::SeqCst) != 0 {
-        fd_registry::close_all_after_fork();
-    }
-    fd_registry::after_fork();
-}
-
-/// Before fork: wait out any socket between creation and registration.
-extern "C" fn hold_socket_creation() {
-    fd_registry::before_fork();
-}
-
-extern "C" fn release_socket_creation() {
-    fd_registry::after_fork();
-}
-
-fn is_owner() -> bool {
-    OWNER_PID.load(Ordering::SeqCst) == std::process::id()
-}
 
 fn proxy_slot() -> MutexGuard<'static, Option<Server>> {
     // A panic while holding the lock must not make the API unusable.
@@ -58,73 +34,13 @@ fn proxy_slot() -> MutexGuard<'static, Option<Server>> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// Runs `f` without the GVL so other Ruby threads keep running while the
-/// proxy drains. `f` must not touch Ruby.
-fn without_gvl<F: FnOnce() -> R, R>(f: F) -> R {
-    struct Call<F, R> {
-        f: Option<F>,
-        result: Option<std::thread::Result<R>>,
-    }
-    unsafe extern "C" fn trampoline<F: FnOnce() -> R, R>(data: *mut c_void) -> *mut c_void {
-        // SAFETY: `data` is the `Call` passed below, alive for the call.
-        let call = unsafe { &mut *(data as *mut Call<F, R>) };
-        if let Some(f) = call.f.take() {
-            // Never unwind into C.
-            call.result = Some(std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)));
-        }
-        std::ptr::null_mut()
-    }
-    let mut call = Call {
-        f: Some(f),
-        result: None,
-    };
-    // SAFETY: the trampoline only touches `call`, which outlives the call;
-    // no unblocking function is given, so Ruby waits for it to return.
-    unsafe {
-        rb_sys::rb_thread_call_without_gvl(
-            Some(trampoline::<F, R>),
-            &mut call as *mut Call<F, R> as *mut c_void,
-            None,
-            std::ptr::null_mut(),
-        );
-    }
-    match call.result.expect("the trampoline ran") {
-        Ok(result) => result,
-        Err(panic) => std::panic::resume_unwind(panic),
-    }
-}
-
-fn thruster_error(ruby: &Ruby, class: &str, message: String) -> Error {
-    let class = ruby
-        .class_object()
-        .const_get::<_, RModule>("Thruster")
-        .and_then(|m| m.const_get::<_, ExceptionClass>(class))
-        .unwrap_or_else(|_| ruby.exception_runtime_error());
-    Error::new(class, message)
-}
-
-fn parse_upstream(ruby: &Ruby, text: &str) -> Result<UpstreamAddr, Error> {
-    if let Some(path) = text.strip_prefix("unix:") {
-        return Ok(UpstreamAddr::Unix(path.trim_start_matches("//").into()));
-    }
-    let addr = text.strip_prefix("tcp://").unwrap_or(text);
-    addr.parse::<SocketAddr>().map(UpstreamAddr::Tcp).map_err(|_| {
-        thruster_error(
-            ruby,
-            "ConfigError",
-            format!("invalid upstream {text:?}: expected \"unix:/path/to.sock\" or \"IP:PORT\" (e.g. \"127.0.0.1:3000\")"),
-        )
-    })
-}
-
 fn parse_binds(ruby: &Ruby, binds: Vec<String>) -> Result<Vec<SocketAddr>, Error> {
     binds
         .iter()
         .map(|b| {
             b.parse::<SocketAddr>().map_err(|_| {
-                thruster_error(
+                errors::config_error(
                     ruby,
-                    "ConfigError",
                     format!("invalid bind {b:?}: expected \"IP:PORT\" (e.g. \"0.0.0.0:80\" or \"[::]:80\")"),
                 )
             })
@@ -143,16 +59,7 @@ fn start(
     https_binds: Vec<String>,
     inherited_fds: Vec<RawFd>,
 ) -> Result<Vec<String>, Error> {
-    if !ATFORK_INSTALLED.swap(true, Ordering::SeqCst) {
-        // SAFETY: registering a plain extern "C" function.
-        unsafe {
-            libc::pthread_atfork(
-                Some(hold_socket_creation),
-                Some(release_socket_creation),
-                Some(close_proxy_fds_in_child),
-            )
-        };
-    }
+    fork::install_handlers();
     let mut keywords = Vec::new();
     options.foreach(|key: Value, value: Value| {
         let key = key.to_r_string()?.to_string()?;
@@ -165,19 +72,20 @@ fn start(
         Ok(magnus::r_hash::ForEach::Continue)
     })?;
     let source = Layered::new(keywords, &Environment)
-        .map_err(|e| thruster_error(ruby, "ConfigError", e.to_string()))?;
-    let config = Config::from_source(&source)
-        .map_err(|e| thruster_error(ruby, "ConfigError", e.to_string()))?;
-    let upstream = parse_upstream(ruby, &upstream)?;
+        .map_err(|e| errors::config_error(ruby, e.to_string()))?;
+    let config =
+        Config::from_source(&source).map_err(|e| errors::config_error(ruby, e.to_string()))?;
+    let upstream = upstream
+        .parse::<UpstreamAddr>()
+        .map_err(|e| errors::config_error(ruby, e.to_string()))?;
     let http_binds = parse_binds(ruby, binds)?;
     let https_binds = parse_binds(ruby, https_binds)?;
 
     let mut slot = proxy_slot();
     if slot.is_some() && is_owner() {
-        return Err(thruster_error(
+        return Err(errors::error(
             ruby,
-            "Error",
-            "the proxy is already running in this process; call Thruster.stop first".into(),
+            "the proxy is already running in this process; call Thruster.stop first",
         ));
     }
     // Inherited from the parent across fork: its threads are gone and
@@ -193,12 +101,9 @@ fn start(
         sendfile_token: thruster_core::pipeline::sendfile::token_from_env_or_new(),
         worker_threads: std::thread::available_parallelism().map_or(2, |n| n.get().min(2)),
     };
-    let server = Server::start(config, options).map_err(|e| {
-        let class = match e {
-            thruster_core::ServerError::Tls(_) => "ConfigError",
-            _ => "Error",
-        };
-        thruster_error(ruby, class, e.to_string())
+    let server = Server::start(config, options).map_err(|e| match e {
+        thruster_core::ServerError::Tls(_) => errors::config_error(ruby, e.to_string()),
+        _ => errors::error(ruby, e.to_string()),
     })?;
     let addrs = server
         .http_addrs()
@@ -207,7 +112,7 @@ fn start(
         .map(|a| a.to_string())
         .collect();
     *slot = Some(server);
-    OWNER_PID.store(std::process::id(), Ordering::SeqCst);
+    fork::claim();
     Ok(addrs)
 }
 
@@ -216,7 +121,7 @@ fn take_owned_server() -> Option<Server> {
         return None;
     }
     let server = proxy_slot().take();
-    OWNER_PID.store(0, Ordering::SeqCst);
+    fork::release();
     server
 }
 
@@ -248,13 +153,9 @@ fn handoff_begin(ruby: &Ruby) -> Result<Vec<String>, Error> {
     let Some(server) = slot.as_ref() else {
         return Ok(Vec::new());
     };
-    let fds = server.handoff_fds().map_err(|e| {
-        thruster_error(
-            ruby,
-            "Error",
-            format!("could not hand over the listeners: {e}"),
-        )
-    })?;
+    let fds = server
+        .handoff_fds()
+        .map_err(|e| errors::error(ruby, format!("could not hand over the listeners: {e}")))?;
     server.begin_shutdown();
     Ok(fds
         .into_iter()
@@ -303,6 +204,7 @@ fn owned_fd_count() -> usize {
 
 #[magnus::init]
 fn init(ruby: &Ruby) -> Result<(), Error> {
+    errors::init(ruby);
     let thruster = ruby.define_module("Thruster")?;
     let native = thruster.define_module("Native")?;
     native.define_singleton_method("core_version", function!(core_version, 0))?;
