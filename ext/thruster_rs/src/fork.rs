@@ -9,7 +9,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
-use thruster_core::server::fd_registry;
+use thruster_core::sys::fd_registry;
 
 /// The pid that started the running proxy (0: none). A pid rather than a
 /// flag, so a child sees at once that the proxy is not its own.
