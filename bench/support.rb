@@ -18,10 +18,15 @@ module BenchSupport
   def wait_for(port, path: "/hello", timeout: 30, what: "server")
     deadline = Time.now + timeout
     loop do
-      # HEAD: some apps answer every path with a large body.
-      return if Net::HTTP.start("127.0.0.1", port) { |http| http.head(path).code == "200" }
-    rescue SystemCallError, EOFError, Net::ReadTimeout
-      raise "#{what} did not answer on #{port} within #{timeout} s" if Time.now > deadline
+      begin
+        # HEAD: some apps answer every path with a large body.
+        return if Net::HTTP.start("127.0.0.1", port, read_timeout: 10) { |http| http.head(path).code == "200" }
+      rescue SystemCallError, EOFError, Net::ReadTimeout
+        nil
+      end
+      # Checked after any answer, not only after errors: a proxy answering
+      # 502 while its app never comes up must not be waited for forever.
+      raise "#{what} did not answer 200 on #{port} within #{timeout} s" if Time.now > deadline
 
       sleep 0.1
     end

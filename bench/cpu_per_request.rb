@@ -1,0 +1,96 @@
+#!/usr/bin/env ruby
+# frozen_string_literal: true
+
+# CPU time per request of the proxy process alone (utime + stime from
+# /proc/<pid>/stat, Puma excluded), for `thrust` binaries side by side:
+# far less noisy than requests/s on a 2-CPU machine. Each binary runs in
+# front of its own Puma with the benchmark app; the workloads are wrk runs
+# of /hello (uncached, 13 B) and the cached 100 KB asset (gzip), repeated
+# REPEAT times with the binaries interleaved.
+#
+#   bench/cpu_per_request.rb NAME=path/to/thrust [NAME=path/to/thrust ...]
+#   REPEAT=5 DURATION=8 CONNS=64 bench/cpu_per_request.rb before=/tmp/thrust-old after=lib/thruster/thrust
+#
+# Prints microseconds of proxy CPU per request (median, min–max) per binary
+# and workload, and the ratio of each to the first binary.
+
+require "open3"
+require "fileutils"
+require "tmpdir"
+require_relative "support"
+
+REPEAT = Integer(ENV.fetch("REPEAT", "5"))
+DURATION = Integer(ENV.fetch("DURATION", "8"))
+CONNS = Integer(ENV.fetch("CONNS", "64"))
+SERVER_CPU = ENV.fetch("SERVER_CPU", "0")
+CLIENT_CPU = ENV.fetch("CLIENT_CPU", "1")
+PUMA = Gem.bin_path("puma", "puma")
+APP = File.expand_path("app.ru", __dir__)
+
+binaries = ARGV.map { |arg| arg.split("=", 2) }
+abort "usage: #{$PROGRAM_NAME} NAME=path/to/thrust ..." if binaries.empty? || binaries.any? { |_, p| p.nil? }
+binaries.each { |name, path| abort "#{name}: #{path} is not executable" unless File.executable?(path) }
+
+WORKLOADS = {
+  "hello" => ["/hello", []],
+  "cached css gzip" => ["/assets/app.css", ["-H", "Accept-Encoding: gzip"]]
+}.freeze
+
+def start(name, path, dir)
+  port = BenchSupport.free_port
+  target = BenchSupport.free_port
+  env = { "HTTP_PORT" => port.to_s, "TARGET_PORT" => target.to_s, "LOG_REQUESTS" => "false",
+          "BENCH_BIG" => File.join(dir, "big.bin"), "PUMA_MAX_THREADS" => "8" }
+  log = File.join(dir, "#{name}.log")
+  pid = Process.spawn(env, "taskset", "-c", SERVER_CPU, path, RbConfig.ruby, PUMA, "-t", "8:8", "-q",
+                      "-b", "tcp://127.0.0.1:#{target}", APP,
+                      out: log, err: log, pgroup: true)
+  BenchSupport.wait_for(port, what: name)
+  [pid, port]
+end
+
+# Requests completed and proxy CPU seconds over one wrk run.
+def measure(pid, port, (path, header))
+  before = BenchSupport.cpu_seconds([pid])
+  out, = Open3.capture2e("taskset", "-c", CLIENT_CPU, "wrk", "-t2", "-c#{CONNS}", "-d#{DURATION}s", *header,
+                         "http://127.0.0.1:#{port}#{path}")
+  cpu = BenchSupport.cpu_seconds([pid]) - before
+  requests = out[/(\d+) requests in/, 1].to_i
+  abort "wrk failed:\n#{out}" if requests.zero? || out.include?("Non-2xx")
+  [requests, cpu]
+end
+
+def report(binaries, samples)
+  median = ->(xs) { xs.sort[xs.size / 2] }
+  WORKLOADS.each_key do |workload|
+    base = median.call(samples[[workload, binaries.first[0]]])
+    binaries.each do |name, _|
+      xs = samples[[workload, name]]
+      puts "#{workload.ljust(16)} #{name.ljust(10)} #{median.call(xs).round(1)} µs/req " \
+           "(#{xs.min.round(1)}–#{xs.max.round(1)}) #{(median.call(xs) / base).round(3)}×"
+    end
+  end
+end
+
+Dir.mktmpdir("cpu-per-request") do |dir|
+  File.binwrite(File.join(dir, "big.bin"), "x")
+  servers = binaries.to_h { |name, path| [name, start(name, path, dir)] }
+  # Warm the cache and the upstream pool before measuring.
+  servers.each_value do |_, port|
+    WORKLOADS.each_value { |(path, _)| Net::HTTP.get(URI("http://127.0.0.1:#{port}#{path}")) }
+  end
+  samples = Hash.new { |h, k| h[k] = [] }
+  REPEAT.times do |rep|
+    WORKLOADS.each do |workload, spec|
+      servers.each do |name, (pid, port)|
+        requests, cpu = measure(pid, port, spec)
+        samples[[workload, name]] << (cpu * 1e6 / requests)
+        warn "rep #{rep + 1} #{workload.ljust(16)} #{name.ljust(10)} #{requests} req, #{cpu.round(2)} CPU s, " \
+             "#{(cpu * 1e6 / requests).round(1)} µs/req"
+      end
+    end
+  end
+  report(binaries, samples)
+ensure
+  servers&.each_value { |pid, _| Process.kill("TERM", -pid) rescue nil } # rubocop:disable Style/RescueModifier
+end
