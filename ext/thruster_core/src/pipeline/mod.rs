@@ -1,14 +1,18 @@
-//! The request path: one module per concern, composed in `Pipeline::handle`.
+//! The request path: one module per phase, composed in `Pipeline::handle`
+//! in the order a request walks them:
 //!
-//! Order (outermost first): request logging, compression, request start
-//! stamp, X-Sendfile, cache, proxy. The cache sits inside compression so that it stores
-//! the app's identity bytes and serves its own encoded variants (compression
-//! leaves an already-encoded response alone).
+//! reject → stamp (`request_start`) → X-Sendfile prepare → cache (whose
+//! `next` is the forwarder) or forward → X-Sendfile serve → compress → log.
+//!
+//! The cache sits inside compression so that it stores the app's identity
+//! bytes and serves its own encoded variants (compression leaves an
+//! already-encoded response alone). A request enters with a boxed body, so
+//! HTTP/1, HTTP/2 and QUIC streams all take the same path.
 
 pub mod cache;
 pub mod compression;
+pub mod forward;
 pub mod logging;
-pub mod proxy;
 pub mod request_body;
 pub mod request_buffer;
 pub mod request_start;
@@ -21,11 +25,10 @@ use std::time::Instant;
 
 use http::{header, Request, Response, StatusCode, Version};
 use http_body::Body as _;
-use hyper::body::Incoming;
 
 use crate::config::Config;
 use crate::conn::ConnState;
-use crate::http::{plain_response, ResponseBody};
+use crate::http::{plain_response, RequestBody, ResponseBody};
 use crate::upstream::Upstream;
 
 /// What the pipeline knows about the client connection a request came on.
@@ -34,20 +37,34 @@ pub struct ConnInfo {
     pub peer: SocketAddr,
     /// Whether the client connection is TLS (drives `X-Forwarded-Proto`).
     pub tls: bool,
-    pub state: Arc<ConnState>,
+    /// The connection's shared state, when it has a socket of its own
+    /// (HTTP/1.x and HTTP/2 over TCP): 1xx relay and zero-copy sendfile
+    /// need it; a request without one goes without them.
+    pub state: Option<Arc<ConnState>>,
+}
+
+/// Where a request goes once it passes the X-Sendfile prepare step.
+enum Fetch {
+    Cache(cache::HttpCache),
+    Forward(forward::Forwarder),
 }
 
 /// Shared, immutable state of the request path.
 pub struct Pipeline {
     config: Arc<Config>,
-    upstream: Upstream,
-    cache: Option<cache::HttpCache>,
+    fetch: Fetch,
     sendfile: sendfile::Sendfile,
 }
 
 impl Pipeline {
     pub fn new(config: Arc<Config>, upstream: Upstream, sendfile_token: &str) -> Pipeline {
-        let cache = cache::HttpCache::new(&config);
+        let forwarder = forward::Forwarder::new(upstream, Arc::clone(&config));
+        // CACHE_SIZE=0 turns the cache off (every tier, as in Thruster).
+        let fetch = if config.cache_size > 0 {
+            Fetch::Cache(cache::HttpCache::new(&config, forwarder))
+        } else {
+            Fetch::Forward(forwarder)
+        };
         let sendfile = sendfile::Sendfile::new(
             config.x_sendfile_enabled,
             sendfile_token,
@@ -55,8 +72,7 @@ impl Pipeline {
         );
         Pipeline {
             config,
-            upstream,
-            cache,
+            fetch,
             sendfile,
         }
     }
@@ -67,7 +83,7 @@ impl Pipeline {
 
     pub async fn handle(
         &self,
-        mut req: Request<Incoming>,
+        mut req: Request<RequestBody>,
         conn: &ConnInfo,
     ) -> Response<ResponseBody> {
         let started = Instant::now();
@@ -89,24 +105,23 @@ impl Pipeline {
                 request_start::stamp(req.headers_mut());
                 let method = req.method().clone();
                 let file_request = self.sendfile.prepare(&method, req.headers_mut());
-                // sendfile(2) writes to the socket itself: only possible
-                // without TLS and HTTP/2 framing in between.
-                let zero_copy = !conn.tls && req.version() <= Version::HTTP_11;
-                let response = match &self.cache {
-                    Some(cache) => cache.handle(self, req, conn, compression.as_ref()).await,
-                    None => proxy::forward(self, req, conn).await,
+                // sendfile(2) writes to the socket itself: only possible on
+                // a connection with a socket of its own, without TLS and
+                // HTTP/2 framing in between.
+                let zero_copy = conn
+                    .state
+                    .clone()
+                    .filter(|_| !conn.tls && req.version() <= Version::HTTP_11);
+                let response = match &self.fetch {
+                    Fetch::Cache(cache) => cache.handle(req, conn, compression.as_ref()).await,
+                    Fetch::Forward(forwarder) => forwarder.fetch(req, conn).await,
                 };
                 match file_request {
                     Some(file_request)
                         if response.headers().contains_key(crate::http::X_SENDFILE) =>
                     {
                         self.sendfile
-                            .serve(
-                                &file_request,
-                                response,
-                                compression.as_ref(),
-                                zero_copy.then(|| Arc::clone(&conn.state)),
-                            )
+                            .serve(&file_request, response, compression.as_ref(), zero_copy)
                             .await
                     }
                     _ => response,
@@ -125,7 +140,7 @@ impl Pipeline {
 
 impl Pipeline {
     /// Requests answered without involving the app.
-    fn reject(&self, req: &Request<Incoming>) -> Option<Response<ResponseBody>> {
+    fn reject(&self, req: &Request<RequestBody>) -> Option<Response<ResponseBody>> {
         // RFC 9112 §3.2: an HTTP/1.1 request without exactly one Host is a 400.
         let hosts = req.headers().get_all(header::HOST).iter().count();
         if req.version() == Version::HTTP_11 && hosts != 1 {
@@ -134,7 +149,7 @@ impl Pipeline {
             } else {
                 "more than one Host header"
             };
-            return Some(proxy::closing(plain_response(
+            return Some(forward::closing(plain_response(
                 StatusCode::BAD_REQUEST,
                 reason,
             )));
@@ -144,7 +159,7 @@ impl Pipeline {
             (self.config.max_request_body, req.body().size_hint().exact())
         {
             if len > max {
-                return Some(proxy::closing(proxy::error_response(
+                return Some(forward::closing(forward::error_response(
                     StatusCode::PAYLOAD_TOO_LARGE,
                     None,
                 )));

@@ -10,8 +10,6 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -28,30 +26,32 @@ pub enum BodyCut {
     TooSlow,
 }
 
+/// The error a [`LimitedBody`] ends with when it cuts the body. It travels
+/// through request buffering or hyper's client as the source of their
+/// error; [`BodyCutError::find`] digs it out so the proxy answers 413/408
+/// rather than 502.
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-struct CutError(&'static str);
+#[error("{message}")]
+pub struct BodyCutError {
+    pub cut: BodyCut,
+    message: &'static str,
+}
 
-/// Shared between the body (which records a cut) and the proxy (which turns
-/// it into a status).
-#[derive(Debug, Default, Clone)]
-pub struct CutFlag(Arc<AtomicU8>);
-
-impl CutFlag {
-    fn set(&self, cut: BodyCut) {
-        let v = match cut {
-            BodyCut::TooLarge => 1,
-            BodyCut::TooSlow => 2,
-        };
-        self.0.store(v, Ordering::Release);
+impl BodyCutError {
+    fn boxed(cut: BodyCut, message: &'static str) -> BoxError {
+        Box::new(BodyCutError { cut, message })
     }
 
-    pub fn get(&self) -> Option<BodyCut> {
-        match self.0.load(Ordering::Acquire) {
-            1 => Some(BodyCut::TooLarge),
-            2 => Some(BodyCut::TooSlow),
-            _ => None,
+    /// The cut behind `err`, if any error in its source chain is one.
+    pub fn find(err: &(dyn std::error::Error + 'static)) -> Option<BodyCut> {
+        let mut current = Some(err);
+        while let Some(e) = current {
+            if let Some(cut) = e.downcast_ref::<BodyCutError>() {
+                return Some(cut.cut);
+            }
+            current = e.source();
         }
+        None
     }
 }
 
@@ -145,12 +145,11 @@ pin_project_lite::pin_project! {
         remaining: Option<u64>,
         deadline: Option<Pin<Box<Sleep>>>,
         rate: Option<RateWindow>,
-        flag: CutFlag,
     }
 }
 
 impl<B> LimitedBody<B> {
-    pub fn new(inner: B, max: Option<u64>, pace: BodyPace, flag: CutFlag) -> Self {
+    pub fn new(inner: B, max: Option<u64>, pace: BodyPace) -> Self {
         LimitedBody {
             inner,
             remaining: max,
@@ -162,13 +161,15 @@ impl<B> LimitedBody<B> {
                 BodyPace::MinRate(rate) => Some(RateWindow::new(rate)),
                 _ => None,
             },
-            flag,
         }
     }
 }
 
 fn too_slow() -> BoxError {
-    CutError("request body slower than REQUEST_BODY_MIN_RATE").into()
+    BodyCutError::boxed(
+        BodyCut::TooSlow,
+        "request body slower than REQUEST_BODY_MIN_RATE",
+    )
 }
 
 impl<B> Body for LimitedBody<B>
@@ -189,17 +190,15 @@ where
                 if let (Some(remaining), Some(data)) = (this.remaining.as_mut(), frame.data_ref()) {
                     let len = data.len() as u64;
                     if len > *remaining {
-                        this.flag.set(BodyCut::TooLarge);
-                        return Poll::Ready(Some(Err(CutError(
+                        return Poll::Ready(Some(Err(BodyCutError::boxed(
+                            BodyCut::TooLarge,
                             "request body larger than MAX_REQUEST_BODY",
-                        )
-                        .into())));
+                        ))));
                     }
                     *remaining -= len;
                 }
                 if let (Some(rate), Some(data)) = (this.rate.as_mut(), frame.data_ref()) {
                     if rate.on_data(data.len() as u64).is_err() {
-                        this.flag.set(BodyCut::TooSlow);
                         return Poll::Ready(Some(Err(too_slow())));
                     }
                 }
@@ -210,16 +209,14 @@ where
             Poll::Pending => {
                 if let Some(deadline) = this.deadline.as_mut() {
                     if deadline.as_mut().poll(cx).is_ready() {
-                        this.flag.set(BodyCut::TooSlow);
-                        return Poll::Ready(Some(Err(CutError(
+                        return Poll::Ready(Some(Err(BodyCutError::boxed(
+                            BodyCut::TooSlow,
                             "request body not received within HTTP_READ_TIMEOUT",
-                        )
-                        .into())));
+                        ))));
                     }
                 }
                 if let Some(rate) = this.rate.as_mut() {
                     if rate.on_pending(cx).is_err() {
-                        this.flag.set(BodyCut::TooSlow);
                         return Poll::Ready(Some(Err(too_slow())));
                     }
                 }
@@ -257,8 +254,7 @@ mod tests {
         count: usize,
     ) -> Result<usize, BodyCut> {
         let (tx, rx) = mpsc::channel(1);
-        let flag = CutFlag::default();
-        let body = LimitedBody::new(Fed(rx), None, BodyPace::MinRate(rate), flag.clone());
+        let body = LimitedBody::new(Fed(rx), None, BodyPace::MinRate(rate));
         tokio::spawn(async move {
             for _ in 0..count {
                 tokio::time::sleep(gap).await;
@@ -269,7 +265,7 @@ mod tests {
         });
         match body.collect().await {
             Ok(all) => Ok(all.to_bytes().len()),
-            Err(_) => Err(flag.get().expect("a cut is recorded")),
+            Err(err) => Err(BodyCutError::find(&*err).expect("a cut is recorded")),
         }
     }
 
@@ -302,13 +298,12 @@ mod tests {
         let got = trickle(64, 1000, Duration::from_secs(1), 30).await;
         assert_eq!(got, Ok(30_000), "the sender ended: the body ends, not cut");
         let (tx, rx) = mpsc::channel(1);
-        let flag = CutFlag::default();
-        let body = LimitedBody::new(Fed(rx), None, BodyPace::MinRate(64), flag.clone());
+        let body = LimitedBody::new(Fed(rx), None, BodyPace::MinRate(64));
         tx.send(data("hello")).await.unwrap();
         let started_silence = Instant::now();
-        assert!(body.collect().await.is_err());
+        let err = body.collect().await.expect_err("cut");
         drop(tx);
-        assert_eq!(flag.get(), Some(BodyCut::TooSlow));
+        assert_eq!(BodyCutError::find(&*err), Some(BodyCut::TooSlow));
         assert!(started_silence.elapsed() <= BODY_RATE_WINDOW + Duration::from_secs(1));
         assert!(started.elapsed() >= Duration::from_secs(30));
     }
@@ -322,12 +317,24 @@ mod tests {
             tx.send(data("x")).await.unwrap();
         }
         drop(tx);
-        let mut body = LimitedBody::new(Fed(rx), None, BodyPace::MinRate(64), CutFlag::default());
+        let mut body = LimitedBody::new(Fed(rx), None, BodyPace::MinRate(64));
         let mut got = 0;
         while let Some(frame) = body.frame().await {
             got += frame.unwrap().into_data().unwrap().len();
             tokio::time::sleep(Duration::from_secs(60)).await;
         }
         assert_eq!(got, 5);
+    }
+
+    #[test]
+    fn a_cut_is_found_behind_wrapping_errors() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("wrapped")]
+        struct Wrapper(#[source] BoxError);
+        let cut = BodyCutError::boxed(BodyCut::TooLarge, "too large");
+        let wrapped = Wrapper(Box::new(Wrapper(cut)));
+        assert_eq!(BodyCutError::find(&wrapped), Some(BodyCut::TooLarge));
+        let other = Wrapper("the client went away".into());
+        assert_eq!(BodyCutError::find(&other), None);
     }
 }

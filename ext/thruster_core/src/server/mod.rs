@@ -16,6 +16,7 @@ use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::sync::Arc;
 use std::time::Duration;
 
+use http_body_util::BodyExt as _;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -31,10 +32,10 @@ pub mod limits;
 
 use crate::config::Config;
 use crate::conn::{ConnState, InFlight};
-use crate::http::ResponseBody;
+use crate::http::{BoxError, ResponseBody};
 use crate::log;
 use crate::pipeline::{ConnInfo, Pipeline};
-use crate::sys::fd_registry;
+use crate::sys::{fd_registry, Registered};
 use crate::tls::redirect::Redirect;
 use crate::tls::{Tls, TlsError, ACME_TLS_ALPN};
 use crate::upstream::{Upstream, UpstreamAddr};
@@ -141,7 +142,7 @@ impl Server {
         };
         // Inherited sockets nobody asked for are closed here.
         drop(inherited);
-        let local_addrs = |listeners: &[std::net::TcpListener]| {
+        let local_addrs = |listeners: &[Registered<std::net::TcpListener>]| {
             listeners
                 .iter()
                 .map(|l| l.local_addr())
@@ -156,10 +157,10 @@ impl Server {
             .map(|l| l.as_raw_fd())
             .collect();
         let _guard = runtime.enter();
-        let to_tokio = |listeners: Vec<std::net::TcpListener>| {
+        let to_tokio = |listeners: Vec<Registered<std::net::TcpListener>>| {
             listeners
                 .into_iter()
-                .map(TcpListener::from_std)
+                .map(|l| l.try_map(TcpListener::from_std))
                 .collect::<io::Result<Vec<_>>>()
                 .map_err(ServerError::Runtime)
         };
@@ -348,10 +349,13 @@ impl Drop for Server {
     }
 }
 
-fn inherited_sockets(fds: &[RawFd]) -> Vec<Option<Socket>> {
+/// Sockets handed over by the previous process image, registered at once:
+/// a worker forked before they are put to use must not keep them.
+fn inherited_sockets(fds: &[RawFd]) -> Vec<Option<Registered<Socket>>> {
     fds.iter()
         // SAFETY: the caller hands these fds over to us; we own them now.
-        .map(|&fd| Some(unsafe { Socket::from_raw_fd(fd) }))
+        .filter_map(|&fd| Registered::open(|| Ok(unsafe { Socket::from_raw_fd(fd) })).ok())
+        .map(Some)
         .collect()
 }
 
@@ -359,8 +363,8 @@ fn open_listeners(
     listener: &'static str,
     binds: &[SocketAddr],
     port: u16,
-    inherited: &mut [Option<Socket>],
-) -> Result<Vec<std::net::TcpListener>, ServerError> {
+    inherited: &mut [Option<Registered<Socket>>],
+) -> Result<Vec<Registered<std::net::TcpListener>>, ServerError> {
     let mut take_inherited = |addr: SocketAddr| {
         inherited.iter_mut().find_map(|slot| {
             let matches = slot
@@ -390,7 +394,7 @@ fn open_listeners(
             };
             socket.set_cloexec(true).map_err(err)?;
             socket.set_nonblocking(true).map_err(err)?;
-            listeners.push(socket.into());
+            listeners.push(socket.try_map(|s| Ok::<_, ServerError>(s.into()))?);
             continue;
         }
         let bound = match bind_one(listener, addr, default) {
@@ -412,14 +416,18 @@ fn bind_one(
     listener: &'static str,
     addr: SocketAddr,
     dual_stack: bool,
-) -> Result<std::net::TcpListener, ServerError> {
+) -> Result<Registered<std::net::TcpListener>, ServerError> {
     let err = |source| ServerError::Bind {
         listener,
         addr,
         source,
     };
-    let socket =
-        Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)).map_err(err)?;
+    // Registered from its creation: Puma forks its first workers right after
+    // the proxy starts, before the accept loops run.
+    let socket = Registered::open(|| {
+        Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
+    })
+    .map_err(err)?;
     if dual_stack {
         socket.set_only_v6(false).map_err(err)?;
     }
@@ -428,7 +436,7 @@ fn bind_one(
     socket.bind(&addr.into()).map_err(err)?;
     socket.listen(LISTEN_BACKLOG).map_err(err)?;
     socket.set_nonblocking(true).map_err(err)?;
-    Ok(socket.into())
+    socket.try_map(|s| Ok(s.into()))
 }
 
 /// How client connections are served. Cleartext: HTTP/1 only, or HTTP/1
@@ -491,7 +499,7 @@ enum Role {
 }
 
 async fn accept_loop(
-    listener: TcpListener,
+    listener: Registered<TcpListener>,
     builders: Arc<ConnBuilders>,
     pipeline: Arc<Pipeline>,
     role: Role,
@@ -499,7 +507,6 @@ async fn accept_loop(
     shutdown: watch::Receiver<bool>,
 ) {
     let mut stop_accepting = shutdown.clone();
-    let listener_registration = fd_registry::register(listener.as_raw_fd());
     // Each connection task holds a sender; the channel closes when the last
     // connection has finished.
     let (alive, mut all_closed) = tokio::sync::mpsc::channel::<()>(1);
@@ -559,7 +566,6 @@ async fn accept_loop(
     }
     // Closing the listener now makes new connections fail fast instead of
     // queueing in the backlog while we drain.
-    drop(listener_registration);
     drop(listener);
     drop(alive);
     // Resolves once every connection task has dropped its sender.
@@ -621,8 +627,9 @@ impl Connection {
         let conn_info = ConnInfo {
             peer: self.peer,
             tls,
-            state: state.clone(),
+            state: Some(state.clone()),
         };
+        let service_state = state.clone();
         let pipeline = self.pipeline.clone();
         let redirect = match &self.role {
             Role::Redirect(redirect) => Some(redirect.clone()),
@@ -632,11 +639,14 @@ impl Connection {
             let pipeline = pipeline.clone();
             let conn_info = conn_info.clone();
             let redirect = redirect.clone();
+            let in_flight = service_state.begin_request();
             async move {
-                let in_flight = conn_info.state.begin_request();
                 let response = match &redirect {
                     Some(redirect) => redirect.respond(&req),
-                    None => pipeline.handle(req, &conn_info).await,
+                    None => {
+                        let req = req.map(|body| body.map_err(BoxError::from).boxed_unsync());
+                        pipeline.handle(req, &conn_info).await
+                    }
                 };
                 Ok::<_, std::convert::Infallible>(response.map(|body| InFlightBody {
                     body,
@@ -758,7 +768,7 @@ pin_project_lite::pin_project! {
 
 impl http_body::Body for InFlightBody {
     type Data = bytes::Bytes;
-    type Error = crate::http::BoxError;
+    type Error = BoxError;
 
     fn poll_frame(
         self: std::pin::Pin<&mut Self>,
@@ -773,5 +783,37 @@ impl http_body::Body for InFlightBody {
 
     fn size_hint(&self) -> http_body::SizeHint {
         self.body.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listeners_are_registered_from_their_creation() {
+        // Puma forks its first workers right after the proxy starts: a
+        // listener registered only once its accept loop runs would leak
+        // into them.
+        let mut none = Vec::new();
+        let bound =
+            open_listeners("HTTP", &["127.0.0.1:0".parse().unwrap()], 0, &mut none).unwrap();
+        let fd = bound[0].as_raw_fd();
+        assert!(fd_registry::is_registered(fd));
+
+        // A socket handed over across exec is registered as it is adopted.
+        let addr = bound[0].local_addr().unwrap();
+        let handed = bound.into_iter().next().unwrap();
+        let (registration, listener) = handed.into_parts();
+        drop(registration);
+        let raw = std::os::fd::IntoRawFd::into_raw_fd(listener);
+        assert!(!fd_registry::is_registered(raw));
+        let mut inherited = inherited_sockets(&[raw]);
+        assert!(fd_registry::is_registered(raw));
+        let adopted = open_listeners("HTTP", &[addr], 0, &mut inherited).unwrap();
+        assert_eq!(adopted[0].as_raw_fd(), raw);
+        assert!(fd_registry::is_registered(raw));
+        drop(adopted);
+        assert!(!fd_registry::is_registered(raw));
     }
 }

@@ -57,6 +57,22 @@ impl<T: AsRawFd> Registered<T> {
     pub fn get_ref(&self) -> &T {
         &self.inner
     }
+
+    /// The same fd as another type (a socket2 socket as a listener), still
+    /// registered.
+    pub fn try_map<U: AsRawFd, E>(
+        self,
+        convert: impl FnOnce(T) -> Result<U, E>,
+    ) -> Result<Registered<U>, E> {
+        let Registered {
+            registration,
+            inner,
+        } = self;
+        Ok(Registered {
+            registration,
+            inner: convert(inner)?,
+        })
+    }
 }
 
 impl<T: AsRawFd> std::ops::Deref for Registered<T> {

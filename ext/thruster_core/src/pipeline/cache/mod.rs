@@ -25,11 +25,11 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 
 use super::compression::RequestFacts;
-use super::{proxy, ConnInfo, Pipeline};
-use crate::http::{BoxError, ResponseBody, X_CACHE};
+use super::forward::Forwarder;
+use super::ConnInfo;
+use crate::http::{BoxError, RequestBody, ResponseBody, X_CACHE};
 use crate::log;
 use directives::Freshness;
 use key::BaseKey;
@@ -40,6 +40,9 @@ use store::{Entry, LeaderGuard, Lookup, Store, Turn};
 const DEFAULT_WAIT: Duration = Duration::from_secs(30);
 
 pub struct HttpCache {
+    /// Where misses, bypasses and stores come from. The disk and shared
+    /// tiers go between the memory store and this.
+    next: Forwarder,
     store: Arc<Store>,
     trust_forwarded: bool,
     /// X-Sendfile responses are stored as file references.
@@ -48,8 +51,11 @@ pub struct HttpCache {
 }
 
 impl HttpCache {
-    pub fn new(config: &crate::config::Config) -> Option<HttpCache> {
-        (config.cache_size > 0).then(|| HttpCache {
+    /// The cache in front of `next` (`CACHE_SIZE` > 0; with 0 the pipeline
+    /// has no cache at all).
+    pub fn new(config: &crate::config::Config, next: Forwarder) -> HttpCache {
+        HttpCache {
+            next,
             store: Arc::new(Store::new(
                 config.cache_size,
                 config.max_cache_item_size,
@@ -58,19 +64,18 @@ impl HttpCache {
             trust_forwarded: config.forward_headers,
             sendfile: config.x_sendfile_enabled,
             wait_limit: config.http_write_timeout.unwrap_or(DEFAULT_WAIT),
-        })
+        }
     }
 
     pub async fn handle(
         &self,
-        pipeline: &Pipeline,
-        mut req: Request<Incoming>,
+        mut req: Request<RequestBody>,
         conn: &ConnInfo,
         facts: Option<&RequestFacts>,
     ) -> Response<ResponseBody> {
         let method = req.method().clone();
         if !(method == Method::GET || method == Method::HEAD) || is_upgrade(req.headers()) {
-            return labelled(proxy::forward(pipeline, req, conn).await, "bypass");
+            return labelled(self.next.fetch(req, conn).await, "bypass");
         }
         let base = BaseKey::new(&req, conn.tls, self.trust_forwarded);
         let range = req.headers().contains_key(header::RANGE);
@@ -107,7 +112,7 @@ impl HttpCache {
                 Lookup::Hit(_) => {
                     // The stored encoding is not acceptable to this client
                     // (an app that forgot `Vary: Accept-Encoding`): ask upstream.
-                    return labelled(proxy::forward(pipeline, req, conn).await, "miss");
+                    return labelled(self.next.fetch(req, conn).await, "miss");
                 }
                 Lookup::Miss {
                     key,
@@ -118,10 +123,10 @@ impl HttpCache {
             // Serving a part of something we do not hold means fetching all
             // of it first; let the app answer the range itself.
             if range {
-                return labelled(proxy::forward(pipeline, req, conn).await, "bypass");
+                return labelled(self.next.fetch(req, conn).await, "bypass");
             }
             if method == Method::HEAD {
-                return labelled(proxy::forward(pipeline, req, conn).await, "miss");
+                return labelled(self.next.fetch(req, conn).await, "miss");
             }
             let guard = if coalesce && may_wait {
                 match self.store.wait_or_lead(&key, self.wait_limit).await {
@@ -143,7 +148,7 @@ impl HttpCache {
                 h.remove(header::IF_MODIFIED_SINCE);
             }
             let request_headers = req.headers().clone();
-            let response = proxy::forward(pipeline, req, conn).await;
+            let response = self.next.fetch(req, conn).await;
             if let Some(stale) = stale.filter(|_| is_error(response.status())) {
                 if stale.usable_on_error(std::time::Instant::now()) {
                     log::info(

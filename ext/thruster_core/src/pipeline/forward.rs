@@ -1,24 +1,31 @@
-//! Forwarding to the app: request and response header rules, the upstream
-//! call, upgrades, and the proxy's own error responses (502, 504).
+//! Forwarding to the app, in four steps a request walks in order —
+//! prepare (request header rules), request body (limits and buffering),
+//! send (the upstream call, 1xx relay, retries), finish (upgrades, response
+//! header rules, response buffering) — each failing with a [`ForwardError`]
+//! whose status is the proxy's answer (400, 408, 413, 502, 504).
 
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Version};
 use http_body::Body as _;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-
-use bytes::Bytes;
+use hyper::upgrade::OnUpgrade;
 
 use super::logging::{TunnelEnd, TunnelOpen};
-use super::request_body::{BodyCut, BodyPace, CutFlag, LimitedBody};
+use super::request_body::{BodyCut, BodyCutError, BodyPace, LimitedBody};
 use super::request_buffer::{self, BufferLimits};
 use super::response_buffer::{self, SpoolLimits};
-use super::{ConnInfo, Pipeline};
-use crate::http::{full_body, BoxError, ResponseBody, X_ACCEL_BUFFERING};
+use super::ConnInfo;
+use crate::config::Config;
+use crate::conn::ConnState;
+use crate::http::{full_body, BoxError, RequestBody, ResponseBody, X_ACCEL_BUFFERING};
 use crate::log;
+use crate::upstream::Upstream;
 
 /// Hop-by-hop fields (RFC 9110 §7.6.1), plus the non-standard ones proxies
 /// have always treated as such (`Proxy-Connection`, `Keep-Alive`) and the
@@ -169,213 +176,394 @@ fn request_host<B>(req: &Request<B>) -> Option<HeaderValue> {
     })
 }
 
-pub async fn forward(
-    pipeline: &Pipeline,
-    mut req: Request<Incoming>,
-    conn: &ConnInfo,
-) -> Response<ResponseBody> {
-    let config = pipeline.config();
-    let host = request_host(&req);
-    let upgrade = remove_hop_by_hop(req.headers_mut());
-    // Only HTTP/1.1 has Upgrade (RFC 9110 §7.8); HTTP/2 uses extended CONNECT.
-    let client_upgrade = upgrade.filter(|_| req.version() == Version::HTTP_11);
-    set_forwarded_headers(
-        req.headers_mut(),
-        conn.peer.ip().to_canonical(),
-        host.as_ref(),
-        conn.tls,
-        config.forward_headers,
-    );
-    let host = host.unwrap_or_else(|| pipeline.upstream.fallback_host().clone());
-    req.headers_mut().insert(header::HOST, host);
-    let client_on_upgrade = client_upgrade
-        .as_ref()
-        .map(|_| hyper::upgrade::on(&mut req));
-    if let Some(proto) = &client_upgrade {
-        let h = req.headers_mut();
-        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-        h.insert(header::UPGRADE, proto.clone());
+/// Forwards requests to the app: owns the upstream client and the settings
+/// of the forwarding steps. The cache's `next`, and the pipeline's when
+/// there is no cache.
+pub struct Forwarder {
+    upstream: Upstream,
+    config: Arc<Config>,
+}
+
+/// Why a request could not be forwarded; [`ForwardError::status`] is the
+/// proxy's own answer.
+#[derive(Debug, thiserror::Error)]
+pub enum ForwardError {
+    /// The body passed `MAX_REQUEST_BODY` (413).
+    #[error("request body larger than MAX_REQUEST_BODY")]
+    BodyTooLarge,
+    /// The body came slower than `REQUEST_BODY_MIN_RATE` or not within
+    /// `HTTP_READ_TIMEOUT` (408).
+    #[error("request body too slow")]
+    BodyTooSlow,
+    /// The client went away or sent a body that does not parse (400).
+    #[error("request body not received: {0}")]
+    BodyBroken(BoxError),
+    /// No response head within `HTTP_WRITE_TIMEOUT` (504).
+    #[error("no response from the app within {0:?}")]
+    Timeout(Duration),
+    /// The app refused, reset or hung up, or its response broke while it
+    /// was being buffered (502).
+    #[error("{0}")]
+    Upstream(BoxError),
+}
+
+impl ForwardError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ForwardError::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ForwardError::BodyTooSlow => StatusCode::REQUEST_TIMEOUT,
+            ForwardError::BodyBroken(_) => StatusCode::BAD_REQUEST,
+            ForwardError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            ForwardError::Upstream(_) => StatusCode::BAD_GATEWAY,
+        }
     }
 
-    let path = req.uri().path().to_string();
-    // RFC 9110 §15.2: no 1xx for HTTP/1.0 clients; HTTP/2 clients miss out
-    // because hyper's server cannot send informational responses there.
-    let forward_informational = req.version() == Version::HTTP_11;
-    let (mut parts, body) = req.into_parts();
-    parts.uri = pipeline.upstream.uri_for(parts.uri.path_and_query());
-    parts.version = Version::HTTP_11;
+    /// A request body error: a cut by the limits, or a broken body.
+    fn from_body(err: BoxError) -> ForwardError {
+        match BodyCutError::find(&*err) {
+            Some(BodyCut::TooLarge) => ForwardError::BodyTooLarge,
+            Some(BodyCut::TooSlow) => ForwardError::BodyTooSlow,
+            None => ForwardError::BodyBroken(err),
+        }
+    }
 
-    let cut = CutFlag::default();
-    // A request without a body can be replayed on a fresh connection if a
-    // pooled one fails under it (the app closed it as we sent).
-    let replay = (body.is_end_stream() && client_upgrade.is_none()).then(|| parts.clone());
-    let body = if body.is_end_stream() {
-        body.map_err(BoxError::from).boxed_unsync()
-    } else {
+    /// A failed upstream call: a cut of the streamed request body shows up
+    /// as its cause; anything else is the app's side.
+    fn from_send(err: hyper_util::client::legacy::Error) -> ForwardError {
+        match BodyCutError::find(&err) {
+            Some(BodyCut::TooLarge) => ForwardError::BodyTooLarge,
+            Some(BodyCut::TooSlow) => ForwardError::BodyTooSlow,
+            None => ForwardError::Upstream(err.into()),
+        }
+    }
+}
+
+/// A request on its way upstream, between the steps.
+struct Outgoing {
+    parts: http::request::Parts,
+    body: RequestBody,
+    /// For log lines.
+    path: String,
+    /// The client's side of an upgrade the app is asked for.
+    client_upgrade: Option<OnUpgrade>,
+    /// 1xx responses are relayed to this connection (HTTP/1.1 only).
+    informational: Option<Arc<ConnState>>,
+}
+
+impl Forwarder {
+    pub fn new(upstream: Upstream, config: Arc<Config>) -> Forwarder {
+        Forwarder { upstream, config }
+    }
+
+    /// Forwards and answers: the app's response, or the proxy's own error
+    /// response.
+    pub async fn fetch(
+        &self,
+        req: Request<RequestBody>,
+        conn: &ConnInfo,
+    ) -> Response<ResponseBody> {
+        match self.forward(req, conn).await {
+            Ok(response) => response,
+            Err(err) => self.error_response(&err),
+        }
+    }
+
+    /// The four steps: prepare, request body, send, finish.
+    pub async fn forward(
+        &self,
+        req: Request<RequestBody>,
+        conn: &ConnInfo,
+    ) -> Result<Response<ResponseBody>, ForwardError> {
+        let outgoing = self.prepare(req, conn);
+        let path = outgoing.path.clone();
+        let outgoing = match self.request_body(outgoing).await {
+            Ok(outgoing) => outgoing,
+            Err(err) => {
+                log::info(
+                    "Request body not received",
+                    &[("path", path.into()), ("error", error_chain(&err).into())],
+                );
+                if let Some(state) = &conn.state {
+                    state.mark_final_response();
+                }
+                return Err(err);
+            }
+        };
+        let client_upgrade = outgoing.client_upgrade.is_some();
+        let (response, client_on_upgrade) = self.send(outgoing, conn).await.inspect_err(|err| {
+            if !matches!(err, ForwardError::Timeout(_)) {
+                log::info(
+                    "Unable to proxy request",
+                    &[
+                        ("path", path.as_str().into()),
+                        ("error", error_chain(err).into()),
+                    ],
+                );
+            }
+        })?;
+        debug_assert!(client_upgrade == client_on_upgrade.is_some());
+        self.finish(response, client_on_upgrade, conn)
+            .await
+            .inspect_err(|err| {
+                log::info(
+                    "Unable to proxy request",
+                    &[("path", path.into()), ("error", error_chain(err).into())],
+                );
+            })
+    }
+
+    /// The proxy's answer for a request it could not forward. 400/408/413
+    /// close the connection: the client may still be sending a body we will
+    /// not read.
+    pub fn error_response(&self, err: &ForwardError) -> Response<ResponseBody> {
+        match err.status() {
+            StatusCode::BAD_GATEWAY => {
+                // Read on each use (502s are rare), so a page deployed after
+                // start-up is served; Thruster reads it once at start.
+                let page = std::fs::read(&self.config.bad_gateway_page).ok();
+                error_response(StatusCode::BAD_GATEWAY, page)
+            }
+            StatusCode::GATEWAY_TIMEOUT => error_response(StatusCode::GATEWAY_TIMEOUT, None),
+            status => closing(error_response(status, None)),
+        }
+    }
+
+    /// Step 1, the request head: hop-by-hop fields, forwarded headers,
+    /// `Host`, the upgrade handshake, the upstream URI.
+    fn prepare(&self, mut req: Request<RequestBody>, conn: &ConnInfo) -> Outgoing {
+        let host = request_host(&req);
+        let upgrade = remove_hop_by_hop(req.headers_mut());
+        // Only HTTP/1.1 has Upgrade (RFC 9110 §7.8); HTTP/2 uses extended CONNECT.
+        let client_upgrade = upgrade.filter(|_| req.version() == Version::HTTP_11);
+        set_forwarded_headers(
+            req.headers_mut(),
+            conn.peer.ip().to_canonical(),
+            host.as_ref(),
+            conn.tls,
+            self.config.forward_headers,
+        );
+        let host = host.unwrap_or_else(|| self.upstream.fallback_host().clone());
+        req.headers_mut().insert(header::HOST, host);
+        let client_on_upgrade = client_upgrade
+            .as_ref()
+            .map(|_| hyper::upgrade::on(&mut req));
+        if let Some(proto) = client_upgrade {
+            let h = req.headers_mut();
+            h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            h.insert(header::UPGRADE, proto);
+        }
+        // RFC 9110 §15.2: no 1xx for HTTP/1.0 clients; HTTP/2 clients miss
+        // out because hyper's server cannot send informational responses
+        // there; a connection without a state of its own (a QUIC stream)
+        // has no socket to write them to.
+        let informational = conn
+            .state
+            .clone()
+            .filter(|_| req.version() == Version::HTTP_11);
+        let path = req.uri().path().to_string();
+        let (mut parts, body) = req.into_parts();
+        parts.uri = self.upstream.uri_for(parts.uri.path_and_query());
+        parts.version = Version::HTTP_11;
+        Outgoing {
+            parts,
+            body,
+            path,
+            client_upgrade: client_on_upgrade,
+            informational,
+        }
+    }
+
+    /// Step 2, the request body: limits on size and pace, and request
+    /// buffering (not for upgrades, whose body is the tunnel).
+    async fn request_body(&self, mut out: Outgoing) -> Result<Outgoing, ForwardError> {
+        if out.body.is_end_stream() {
+            return Ok(out);
+        }
+        let config = &self.config;
         let pace = match (config.request_body_min_rate, config.http_read_timeout) {
             (0, Some(deadline)) => BodyPace::Deadline(deadline),
             (0, None) => BodyPace::Unlimited,
             (rate, _) => BodyPace::MinRate(rate),
         };
-        let limited =
-            LimitedBody::new(body, config.max_request_body, pace, cut.clone()).boxed_unsync();
-        if config.request_buffering && client_upgrade.is_none() {
-            let limits = BufferLimits {
-                memory: config.request_buffer_memory,
-                disk: config.request_buffer_max,
-            };
-            match request_buffer::buffer(limited, limits).await {
-                Ok(buffered) => {
-                    // A complete body goes to the app with its length, even
-                    // if the client sent it chunked.
-                    if let Some(len) = buffered.len {
-                        parts
-                            .headers
-                            .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
-                    }
-                    buffered.body
-                }
-                Err(err) => {
-                    let status = match cut.get() {
-                        Some(BodyCut::TooLarge) => StatusCode::PAYLOAD_TOO_LARGE,
-                        Some(BodyCut::TooSlow) => StatusCode::REQUEST_TIMEOUT,
-                        // The client went away or sent a broken body.
-                        None => StatusCode::BAD_REQUEST,
-                    };
-                    log::info(
-                        "Request body not received",
-                        &[("path", path.into()), ("error", error_chain(&*err).into())],
-                    );
-                    conn.state.mark_final_response();
-                    return closing(error_response(status, None));
-                }
-            }
-        } else {
-            limited
+        let limited = LimitedBody::new(
+            std::mem::replace(&mut out.body, full_body(Bytes::new())),
+            config.max_request_body,
+            pace,
+        )
+        .boxed_unsync();
+        if !config.request_buffering || out.client_upgrade.is_some() {
+            out.body = limited;
+            return Ok(out);
         }
-    };
+        let limits = BufferLimits {
+            memory: config.request_buffer_memory,
+            disk: config.request_buffer_max,
+        };
+        let buffered = request_buffer::buffer(limited, limits)
+            .await
+            .map_err(ForwardError::from_body)?;
+        // A complete body goes to the app with its length, even if the
+        // client sent it chunked.
+        if let Some(len) = buffered.len {
+            out.parts
+                .headers
+                .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+        }
+        out.body = buffered.body;
+        Ok(out)
+    }
 
-    if log::enabled(log::Level::Debug) {
-        log::debug(
-            "Proxying request",
-            &[
-                ("path", path.as_str().into()),
-                ("upstream", pipeline.upstream.to_string().into()),
-            ],
-        );
-    }
-    let mut upstream_req = Request::from_parts(parts, body);
-    if forward_informational {
-        relay_informational(&mut upstream_req, conn);
-    }
-    let mut result = send_with_timeout(pipeline, upstream_req, &path).await;
-    conn.state.mark_final_response();
-    if let (Some(Err(err)), Some(parts)) = (&result, replay) {
-        if err.is_connect() {
-            // Nothing reached the app: the app is restarting or still
-            // booting. Try again for a short while instead of a 502.
-            result = retry_connect(pipeline, &parts, &path, result).await;
-        } else {
+    /// Step 3, the upstream call: 1xx relay, the response-head timeout, a
+    /// replay on a fresh connection for a body-less request whose pooled
+    /// connection failed, and retries while the app refuses connections.
+    async fn send(
+        &self,
+        out: Outgoing,
+        conn: &ConnInfo,
+    ) -> Result<(Response<Incoming>, Option<OnUpgrade>), ForwardError> {
+        if log::enabled(log::Level::Debug) {
             log::debug(
-                "Retrying request on a new upstream connection",
+                "Proxying request",
                 &[
-                    ("path", path.as_str().into()),
-                    ("error", error_chain(err).into()),
+                    ("path", out.path.as_str().into()),
+                    ("upstream", self.upstream.to_string().into()),
                 ],
             );
-            let retry = Request::from_parts(parts, full_body(Bytes::new()));
-            result = send_with_timeout(pipeline, retry, &path).await;
         }
-    }
-    let mut response = match result {
-        None => return error_response(StatusCode::GATEWAY_TIMEOUT, None),
-        Some(Ok(response)) => response,
-        Some(Err(err)) => {
-            let status = match cut.get() {
-                Some(BodyCut::TooLarge) => StatusCode::PAYLOAD_TOO_LARGE,
-                Some(BodyCut::TooSlow) => StatusCode::REQUEST_TIMEOUT,
-                None => StatusCode::BAD_GATEWAY,
-            };
-            log::info(
-                "Unable to proxy request",
-                &[("path", path.into()), ("error", error_chain(&err).into())],
-            );
-            return match status {
-                StatusCode::BAD_GATEWAY => bad_gateway(pipeline),
-                status => closing(error_response(status, None)),
-            };
+        // A request without a body can be replayed: nothing of it is lost
+        // if a pooled connection fails under it (the app closed it as we
+        // sent).
+        let replay =
+            (out.body.is_end_stream() && out.client_upgrade.is_none()).then(|| out.parts.clone());
+        let mut upstream_req = Request::from_parts(out.parts, out.body);
+        if let Some(state) = out.informational {
+            relay_informational(&mut upstream_req, state);
         }
-    };
-
-    if response.status() == StatusCode::SWITCHING_PROTOCOLS {
-        let mut end = None;
-        if let Some(client_on_upgrade) = client_on_upgrade {
-            conn.state.mark_upgraded();
-            let upstream_on_upgrade = hyper::upgrade::on(&mut response);
-            let (tunnel_end, open) = TunnelEnd::new();
-            end = Some(tunnel_end);
-            tokio::spawn(tunnel(client_on_upgrade, upstream_on_upgrade, open));
+        let mut result = self.send_with_timeout(upstream_req, &out.path).await;
+        if let Some(state) = &conn.state {
+            state.mark_final_response();
         }
-        let (mut parts, _) = response.into_parts();
-        if let Some(end) = end {
-            parts.extensions.insert(end);
-        }
-        return Response::from_parts(parts, full_body(Bytes::new()));
-    }
-    remove_hop_by_hop(response.headers_mut());
-    if config.response_buffering {
-        let limits = SpoolLimits {
-            memory: config.response_buffer_memory,
-            disk: config.response_buffer_max,
-        };
-        return match response_buffer::buffer(response, limits, config.http_write_timeout).await {
-            Ok(response) => response,
-            Err(err) => {
-                log::info(
-                    "Unable to proxy request",
-                    &[("path", path.into()), ("error", error_chain(&*err).into())],
+        if let (Some(Err(err)), Some(parts)) = (&result, replay) {
+            if err.is_connect() {
+                // Nothing reached the app: the app is restarting or still
+                // booting. Try again for a short while instead of a 502.
+                result = self.retry_connect(&parts, &out.path, result).await;
+            } else {
+                log::debug(
+                    "Retrying request on a new upstream connection",
+                    &[
+                        ("path", out.path.as_str().into()),
+                        ("error", error_chain(err).into()),
+                    ],
                 );
-                bad_gateway(pipeline)
+                let retry = Request::from_parts(parts, full_body(Bytes::new()));
+                result = self.send_with_timeout(retry, &out.path).await;
             }
-        };
-    }
-    response.headers_mut().remove(X_ACCEL_BUFFERING);
-    response.map(|b| b.map_err(BoxError::from).boxed_unsync())
-}
-
-type SendResult = Option<Result<Response<Incoming>, hyper_util::client::legacy::Error>>;
-
-/// Retries a body-less request whose connection to the app was refused,
-/// every 50–500 ms until `UPSTREAM_RETRY_TIMEOUT` has passed. Safe for any
-/// method: a refused connection means the app saw nothing.
-async fn retry_connect(
-    pipeline: &Pipeline,
-    parts: &http::request::Parts,
-    path: &str,
-    mut result: SendResult,
-) -> SendResult {
-    let Some(window) = pipeline.config().upstream_retry_timeout else {
-        return result;
-    };
-    let deadline = tokio::time::Instant::now() + window;
-    let mut pause = Duration::from_millis(50);
-    while matches!(&result, Some(Err(e)) if e.is_connect()) {
-        let now = tokio::time::Instant::now();
-        if now >= deadline {
-            break;
         }
-        tokio::time::sleep(pause.min(deadline - now)).await;
-        pause = (pause * 2).min(Duration::from_millis(500));
-        let retry = Request::from_parts(parts.clone(), full_body(Bytes::new()));
-        result = send_with_timeout(pipeline, retry, path).await;
+        match result {
+            None => Err(ForwardError::Timeout(
+                self.config.http_write_timeout.unwrap_or_default(),
+            )),
+            Some(Ok(response)) => Ok((response, out.client_upgrade)),
+            Some(Err(err)) => Err(ForwardError::from_send(err)),
+        }
     }
-    result
+
+    /// Step 4, the response: the upgrade tunnel, hop-by-hop fields, and
+    /// response buffering.
+    async fn finish(
+        &self,
+        mut response: Response<Incoming>,
+        client_on_upgrade: Option<OnUpgrade>,
+        conn: &ConnInfo,
+    ) -> Result<Response<ResponseBody>, ForwardError> {
+        if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+            let mut end = None;
+            if let Some(client_on_upgrade) = client_on_upgrade {
+                if let Some(state) = &conn.state {
+                    state.mark_upgraded();
+                }
+                let upstream_on_upgrade = hyper::upgrade::on(&mut response);
+                let (tunnel_end, open) = TunnelEnd::new();
+                end = Some(tunnel_end);
+                tokio::spawn(tunnel(client_on_upgrade, upstream_on_upgrade, open));
+            }
+            let (mut parts, _) = response.into_parts();
+            if let Some(end) = end {
+                parts.extensions.insert(end);
+            }
+            return Ok(Response::from_parts(parts, full_body(Bytes::new())));
+        }
+        remove_hop_by_hop(response.headers_mut());
+        if self.config.response_buffering {
+            let limits = SpoolLimits {
+                memory: self.config.response_buffer_memory,
+                disk: self.config.response_buffer_max,
+            };
+            return response_buffer::buffer(response, limits, self.config.http_write_timeout)
+                .await
+                .map_err(ForwardError::Upstream);
+        }
+        response.headers_mut().remove(X_ACCEL_BUFFERING);
+        Ok(response.map(|b| b.map_err(BoxError::from).boxed_unsync()))
+    }
+
+    /// Retries a body-less request whose connection to the app was refused,
+    /// every 50–500 ms until `UPSTREAM_RETRY_TIMEOUT` has passed. Safe for
+    /// any method: a refused connection means the app saw nothing.
+    async fn retry_connect(
+        &self,
+        parts: &http::request::Parts,
+        path: &str,
+        mut result: SendResult,
+    ) -> SendResult {
+        let Some(window) = self.config.upstream_retry_timeout else {
+            return result;
+        };
+        let deadline = tokio::time::Instant::now() + window;
+        let mut pause = Duration::from_millis(50);
+        while matches!(&result, Some(Err(e)) if e.is_connect()) {
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                break;
+            }
+            tokio::time::sleep(pause.min(deadline - now)).await;
+            pause = (pause * 2).min(Duration::from_millis(500));
+            let retry = Request::from_parts(parts.clone(), full_body(Bytes::new()));
+            result = self.send_with_timeout(retry, path).await;
+        }
+        result
+    }
+
+    /// Sends upstream, bounding the wait for the response head by
+    /// `HTTP_WRITE_TIMEOUT`. `None` means the app did not answer in time.
+    async fn send_with_timeout(&self, req: Request<RequestBody>, path: &str) -> SendResult {
+        let sent = self.upstream.send(req);
+        match self.config.http_write_timeout {
+            None => Some(sent.await),
+            Some(limit) => match tokio::time::timeout(limit, sent).await {
+                Ok(result) => Some(result),
+                Err(_) => {
+                    log::info(
+                        "Upstream response timed out",
+                        &[
+                            ("path", path.into()),
+                            ("timeout_seconds", limit.as_secs().into()),
+                        ],
+                    );
+                    None
+                }
+            },
+        }
+    }
 }
+
+/// The outcome of one upstream call; `None`: no response head in time.
+type SendResult = Option<Result<Response<Incoming>, hyper_util::client::legacy::Error>>;
 
 /// Passes the app's 1xx responses (103 Early Hints) on to the client as they
 /// arrive. 100 Continue is hyper's business on each side; 101 is an upgrade.
-fn relay_informational(req: &mut Request<ResponseBody>, conn: &ConnInfo) {
-    let state = conn.state.clone();
+fn relay_informational(req: &mut Request<RequestBody>, state: Arc<ConnState>) {
     hyper::ext::on_informational(req, move |res| {
         let status = res.status();
         if status == StatusCode::CONTINUE || status == StatusCode::SWITCHING_PROTOCOLS {
@@ -400,32 +588,6 @@ fn relay_informational(req: &mut Request<ResponseBody>, conn: &ConnInfo) {
     });
 }
 
-/// Sends upstream, bounding the wait for the response head by
-/// `HTTP_WRITE_TIMEOUT`. `None` means the app did not answer in time.
-async fn send_with_timeout(
-    pipeline: &Pipeline,
-    req: Request<ResponseBody>,
-    path: &str,
-) -> Option<Result<Response<Incoming>, hyper_util::client::legacy::Error>> {
-    let sent = pipeline.upstream.send(req);
-    match pipeline.config().http_write_timeout {
-        None => Some(sent.await),
-        Some(limit) => match tokio::time::timeout(limit, sent).await {
-            Ok(result) => Some(result),
-            Err(_) => {
-                log::info(
-                    "Upstream response timed out",
-                    &[
-                        ("path", path.into()),
-                        ("timeout_seconds", limit.as_secs().into()),
-                    ],
-                );
-                None
-            }
-        },
-    }
-}
-
 /// The client may still be sending a body we will not read (or sent a
 /// request we cannot frame): close after the response rather than parse the
 /// rest as a new request.
@@ -437,14 +599,10 @@ pub(crate) fn closing(mut response: Response<ResponseBody>) -> Response<Response
 }
 
 /// Copies bytes both ways between client and app once both sides switched
-/// protocols (WebSocket). Request timeouts no longer apply.
-/// `_open` is dropped when the tunnel ends, however it ends, which writes
-/// the request's log line.
-async fn tunnel(
-    client: hyper::upgrade::OnUpgrade,
-    upstream: hyper::upgrade::OnUpgrade,
-    _open: TunnelOpen,
-) {
+/// protocols (WebSocket). Request timeouts no longer apply. `_open` is
+/// dropped when the tunnel ends, however it ends, which writes the
+/// request's log line.
+async fn tunnel(client: OnUpgrade, upstream: OnUpgrade, _open: TunnelOpen) {
     let (client, upstream) = match tokio::try_join!(client, upstream) {
         Ok(pair) => pair,
         Err(err) => {
@@ -457,13 +615,6 @@ async fn tunnel(
     let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
 }
 
-fn bad_gateway(pipeline: &Pipeline) -> Response<ResponseBody> {
-    // Read on each use (502s are rare), so a page deployed after start-up is
-    // served; Thruster reads it once at start.
-    let page = std::fs::read(&pipeline.config().bad_gateway_page).ok();
-    error_response(StatusCode::BAD_GATEWAY, page)
-}
-
 pub(crate) fn error_response(status: StatusCode, page: Option<Vec<u8>>) -> Response<ResponseBody> {
     let mut builder = Response::builder().status(status);
     if page.is_some() {
@@ -474,7 +625,7 @@ pub(crate) fn error_response(status: StatusCode, page: Option<Vec<u8>>) -> Respo
         .expect("static status and header form a valid response")
 }
 
-fn error_chain(err: &dyn std::error::Error) -> String {
+fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
     let mut text = err.to_string();
     let mut source = err.source();
     while let Some(cause) = source {
