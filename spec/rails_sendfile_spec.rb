@@ -106,4 +106,15 @@ RSpec.describe "loading thruster-rs with and without Rails" do
     expect(ruby_output('require "thruster-rs"; print defined?(Rails).inspect, " ", Thruster::Sendfile.name'))
       .to eq("nil Thruster::Sendfile")
   end
+
+  it "defines the Railtie when the gem comes first, once the app class is defined, and before that not" do
+    code = <<~RUBY
+      require "thruster-rs"
+      require "rails"
+      print defined?(Thruster::Railtie).inspect, " "
+      class App < Rails::Application; end
+      print Thruster::Railtie.superclass, " ", Rails::Railtie.subclasses.count(Thruster::Railtie)
+    RUBY
+    expect(ruby_output(code)).to eq("nil Rails::Railtie 1")
+  end
 end
