@@ -146,7 +146,7 @@ RSpec.describe "X-Sendfile in a Rails app under thrust" do
               "RUBYOPT" => nil, "BUNDLE_GEMFILE" => nil, "BUNDLE_BIN_PATH" => nil, "BUNDLER_SETUP" => nil }
       thrust = ChildProcess.start(env, RbConfig.ruby, File.join(ROOT, "exe/thrust"),
                                   RbConfig.ruby, Gem.bin_path("puma", "puma"), "-C", File.join(app, "config/puma.rb"),
-                                  File.join(app, "config.ru"), chdir: dir)
+                                  File.join(app, "config.ru"), chdir: app) # the app's root, as in production
       port = thrust.http_port
       wait_for_ok(port, timeout: 40, message: "the Rails fixture under thrust")
       response = http_get(port, "/download", { "Range" => "bytes=0-9" })
@@ -161,15 +161,21 @@ RSpec.describe "Thruster::Binary.app_rubyopt" do
   let(:binary) { Thruster::Binary }
   let(:hook) { Thruster::Binary::RAILTIE_HOOK }
 
-  it "adds the Railtie hook to the app's RUBYOPT, once, keeping what is there" do
-    expect(binary.app_rubyopt(nil)).to eq("-r#{hook}")
-    expect(binary.app_rubyopt("-W0 -rbundler/setup")).to eq("-W0 -rbundler/setup -r#{hook}")
-    expect(binary.app_rubyopt("-r#{hook} -W0")).to eq("-r#{hook} -W0")
+  it "adds the Railtie hook to a Rails app's RUBYOPT, once, keeping what is there" do
+    expect(binary.app_rubyopt(nil, rails_app: true)).to eq("-r#{hook}")
+    expect(binary.app_rubyopt("-W0 -rbundler/setup", rails_app: true)).to eq("-W0 -rbundler/setup -r#{hook}")
+    expect(binary.app_rubyopt("-r#{hook} -W0", rails_app: true)).to eq("-r#{hook} -W0")
+  end
+
+  it "leaves RUBYOPT alone outside a Rails app's root (no config/application.rb)" do
+    expect(binary.app_rubyopt("-W0", rails_app: false)).to eq("-W0")
+    Dir.chdir(File.join(FIXTURES, "rails_app")) { expect(binary.app_rubyopt(nil)).to eq("-r#{hook}") }
+    Dir.chdir(FIXTURES) { expect(binary.app_rubyopt(nil)).to be_nil }
   end
 
   it "says at start-up what to put in the Gemfile when the hook's path cannot go in RUBYOPT" do
     io = StringIO.new
-    expect(binary.app_rubyopt("-W0", hook: "/opt/my gems/railtie_hook.rb", io:)).to eq("-W0")
+    expect(binary.app_rubyopt("-W0", hook: "/opt/my gems/railtie_hook.rb", rails_app: true, io:)).to eq("-W0")
     expect(io.string).to include("X-Sendfile stays off", 'require: "thruster/railtie"')
   end
 end
