@@ -24,7 +24,7 @@ RSpec.describe "README and comments" do
   end
 
   it "cite section numbers only next to the RFC they come from, and no notes outside the repository" do
-    offenders = texts.flat_map do |file, text|
+    offenders = texts.except("spec/docs_spec.rb").flat_map do |file, text|
       found = []
       found << "#{file}: § without any RFC named in the file" if text.include?("§") && !text.include?("RFC")
       text.each_line.with_index(1) do |line, n|
