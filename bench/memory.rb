@@ -7,9 +7,21 @@
 #   2. Puma with the proxy in-process (plugin :thruster_rs)
 #   3. Puma wrapped by `thrust`
 #
-# Each setup is started, warmed with a few requests, left idle, then measured
-# over its whole process tree (sum of Pss from /proc/<pid>/smaps_rollup).
-# Repeated REPEAT times (default 3), interleaved; medians are reported.
+# Each setup serves bench/app.ru. It is started, sent 50 small requests,
+# left idle and measured ("idle"); then warmed up with mixed traffic —
+# WARMUP requests (default 300) on 4 connections: the cached 100 KB CSS in
+# gzip, br, zstd and identity, the 20 KB private page compressed per request
+# (br and gzip), 13-byte responses, and DOWNLOADS (default 4) 16 MiB
+# downloads (X-Sendfile through the proxy, streamed by Puma alone) — left
+# idle again and measured ("after warm-up"). PSS is summed over the whole
+# process tree from /proc/<pid>/smaps_rollup. Repeated REPEAT times
+# (default 3), interleaved; medians are reported.
+#
+# "proxy's own" is the proxy's share: in-process, the Puma master's PSS less
+# the master's of Puma alone (the proxy runs in the master only; workers
+# never touch their copy); under thrust, the thrust process's PSS. Target:
+# at most 4 MiB for the in-process proxy, idle and after warm-up; the script
+# exits 1 when the median misses it.
 #
 #   ruby bench/memory.rb            # prints a markdown table, writes bench/results/memory.md
 #   REPEAT=5 ruby bench/memory.rb
@@ -26,15 +38,26 @@ ROOT = File.expand_path("..", __dir__)
 FIXTURES = File.join(ROOT, "spec", "fixtures")
 THRUST = File.join(ROOT, "lib", "thruster", "thrust")
 REPEAT = Integer(ENV.fetch("REPEAT", "3"))
+WARMUP = Integer(ENV.fetch("WARMUP", "300"))
+DOWNLOADS = Integer(ENV.fetch("DOWNLOADS", "4"))
+TARGET_MIB = 4.0
 PUMA = Gem.bin_path("puma", "puma")
+APP = File.join(ROOT, "bench", "app.ru")
+SETUPS = ["puma alone", "puma + in-process proxy", "puma under thrust"].freeze
 
 abort "bench/memory: #{THRUST} missing; run `bundle exec rake compile`" unless File.executable?(THRUST)
+
+# The download, in the temp dir (an X-Sendfile root by default).
+DATA_DIR = Dir.mktmpdir("thruster-mem-data")
+at_exit { FileUtils.rm_rf(DATA_DIR) }
+BIG = File.join(DATA_DIR, "big.bin")
+File.open(BIG, "wb") { |f| 16.times { f.write(Random.bytes(1 << 20)) } }
 
 # The command and environment of one setup, listening on `port`.
 def setup_command(name, port, dir)
   env = { "APP_DIR" => dir, "WORKERS" => "2", "RUBYLIB" => File.join(ROOT, "lib"), "RUBYOPT" => nil,
-          "BUNDLE_GEMFILE" => nil, "LOG_REQUESTS" => "false", "PORT" => port.to_s }
-  puma = [RbConfig.ruby, PUMA, "-C", File.join(FIXTURES, "puma_plugin.rb"), File.join(FIXTURES, "app.ru")]
+          "BUNDLE_GEMFILE" => nil, "LOG_REQUESTS" => "false", "PORT" => port.to_s, "BENCH_BIG" => BIG }
+  puma = [RbConfig.ruby, PUMA, "-C", File.join(FIXTURES, "puma_plugin.rb"), APP]
   case name
   when "puma alone" then [env.merge("NO_PLUGIN" => "1"), puma]
   when "puma + in-process proxy" then [env, puma]
@@ -45,6 +68,42 @@ def setup_command(name, port, dir)
   end
 end
 
+# [path, Accept-Encoding] of the warm-up, in turn.
+MIX = [["/assets/app.css", "gzip"], ["/assets/app.css", "br"], ["/assets/app.css", "zstd"],
+       ["/assets/app.css", "identity"], ["/page", "gzip, deflate, br, zstd"], ["/page", "gzip"],
+       ["/hello", "gzip"]].freeze
+
+def warm_up(port)
+  queue = Queue.new
+  WARMUP.times { |i| queue << MIX[i % MIX.size] }
+  DOWNLOADS.times { queue << ["/download", "identity"] }
+  errors = Queue.new
+  Array.new(4) do
+    Thread.new do
+      Net::HTTP.start("127.0.0.1", port, read_timeout: 30) do |http|
+        while (job = queue.pop(true) rescue nil) # rubocop:disable Style/RescueModifier
+          path, coding = job
+          http.request(Net::HTTP::Get.new(path, "Accept-Encoding" => coding)) do |response|
+            bytes = 0
+            response.read_body { |chunk| bytes += chunk.bytesize }
+            errors << "#{path}: #{response.code}, #{bytes} bytes" unless response.code == "200" && bytes.positive?
+          end
+        end
+      end
+    end
+  end.each(&:join)
+  abort "bench/memory: warm-up failed: #{errors.pop}" unless errors.empty?
+end
+
+# PSS in KiB of the tree, of the Puma master and of thrust (nil without).
+def sample(pid, name)
+  tree = BenchSupport.tree(pid)
+  thrust = name == "puma under thrust" ? pid : nil
+  master = thrust ? BenchSupport.children(pid).first : pid
+  { tree: BenchSupport.pss_kib(tree), master: BenchSupport.pss_kib([master]),
+    thrust: thrust && BenchSupport.pss_kib([thrust]) }
+end
+
 def measure(name)
   dir = Dir.mktmpdir("thruster-mem")
   port = BenchSupport.free_port
@@ -52,9 +111,12 @@ def measure(name)
   pid = Process.spawn(env, *argv, out: File::NULL, err: File::NULL, pgroup: true)
   BenchSupport.wait_for(port, path: "/up")
   sleep 1 until BenchSupport.tree(pid).size >= (name == "puma under thrust" ? 4 : 3)
-  50.times { Net::HTTP.get_response(URI("http://127.0.0.1:#{port}/h")) }
+  50.times { Net::HTTP.get_response(URI("http://127.0.0.1:#{port}/hello")) }
   sleep 2 # idle
-  BenchSupport.pss_kib(BenchSupport.tree(pid))
+  idle = sample(pid, name)
+  warm_up(port)
+  sleep 2 # idle again
+  { idle:, after: sample(pid, name) }
 ensure
   if pid
     Process.kill("TERM", -pid)
@@ -63,33 +125,60 @@ ensure
   FileUtils.rm_rf(dir) if dir
 end
 
-setups = ["puma alone", "puma + in-process proxy", "puma under thrust"]
 samples = Hash.new { |h, k| h[k] = [] }
 REPEAT.times do |i|
-  setups.each do |name|
-    samples[name] << measure(name)
-    warn format("run %<run>d/%<total>d  %-24<name>s PSS %<pss>.1f MiB",
-                run: i + 1, total: REPEAT, name:, pss: samples[name].last / 1024.0)
+  SETUPS.each do |name|
+    samples[name] << (s = measure(name))
+    warn format("run %<run>d/%<total>d  %-24<name>s PSS idle %<idle>.1f MiB, after warm-up %<after>.1f MiB",
+                run: i + 1, total: REPEAT, name:, idle: s[:idle][:tree] / 1024.0, after: s[:after][:tree] / 1024.0)
   end
 end
 
-median = ->(xs) { xs.sort[xs.size / 2] }
-base = median.call(samples["puma alone"])
-rows = setups.map do |name|
-  m = median.call(samples[name])
-  spread = (samples[name].max - samples[name].min) / 1024.0
-  added = name == "puma alone" ? "–" : format("%+.1f", (m - base) / 1024.0)
-  format("| %-24<name>s | %6.1<pss>f | %4.1<spread>f | %6<added>s |",
-         name:, pss: m / 1024.0, spread:, added:)
-end
-table = <<~MD
-  Idle PSS of the whole process tree, Puma 5.6 cluster with 2 workers; median of #{REPEAT} interleaved runs,
-  #{Time.now.utc.strftime('%Y-%m-%d')}, #{RUBY_DESCRIPTION.split(' [').first}.
+def median(values) = values.sort[values.size / 2]
+def mib(kib) = kib / 1024.0
+def stat(samples, name, phase, key) = median(samples[name].map { |s| s[phase][key] })
 
-  | setup                    | PSS MiB | spread | added MiB |
-  |--------------------------|--------:|-------:|----------:|
+# The proxy's own PSS in KiB in one phase.
+def own(samples, name, phase)
+  case name
+  when "puma + in-process proxy" then stat(samples, name, phase, :master) - stat(samples, "puma alone", phase, :master)
+  when "puma under thrust" then stat(samples, name, phase, :thrust)
+  end
+end
+
+rows = SETUPS.map do |name|
+  cells = %i[idle after].flat_map do |phase|
+    tree = stat(samples, name, phase, :tree)
+    spread = samples[name].map { |s| s[phase][:tree] }.minmax.reverse.inject(:-)
+    added = name == "puma alone" ? "–" : format("%+.1f", mib(tree - stat(samples, "puma alone", phase, :tree)))
+    proxy = own(samples, name, phase)
+    [format("%.1f", mib(tree)), format("%.1f", mib(spread)), added, proxy ? format("%.1f", mib(proxy)) : "–"]
+  end
+  "| #{name.ljust(23)} | #{cells.join(' | ')} |"
+end
+
+# glibc malloc tunables given to the run (MALLOC_MMAP_THRESHOLD_=131072 shows
+# how much of the warm-up growth is freed memory malloc keeps; see the README).
+tunables = ENV.select { |key, _| key.start_with?("MALLOC_", "GLIBC_TUNABLES") }.map { |k, v| "#{k}=#{v}" }
+environment = tunables.empty? ? "" : " Environment: #{tunables.join(' ')}."
+inproc = %i[idle after].to_h { |phase| [phase, mib(own(samples, "puma + in-process proxy", phase))] }
+met = inproc.values.all? { |v| v <= TARGET_MIB }
+table = <<~MD
+  PSS of the whole process tree, Puma 5.6 cluster with 2 workers serving bench/app.ru; median of #{REPEAT}
+  interleaved runs, #{Time.now.utc.strftime('%Y-%m-%d')}, #{RUBY_DESCRIPTION.split(' [').first}. "After warm-up": after
+  #{WARMUP} mixed requests on 4 connections (cached CSS in gzip/br/zstd/identity, the compressed page, 13-byte
+  responses) and #{DOWNLOADS} downloads of 16 MiB. "Proxy's own": in-process, the Puma master's PSS less Puma
+  alone's master; under thrust, the thrust process. "Added": the tree's PSS less Puma alone's (whose workers
+  stream the downloads themselves: behind the proxy they are X-Sendfile).#{environment}
+
+  | setup                   | idle MiB | spread | added | proxy's own | after warm-up MiB | spread | added | proxy's own |
+  |-------------------------|---------:|-------:|------:|------------:|------------------:|-------:|------:|------------:|
   #{rows.join("\n")}
+
+  In-process proxy's own PSS: #{format('%.1f', inproc[:idle])} MiB idle, #{format('%.1f', inproc[:after])} MiB after warm-up
+  (target ≤ #{TARGET_MIB.round} MiB: #{met ? 'met' : 'NOT met'}).
 MD
 puts table
 FileUtils.mkdir_p(File.join(ROOT, "bench", "results"))
 File.write(File.join(ROOT, "bench", "results", "memory.md"), table)
+exit(met ? 0 : 1)

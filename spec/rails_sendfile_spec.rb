@@ -3,6 +3,8 @@
 require "spec_helper"
 require "English"
 require "fileutils"
+require "stringio"
+require_relative "../lib/thruster/binary"
 
 # The Railtie in a real Rails app (the system's Rails 6.1, no Bundler) under
 # a real Puma, requested directly the way the proxy would: X-Sendfile only
@@ -105,5 +107,75 @@ RSpec.describe "loading thruster-rs with and without Rails" do
       .to eq("Rails::Railtie")
     expect(ruby_output('require "thruster-rs"; print defined?(Rails).inspect, " ", Thruster::Sendfile.name'))
       .to eq("nil Thruster::Sendfile")
+  end
+
+  it "defines the Railtie when the gem comes first, once the app class is defined, and before that not" do
+    code = <<~RUBY
+      require "thruster-rs"
+      require "rails"
+      print defined?(Thruster::Railtie).inspect, " "
+      class App < Rails::Application; end
+      print Thruster::Railtie.superclass, " ", Rails::Railtie.subclasses.count(Thruster::Railtie)
+    RUBY
+    expect(ruby_output(code)).to eq("nil Rails::Railtie 1")
+  end
+end
+
+# Under `thrust`, with the Gemfile line Rails 8 writes for basecamp's gem
+# renamed (`gem "thruster-rs", require: false`): nothing in the app requires
+# the gem, so `thrust` loads the Railtie hook into it through RUBYOPT. Also
+# the line the README recommends, `require: "thruster/railtie"`.
+RSpec.describe "X-Sendfile in a Rails app under thrust" do
+  let(:dir) { Dir.mktmpdir("thruster-rails-thrust") }
+  let(:report) { File.join(dir, "report.txt") }
+
+  before { File.write(report, (1..400).map { |i| format("line %04d of the report\n", i) }.join) }
+  after { FileUtils.rm_rf(dir) }
+
+  { "" => 'gem "thruster-rs", require: false',
+    "thruster/railtie" => 'gem "thruster-rs", require: "thruster/railtie"' }.each do |gem_require, line|
+    it "answers Range on send_file with the proxy's 206 (#{line})" do
+      thrust_path # compiled
+      app = File.join(FIXTURES, "rails_app")
+      # Bundler puts the gem's lib/ on the load path; with require: false
+      # nothing needs it there.
+      rubylib = gem_require.empty? ? nil : File.join(ROOT, "lib")
+      env = { "HTTP_PORT" => "0", "TARGET_PORT" => free_port.to_s, "LOG_REQUESTS" => "false",
+              "THRUSTER_MODE" => "none", "THRUSTER_GEM_REQUIRE" => gem_require, "SENDFILE_FIXTURE_DIR" => dir,
+              "RAILS_ENV" => "production", "RACK_ENV" => nil, "RUBYLIB" => rubylib,
+              "RUBYOPT" => nil, "BUNDLE_GEMFILE" => nil, "BUNDLE_BIN_PATH" => nil, "BUNDLER_SETUP" => nil }
+      thrust = ChildProcess.start(env, RbConfig.ruby, File.join(ROOT, "exe/thrust"),
+                                  RbConfig.ruby, Gem.bin_path("puma", "puma"), "-C", File.join(app, "config/puma.rb"),
+                                  File.join(app, "config.ru"), chdir: app) # the app's root, as in production
+      port = thrust.http_port
+      wait_for_ok(port, timeout: 40, message: "the Rails fixture under thrust")
+      response = http_get(port, "/download", { "Range" => "bytes=0-9" })
+      expect(response.code).to eq("206"), "#{response.code}; output:\n#{thrust.output}"
+      expect(response["Content-Range"]).to eq("bytes 0-9/#{File.size(report)}")
+      expect(response.body).to eq(File.binread(report, 10))
+    end
+  end
+end
+
+RSpec.describe "Thruster::Binary.app_rubyopt" do
+  let(:binary) { Thruster::Binary }
+  let(:hook) { Thruster::Binary::RAILTIE_HOOK }
+
+  it "adds the Railtie hook to a Rails app's RUBYOPT, once, keeping what is there" do
+    expect(binary.app_rubyopt(nil, rails_app: true)).to eq("-r#{hook}")
+    expect(binary.app_rubyopt("-W0 -rbundler/setup", rails_app: true)).to eq("-W0 -rbundler/setup -r#{hook}")
+    expect(binary.app_rubyopt("-r#{hook} -W0", rails_app: true)).to eq("-r#{hook} -W0")
+  end
+
+  it "leaves RUBYOPT alone outside a Rails app's root (no config/application.rb)" do
+    expect(binary.app_rubyopt("-W0", rails_app: false)).to eq("-W0")
+    Dir.chdir(File.join(FIXTURES, "rails_app")) { expect(binary.app_rubyopt(nil)).to eq("-r#{hook}") }
+    Dir.chdir(FIXTURES) { expect(binary.app_rubyopt(nil)).to be_nil }
+  end
+
+  it "says at start-up what to put in the Gemfile when the hook's path cannot go in RUBYOPT" do
+    io = StringIO.new
+    expect(binary.app_rubyopt("-W0", hook: "/opt/my gems/railtie_hook.rb", rails_app: true, io:)).to eq("-W0")
+    expect(io.string).to include("X-Sendfile stays off", 'require: "thruster/railtie"')
   end
 end

@@ -31,6 +31,16 @@ ext_file = "thruster_rs.#{dlext}"
 built_lib = File.join(target_dir, out_subdir, "libthruster_rs.so")
 built_bin = File.join(target_dir, out_subdir, "thrust")
 
+# A shell command that copies `src` to a temporary file next to `dest` and
+# renames it over `dest`. A plain `cp` onto a running `thrust` fails with
+# "Text file busy", and onto a loaded extension it would change the pages of
+# every process that mapped it; a rename leaves them their old file.
+# (`$$$$` is the shell's pid once make has halved the dollars.)
+def install_by_rename(src, dest)
+  tmp = File.join(File.dirname(dest), ".#{File.basename(dest)}.tmp.$$$$")
+  %(cp "#{src}" "#{tmp}" && mv -f "#{tmp}" "#{dest}" || { rm -f "#{tmp}"; exit 1; })
+end
+
 File.write("Makefile", <<~MAKE)
   SHELL = /bin/sh
   RUBY = #{RbConfig.ruby}
@@ -47,8 +57,8 @@ File.write("Makefile", <<~MAKE)
 
   install: all
   \tmkdir -p "$(DESTDIR)$(sitearchdir)/thruster"
-  \tcp #{ext_file} "$(DESTDIR)$(sitearchdir)/thruster/#{ext_file}"
-  \tcp thrust "$(DESTDIR)$(sitearchdir)/thruster/thrust"
+  \t#{install_by_rename(ext_file, "$(DESTDIR)$(sitearchdir)/thruster/#{ext_file}")}
+  \t#{install_by_rename('thrust', '$(DESTDIR)$(sitearchdir)/thruster/thrust')}
   #{purge ? "\trm -rf \"#{target_dir}\"" : ''}
 
   clean:

@@ -109,7 +109,7 @@ module Thruster
     end
 
     # Listening sockets a previous process image handed over (see
-    # handoff_for_exec); consumed once.
+    # begin_handoff and export_handoff); consumed once.
     def take_inherited_fds
       value = ENV.delete(INHERIT_ENV).to_s
       value.split(",").filter_map { |pair| Integer(pair.split(":", 2).first, exception: false) }

@@ -2,11 +2,13 @@
 //! variables (or any other source of `NAME -> value` pairs, such as the Ruby
 //! keyword arguments of the in-process mode).
 //!
-//! Lookup rule (Thruster §1.1, with one deliberate difference): for every
-//! setting `NAME`, `THRUSTER_NAME` wins over `NAME`, which wins over the
-//! default. An empty value counts as unset, so `THRUSTER_HTTP_PORT=` falls
-//! through to `HTTP_PORT`. An invalid value is an error naming the variable,
-//! the value and what is accepted (Thruster silently uses the default).
+//! Lookup rule (basecamp's Thruster's, with one deliberate difference): for
+//! every setting `NAME`, `THRUSTER_NAME` wins over `NAME`, which wins over
+//! the default. An empty value counts as unset, so `THRUSTER_HTTP_PORT=`
+//! falls through to `HTTP_PORT` (Thruster uses a present but empty
+//! `THRUSTER_NAME` as the value). An invalid value is an error naming the
+//! variable, the value and what is accepted (Thruster silently uses the
+//! default).
 
 use std::fs;
 use std::path::PathBuf;
@@ -123,9 +125,11 @@ pub fn prefixed_lookup(name: &str, lookup: impl Fn(&str) -> Option<String>) -> O
     })
 }
 
-/// Every setting the proxy understands, as (name, accepted-values text, default).
-/// The README table is checked against this (a test below); the Ruby
-/// keywords are these names in snake_case.
+/// Every setting the proxy understands, as (name, default): the default as
+/// users read it — a value, a phrase such as "the working directory and the
+/// temp directory", or empty when there is none. Only the names are read by
+/// code: the README table is checked against them (a test below), and the
+/// Ruby keywords are these names in snake_case.
 pub const SETTINGS: &[(&str, &str)] = &[
     ("TARGET_PORT", "3000"),
     ("CACHE_SIZE", "67108864"),

@@ -9,7 +9,7 @@
 use std::path::Path;
 
 /// For anything we do not know: the type that makes browsers download
-/// rather than guess (§8.3 lets a recipient treat it as opaque data).
+/// rather than guess (RFC 9110 §8.3 lets a recipient treat it as opaque data).
 pub const DEFAULT: &str = "application/octet-stream";
 
 /// Lower-case extension → type. Textual types carry `charset=utf-8` because
@@ -69,7 +69,7 @@ mod tests {
     use super::*;
     use http::HeaderValue;
 
-    /// §8.3 Content-Type for each extension we know, and the fallback.
+    /// RFC 9110 §8.3 Content-Type for each extension we know, and the fallback.
     #[test]
     fn types_by_extension() {
         let cases = [

@@ -15,7 +15,7 @@ pub struct Sibling {
 }
 
 /// The suffix each content-coding's files carry, and the token we send back.
-/// `x-gzip` is gzip's old alias (§8.4.1.3).
+/// `x-gzip` is gzip's old alias (RFC 9110 §8.4.1.3).
 fn suffix(token: &str) -> Option<(&'static str, &'static str)> {
     const KNOWN: [(&str, &str, &str); 4] = [
         ("br", ".br", "br"),
@@ -67,7 +67,7 @@ mod tests {
     /// The coding and the sibling's file name we expect, if any.
     type Choice<'a> = Option<(&'a str, &'a str)>;
 
-    /// §12.5.3 Accept-Encoding preference and §8.4 Content-Encoding tokens.
+    /// RFC 9110 §12.5.3 Accept-Encoding preference and §8.4 Content-Encoding tokens.
     #[test]
     fn picks_the_preferred_fresh_sibling() {
         let t = TempDir::new("siblings");

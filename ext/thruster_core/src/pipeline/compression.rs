@@ -2,7 +2,7 @@
 //! `Accept-Encoding` (RFC 9110 §12.5.3), streamed frame by frame with a
 //! flush after each one so SSE and other streams are never held back.
 //!
-//! Fixes over Thruster (§3.3, §8 items 9–11): brotli; q-values honoured with
+//! Fixes over basecamp's Thruster (v0.1.22): brotli; q-values honoured with
 //! br > zstd > gzip on ties; `Vary: Accept-Encoding` merged with the app's
 //! own `Vary` instead of replacing it; a compressed representation gets a
 //! weak ETag (it is not byte-identical to the app's); already-compressed

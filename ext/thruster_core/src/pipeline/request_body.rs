@@ -271,7 +271,8 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_body_at_or_above_the_minimum_rate_passes() {
-        // 100 B/s against a 64 B/s floor, for 100 s: the slow upload.
+        // 100 B/s against a 64 B/s floor, for 100 s: a 10 KB upload over a
+        // slow link, as in bench/slow_uploads.rb.
         let got = trickle(64, 100, Duration::from_secs(1), 100).await;
         assert_eq!(got, Ok(10_000));
         // Bursty: 1,000 bytes every 9 s is 111 B/s on average.

@@ -7,9 +7,10 @@
 //! gem's `Thruster::Sendfile` middleware checks; a client can never turn
 //! sendfile on by sending headers itself.
 //!
-//! Fixes over Thruster (§3.5, §8 items 12–14): a root jail, the app's status
-//! honoured, a body sent alongside discarded instead of aborting the
-//! connection, siblings, and no directory listings.
+//! Fixes over basecamp's Thruster (v0.1.22), which serves any file it can
+//! read with Go's `ServeFile`: a root jail, the app's status honoured, a
+//! body sent alongside discarded instead of aborting the connection,
+//! siblings, and no directory listings or redirects.
 
 use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
@@ -301,8 +302,9 @@ fn bare(status: StatusCode) -> Response<ResponseBody> {
     response
 }
 
-/// Thruster's not-found answer (§3.5.2), without the validators and
-/// caching fields that described the file.
+/// The not-found answer Thruster (Go's `ServeFile`) gives for a missing
+/// file — 404, `text/plain`, `nosniff`, "404 page not found" — without the
+/// validators and caching fields that described the file.
 fn not_found(mut headers: HeaderMap) -> Response<ResponseBody> {
     for name in [
         header::CACHE_CONTROL,
