@@ -1,5 +1,5 @@
-//! Accept-Encoding: the compression choice (`compression::negotiate`), the
-//! cache's reading of the same field (`key::accepts`, `CacheKey`), plus
+//! Accept-Encoding: the compression choice (`http::coding::negotiate`), the
+//! cache's reading of the same field (`http::coding::accepts`, `CacheKey`), plus
 //! `vary_names` and `normalise_host` over the same bytes.
 //!
 //! Invariants: no panic; the coding compression picks is one the cache
@@ -11,8 +11,8 @@
 use http::header::{self, HeaderMap, HeaderValue};
 use http::Request;
 use libfuzzer_sys::fuzz_target;
-use thruster_core::pipeline::cache::key::{accepts, normalise_host, vary_names, BaseKey, CacheKey};
-use thruster_core::pipeline::compression::{negotiate, Coding};
+use thruster_core::http::coding::{accepts, negotiate, Coding};
+use thruster_core::pipeline::cache::key::{normalise_host, vary_names, BaseKey, CacheKey};
 use thruster_core_fuzz::{fields, headers, value};
 
 const CODINGS: [Coding; 3] = [Coding::Brotli, Coding::Zstd, Coding::Gzip];

@@ -1,5 +1,5 @@
-//! `Range` parsing (`range::parse`, `range::select`) and the 206 bodies built
-//! from its ranges (`slice_body`, `Multipart`).
+//! `Range` parsing (`range::parse`, `range::select`) and the 206 bodies
+//! `files::respond` builds from its ranges (with `Multipart` framing).
 //!
 //! Invariants for a Partial outcome: at least one and at most `MAX_RANGES`
 //! ranges, each non-empty and inside `0..len`, no two overlapping or
@@ -9,15 +9,20 @@
 //! `parse` says.
 #![no_main]
 
+use std::pin::Pin;
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::{BufMut, Bytes, BytesMut};
-use http::{header, HeaderMap, HeaderValue, Method};
+use http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use http_body::Body as _;
 use libfuzzer_sys::fuzz_target;
 use thruster_core::files::conditional::Validators;
 use thruster_core::files::range::{
-    content_range, parse, select, slice_body, ByteRange, Multipart, RangeOutcome, MAX_RANGES,
+    content_range, parse, select, ByteRange, Multipart, RangeOutcome, MAX_RANGES,
 };
+use thruster_core::files::respond::{respond, Representation, Source};
+use thruster_core::http::ResponseBody;
 use thruster_core_fuzz::{fields, number, value};
 
 const BODY_MAX: u64 = 4096;
@@ -47,20 +52,64 @@ fn boundary(content_type: &HeaderValue) -> &str {
     rest.strip_suffix('"').expect("a quoted boundary")
 }
 
-fn check_body(ranges: &[ByteRange], len: u64, content_type: Option<&HeaderValue>) {
+/// The bytes of an in-memory body (a `Full`, ready at once).
+fn bytes_of(mut body: ResponseBody) -> Bytes {
+    let mut cx = Context::from_waker(Waker::noop());
+    let mut out = BytesMut::new();
+    loop {
+        match Pin::new(&mut body).poll_frame(&mut cx) {
+            Poll::Ready(Some(Ok(frame))) => out.put(frame.into_data().expect("data")),
+            Poll::Ready(None) => return out.freeze(),
+            other => panic!("an in-memory body is ready at once: {other:?}"),
+        }
+    }
+}
+
+/// The 206 `files::respond` makes from `range_value` over a `len`-byte body
+/// in memory, checked against the framing `Multipart` describes.
+fn check_body(
+    range_value: &HeaderValue,
+    ranges: &[ByteRange],
+    len: u64,
+    content_type: Option<&HeaderValue>,
+) {
     let body: Bytes = (0..len).map(|i| (i % 251) as u8).collect();
-    let sliced = slice_body(&body, ranges, content_type);
+    let mut headers = HeaderMap::new();
+    if let Some(t) = content_type {
+        headers.insert(header::CONTENT_TYPE, t.clone());
+    }
+    let mut request = HeaderMap::new();
+    request.insert(header::RANGE, range_value.clone());
+    let representation = Representation {
+        status: StatusCode::OK,
+        headers,
+        source: Source::Bytes(body.clone()),
+    };
+    let response = respond(
+        &Method::GET,
+        &request,
+        representation,
+        SystemTime::now(),
+        |_, _, _| None,
+    );
+    assert_eq!(response.status(), StatusCode::PARTIAL_CONTENT);
+    let (parts, sliced) = response.into_parts();
+    let sliced = bytes_of(sliced);
+    assert_eq!(
+        parts.headers[header::CONTENT_LENGTH],
+        sliced.len().to_string().as_str()
+    );
     if let [only] = ranges {
+        assert_eq!(sliced, body.slice(only.start as usize..=only.end as usize));
         assert_eq!(
-            sliced.body,
-            body.slice(only.start as usize..=only.end as usize)
+            parts.headers.get(header::CONTENT_RANGE),
+            Some(&content_range(*only, len))
         );
-        assert_eq!(sliced.content_range, Some(content_range(*only, len)));
-        assert_eq!(sliced.content_type.as_ref(), content_type);
+        assert_eq!(parts.headers.get(header::CONTENT_TYPE), content_type);
         return;
     }
-    assert!(sliced.content_range.is_none());
-    let multipart_type = sliced.content_type.expect("multipart has a type");
+    assert!(!parts.headers.contains_key(header::CONTENT_RANGE));
+    let multipart_type = parts.headers[header::CONTENT_TYPE].clone();
     let framing = Multipart::with_boundary(boundary(&multipart_type), content_type, len, ranges)
         .expect("the boundary we generated is valid");
     assert_eq!(framing.content_type(), &multipart_type);
@@ -72,8 +121,8 @@ fn check_body(ranges: &[ByteRange], len: u64, content_type: Option<&HeaderValue>
         expected.put_slice(&body[range.start as usize..=range.end as usize]);
     }
     expected.put_slice(framing.trailer());
-    assert_eq!(sliced.body.len() as u64, framing.content_length());
-    assert_eq!(sliced.body, expected.freeze());
+    assert_eq!(sliced.len() as u64, framing.content_length());
+    assert_eq!(sliced, expected.freeze());
     // A fresh random boundary has the same length, so the same total.
     let fresh = Multipart::new(content_type, len, ranges);
     assert_eq!(fresh.content_length(), framing.content_length());
@@ -90,9 +139,9 @@ fuzz_target!(|data: &[u8]| {
     let outcome = parse(range_value, len);
     if let RangeOutcome::Partial(ranges) = &outcome {
         check_ranges(ranges, len);
-        if len <= BODY_MAX {
+        if let (true, Ok(header)) = (len <= BODY_MAX, HeaderValue::from_bytes(range_value)) {
             let content_type = HeaderValue::from_static("text/plain; charset=utf-8");
-            check_body(ranges, len, typed.then_some(&content_type));
+            check_body(&header, ranges, len, typed.then_some(&content_type));
         }
     }
     if len == 0 {

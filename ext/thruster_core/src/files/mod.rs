@@ -14,13 +14,17 @@
 //!    [`conditional::weak_etag_for`] and the file's mtime;
 //! 2. [`conditional::evaluate`] → 304 / 412, or proceed (RFC 9110 §13.2.2);
 //! 3. [`range::select`] (GET + Range + If-Range) → 200, 206 or 416, and
-//!    [`range::slice_body`] or [`range::Multipart`] to build the 206 body.
+//!    [`range::Multipart`] to build a multi-range 206 body.
+//!
+//! Steps 2 and 3, and HEAD, are [`respond::respond`]: the one way cache hits
+//! and X-Sendfile serve what they hold.
 
 pub mod body;
 pub mod conditional;
 pub mod jail;
 pub mod mime;
 pub mod range;
+pub mod respond;
 pub mod siblings;
 
 pub use conditional::{Precondition, Validators};

@@ -2,8 +2,9 @@
 //! length, `Content-Range`, and multipart/byteranges framing.
 //!
 //! The framing is computed apart from the body so the same code serves an
-//! in-memory cached body ([`slice_body`]) and a file read piece by piece
-//! ([`Multipart::parts`] gives each part's header bytes and byte range).
+//! in-memory cached body and a file read piece by piece
+//! ([`Multipart::parts`] gives each part's header bytes and byte range; see
+//! `files::respond`).
 
 use std::ops::Range;
 use std::time::SystemTime;
@@ -349,52 +350,6 @@ pub fn new_boundary() -> String {
     format!("thruster-{}", crate::sys::random::hex(16))
 }
 
-/// A 206 body cut from an in-memory representation.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SlicedBody {
-    /// The representation's own type for one range, `multipart/byteranges`
-    /// for several; `None` only when one range of an untyped body was asked.
-    pub content_type: Option<HeaderValue>,
-    /// Set for a single range; multipart parts carry their own.
-    pub content_range: Option<HeaderValue>,
-    pub body: Bytes,
-}
-
-/// Cuts `ranges` (from [`parse`] or [`select`] for `body.len()`, so never
-/// empty and always in bounds) out of a cached body. One range is a zero-copy
-/// slice; several are framed as multipart/byteranges.
-///
-/// # Panics
-/// If `ranges` is empty or reaches past the body.
-pub fn slice_body(
-    body: &Bytes,
-    ranges: &[ByteRange],
-    content_type: Option<&HeaderValue>,
-) -> SlicedBody {
-    let len = body.len() as u64;
-    let cut = |r: &ByteRange| body.slice(r.start as usize..=r.end as usize);
-    if let [only] = ranges {
-        return SlicedBody {
-            content_type: content_type.cloned(),
-            content_range: Some(content_range(*only, len)),
-            body: cut(only),
-        };
-    }
-    assert!(!ranges.is_empty(), "slice_body needs at least one range");
-    let multipart = Multipart::new(content_type, len, ranges);
-    let mut out = BytesMut::with_capacity(multipart.content_length() as usize);
-    for part in multipart.parts() {
-        out.put_slice(&part.head);
-        out.put_slice(&cut(&part.range));
-    }
-    out.put_slice(multipart.trailer());
-    SlicedBody {
-        content_type: Some(multipart.content_type().clone()),
-        content_range: None,
-        body: out.freeze(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -536,33 +491,5 @@ mod tests {
         let (a, b) = (new_boundary(), new_boundary());
         assert_ne!(a, b);
         assert!(Multipart::with_boundary(&a, None, 10, &ranges).is_some());
-    }
-
-    #[test]
-    fn slicing_a_cached_body() {
-        let body = Bytes::from_static(b"hello, world");
-        let ct = HeaderValue::from_static("text/plain");
-
-        // §14.4 single part: the body is the range, Content-Range on the response.
-        let one = slice_body(&body, &[r(7, 11)], Some(&ct));
-        assert_eq!(one.body, "world");
-        assert_eq!(one.content_type, Some(ct.clone()));
-        assert_eq!(one.content_range.unwrap(), "bytes 7-11/12");
-
-        // §14.6 several parts: multipart, Content-Range inside each part.
-        let many = slice_body(&body, &[r(0, 4), r(7, 11)], Some(&ct));
-        assert!(many.content_range.is_none());
-        let mct = many.content_type.unwrap();
-        let mct = mct.to_str().unwrap();
-        let boundary = mct
-            .strip_prefix("multipart/byteranges; boundary=\"")
-            .and_then(|s| s.strip_suffix('"'))
-            .unwrap();
-        let want = format!(
-            "--{boundary}\r\ncontent-type: text/plain\r\ncontent-range: bytes 0-4/12\r\n\r\nhello\
-             \r\n--{boundary}\r\ncontent-type: text/plain\r\ncontent-range: bytes 7-11/12\r\n\r\nworld\
-             \r\n--{boundary}--\r\n"
-        );
-        assert_eq!(many.body, want.as_bytes());
     }
 }

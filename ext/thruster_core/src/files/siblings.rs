@@ -5,35 +5,20 @@ use std::ffi::OsString;
 use std::path::PathBuf;
 
 use super::jail::{resolve, ResolvedFile};
+use crate::http::coding::Coding;
 
 /// A precompressed variant chosen for a response.
 #[derive(Debug)]
 pub struct Sibling {
-    /// The Content-Encoding to send: `br`, `zstd` or `gzip`.
-    pub coding: &'static str,
+    /// The Content-Encoding to send.
+    pub coding: Coding,
     pub file: ResolvedFile,
-}
-
-/// The suffix each content-coding's files carry, and the token we send back.
-/// `x-gzip` is gzip's old alias (RFC 9110 §8.4.1.3).
-fn suffix(token: &str) -> Option<(&'static str, &'static str)> {
-    const KNOWN: [(&str, &str, &str); 4] = [
-        ("br", ".br", "br"),
-        ("zstd", ".zst", "zstd"),
-        ("gzip", ".gz", "gzip"),
-        ("x-gzip", ".gz", "gzip"),
-    ];
-    KNOWN
-        .iter()
-        .find(|(t, _, _)| t.eq_ignore_ascii_case(token))
-        .map(|&(_, suffix, coding)| (suffix, coding))
 }
 
 /// The first precompressed sibling of `original` the client accepts.
 ///
-/// `accepted` lists content-codings in the client's order of preference
-/// (already negotiated from Accept-Encoding, `identity` and `q=0` removed);
-/// unknown tokens are skipped. A sibling is used only if it passes the same
+/// `accepted` lists the codings the client accepts, in the order to try
+/// them (already negotiated from Accept-Encoding). A sibling is used only if it passes the same
 /// jail as the original ([`resolve`] with `roots`: a `.gz` symlink must not
 /// lead out of the roots), is a regular file, and is not older than the
 /// original — an older one was left behind by a previous build and would
@@ -44,13 +29,12 @@ fn suffix(token: &str) -> Option<(&'static str, &'static str)> {
 /// Content-Type and must carry `Vary: Accept-Encoding`.
 pub fn precompressed_sibling(
     original: &ResolvedFile,
-    accepted: &[&str],
+    accepted: &[Coding],
     roots: &[PathBuf],
 ) -> Option<Sibling> {
-    accepted.iter().find_map(|token| {
-        let (suffix, coding) = suffix(token.trim())?;
+    accepted.iter().find_map(|&coding| {
         let mut path = OsString::from(original.path.as_os_str());
-        path.push(suffix);
+        path.push(coding.suffix());
         let file = resolve(PathBuf::from(path), roots).ok()?;
         (file.modified >= original.modified).then_some(Sibling { coding, file })
     })
@@ -65,7 +49,7 @@ mod tests {
     use std::time::{Duration, SystemTime};
 
     /// The coding and the sibling's file name we expect, if any.
-    type Choice<'a> = Option<(&'a str, &'a str)>;
+    type Choice<'a> = Option<(Coding, &'a str)>;
 
     /// RFC 9110 §12.5.3 Accept-Encoding preference and §8.4 Content-Encoding tokens.
     #[test]
@@ -100,18 +84,17 @@ mod tests {
 
         let roots = vec![root.clone()];
         let resolved = |name: &str| resolve(root.join(name), &roots).unwrap();
+        use Coding::{Brotli, Gzip, Zstd};
         #[rustfmt::skip]
-        let cases: &[(&str, &str, &[&str], Choice)] = &[
-            ("first preference wins", "app.js", &["br", "gzip"], Some(("br", "app.js.br"))),
-            ("client order, not ours", "app.js", &["gzip", "br"], Some(("gzip", "app.js.gz"))),
-            ("stale sibling skipped", "app.js", &["zstd", "gzip"], Some(("gzip", "app.js.gz"))),
-            ("only a stale sibling", "app.js", &["zstd"], None),
-            ("missing sibling skipped", "only-gz.css", &["br", "zstd", "gzip"], Some(("gzip", "only-gz.css.gz"))),
-            ("tokens are case-insensitive, x-gzip is gzip", "only-gz.css", &["X-GZIP"], Some(("gzip", "only-gz.css.gz"))),
-            ("unknown codings ignored", "app.js", &["deflate", "identity", "compress"], None),
+        let cases: &[(&str, &str, &[Coding], Choice)] = &[
+            ("first preference wins", "app.js", &[Brotli, Gzip], Some((Brotli, "app.js.br"))),
+            ("client order, not ours", "app.js", &[Gzip, Brotli], Some((Gzip, "app.js.gz"))),
+            ("stale sibling skipped", "app.js", &[Zstd, Gzip], Some((Gzip, "app.js.gz"))),
+            ("only a stale sibling", "app.js", &[Zstd], None),
+            ("missing sibling skipped", "only-gz.css", &[Brotli, Zstd, Gzip], Some((Gzip, "only-gz.css.gz"))),
             ("nothing accepted", "app.js", &[], None),
-            ("directory sibling refused", "dir.txt", &["gzip"], None),
-            ("sibling symlink leaving the roots refused", "escape.txt", &["gzip"], None),
+            ("directory sibling refused", "dir.txt", &[Gzip], None),
+            ("sibling symlink leaving the roots refused", "escape.txt", &[Gzip], None),
         ];
         for (name, file, accepted, want) in cases {
             let got = precompressed_sibling(&resolved(file), accepted, &roots)

@@ -19,78 +19,12 @@ use http::{Method, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 
+use crate::http::coding::negotiate;
+pub use crate::http::coding::Coding;
 use crate::http::{BoxError, ResponseBody};
 
 /// Bodies smaller than this are not worth a compressed representation.
 pub const MIN_COMPRESS_SIZE: u64 = 1024;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Coding {
-    Brotli,
-    Zstd,
-    Gzip,
-}
-
-impl Coding {
-    pub fn token(self) -> &'static str {
-        match self {
-            Coding::Brotli => "br",
-            Coding::Zstd => "zstd",
-            Coding::Gzip => "gzip",
-        }
-    }
-}
-
-/// Picks the coding for a request's `Accept-Encoding` (all lines), or `None`
-/// for identity. The highest q wins; ties go br, zstd, gzip; `q=0` refuses a
-/// coding; `*` stands for codings not listed (RFC 9110 §12.5.3). Weights are
-/// those of [`weight`], which the cache and X-Sendfile use too.
-pub fn negotiate(headers: &HeaderMap) -> Option<Coding> {
-    let mut best: Option<(Coding, f32)> = None;
-    for coding in [Coding::Brotli, Coding::Zstd, Coding::Gzip] {
-        let weight = weight(headers, coding.token());
-        if weight > 0.0 && best.is_none_or(|(_, w)| weight > w) {
-            best = Some((coding, weight));
-        }
-    }
-    best.map(|(c, _)| c)
-}
-
-/// The q-value a request's `Accept-Encoding` (all lines) gives `coding`
-/// (`x-gzip` counts as `gzip`), from 0 to 1: the coding's own weight, else
-/// that of `*`, else 0. A coding or `*` listed more than once takes its
-/// lowest weight, so a refusal anywhere refuses; RFC 9110 leaves repeats
-/// undefined, and one rule keeps compression, cache hits and precompressed
-/// files agreeing on what a client accepts. A q that does not parse is 0.
-pub fn weight(headers: &HeaderMap, coding: &str) -> f32 {
-    let (mut own, mut star) = (None::<f32>, None::<f32>);
-    for value in headers.get_all(header::ACCEPT_ENCODING) {
-        let Ok(value) = value.to_str() else { continue };
-        for item in value.split(',') {
-            let mut parts = item.split(';');
-            let token = parts.next().unwrap_or("").trim();
-            let slot = if token.eq_ignore_ascii_case(coding)
-                || (coding.eq_ignore_ascii_case("gzip") && token.eq_ignore_ascii_case("x-gzip"))
-            {
-                &mut own
-            } else if token == "*" {
-                &mut star
-            } else {
-                continue;
-            };
-            let q = parts
-                .find_map(|p| {
-                    let p = p.trim();
-                    p.strip_prefix("q=").or_else(|| p.strip_prefix("Q="))
-                })
-                .map_or(1.0, |v| v.trim().parse::<f32>().unwrap_or(0.0));
-            // NaN (from "q=nan") counts as 0, like any other nonsense.
-            let q = if q.is_nan() { 0.0 } else { q.clamp(0.0, 1.0) };
-            *slot = Some(slot.map_or(q, |previous: f32| previous.min(q)));
-        }
-    }
-    own.or(star).unwrap_or(0.0)
-}
 
 /// Whether a media type gains from compression.
 pub fn compressible(content_type: &str) -> bool {
@@ -538,46 +472,6 @@ mod tests {
     use super::*;
     use crate::http::full_body;
     use std::io::Read;
-
-    fn accept(values: &[&str]) -> HeaderMap {
-        let mut h = HeaderMap::new();
-        for v in values {
-            h.append(header::ACCEPT_ENCODING, HeaderValue::from_str(v).unwrap());
-        }
-        h
-    }
-
-    #[test]
-    fn negotiation_follows_rfc_9110_12_5_3() {
-        use Coding::*;
-        let cases: &[(&[&str], Option<Coding>)] = &[
-            (&[], None),
-            (&["identity"], None),
-            (&["gzip"], Some(Gzip)),
-            (&["x-gzip"], Some(Gzip)),
-            (&["gzip, deflate, br, zstd"], Some(Brotli)),
-            (&["gzip, zstd"], Some(Zstd)),
-            (&["br;q=0.5, gzip"], Some(Gzip)),
-            (&["br;q=0, gzip;q=0"], None),
-            (&["*"], Some(Brotli)),
-            (&["*;q=0.1, gzip;q=0.5"], Some(Gzip)),
-            (&["br;q=0, *"], Some(Zstd)),
-            (&["GZIP;Q=0.8, Br;q=0.9"], Some(Brotli)),
-            (&["gzip;q=bogus, zstd"], Some(Zstd)),
-            (&["gzip", "br"], Some(Brotli)),
-            // Repeats take their lowest weight (fuzz target accept_encoding
-            // found `zstd;q=0, zstd` picking zstd while the cache, reading
-            // the first entry, saw it refused).
-            (&["zstd;q=0, zstd"], None),
-            (&["zstd", "zstd;q=0"], None),
-            (&["br;q=0.9, gzip;q=0.5, br;q=0.1"], Some(Gzip)),
-            (&["*;q=0, *, br;q=0"], None),
-            (&["br;q=nan, gzip;q=inf"], Some(Gzip)),
-        ];
-        for (values, expected) in cases {
-            assert_eq!(negotiate(&accept(values)), *expected, "{values:?}");
-        }
-    }
 
     #[test]
     fn compressible_types() {

@@ -15,20 +15,17 @@
 use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 
-use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Response, StatusCode};
-use http_body_util::BodyExt;
 
 use crate::conn::ConnState;
-use crate::files::body::{FileBody, Piece};
-use crate::files::conditional::{self, Precondition, Validators};
-use crate::files::range::{self, RangeOutcome};
-use crate::files::{jail, mime, siblings, ResolvedFile};
+use crate::files::conditional;
+use crate::files::respond::{Representation, Source};
+use crate::files::{self, jail, mime, siblings, ResolvedFile};
+use crate::http::coding;
 use crate::http::{full_body, ResponseBody, X_ACCEL_MAPPING, X_SENDFILE, X_SENDFILE_TYPE};
 use crate::log;
-use crate::pipeline::cache::key;
-use crate::pipeline::compression::{self, Coding, RequestFacts};
+use crate::pipeline::compression::{self, RequestFacts};
 use std::sync::Arc;
 
 /// Proves to the app's middleware that a request came through this proxy.
@@ -123,14 +120,10 @@ impl Sendfile {
         parts.headers.remove(header::CONTENT_LENGTH);
 
         let roots = self.roots.clone();
-        let accepted: Vec<&'static str> = if request.headers.contains_key(header::RANGE) {
+        let accepted = if request.headers.contains_key(header::RANGE) {
             Vec::new()
         } else {
-            [Coding::Brotli, Coding::Zstd, Coding::Gzip]
-                .into_iter()
-                .map(Coding::token)
-                .filter(|c| key::accepts(&request.headers, c))
-                .collect()
+            coding::accepted(&request.headers)
         };
         let lookup_target = target.clone();
         let resolved = tokio::task::spawn_blocking(move || {
@@ -186,12 +179,7 @@ impl Sendfile {
         }
         let file = match sibling {
             Some(sibling) => {
-                let coding = match sibling.coding {
-                    "br" => Coding::Brotli,
-                    "zstd" => Coding::Zstd,
-                    _ => Coding::Gzip,
-                };
-                compression::mark_encoded(headers, coding);
+                compression::mark_encoded(headers, sibling.coding);
                 compression::merge_vary(headers);
                 sibling.file
             }
@@ -206,99 +194,35 @@ impl Sendfile {
 
 fn respond(
     request: &FileRequest,
-    mut parts: http::response::Parts,
+    parts: http::response::Parts,
     file: ResolvedFile,
     facts: Option<&RequestFacts>,
     zero_copy: Option<Arc<ConnState>>,
 ) -> Response<ResponseBody> {
-    let len = file.len;
-    let head = request.method == Method::HEAD;
-    let validators = Validators::from_headers(&parts.headers);
-    match conditional::evaluate(&request.method, &request.headers, &validators) {
-        Precondition::Proceed => {}
-        Precondition::NotModified => {
-            parts.status = StatusCode::NOT_MODIFIED;
-            conditional::not_modified_headers(&mut parts.headers);
-            return Response::from_parts(parts, full_body(Bytes::new()));
-        }
-        Precondition::PreconditionFailed => {
-            return bare(StatusCode::PRECONDITION_FAILED);
-        }
-    }
-    let mut pieces = vec![Piece::File { start: 0, len }];
-    let rangeable =
-        parts.status == StatusCode::OK && !parts.headers.contains_key(header::CONTENT_ENCODING);
-    if rangeable {
-        let outcome = range::select(
-            &request.method,
-            &request.headers,
-            len,
-            &validators,
-            std::time::SystemTime::now(),
-        );
-        match outcome {
-            RangeOutcome::Full => {}
-            RangeOutcome::Unsatisfiable => {
-                let mut response = bare(StatusCode::RANGE_NOT_SATISFIABLE);
-                response
-                    .headers_mut()
-                    .insert(header::CONTENT_RANGE, range::unsatisfied_content_range(len));
-                return response;
-            }
-            RangeOutcome::Partial(ranges) => {
-                parts.status = StatusCode::PARTIAL_CONTENT;
-                if let [only] = ranges[..] {
-                    parts
-                        .headers
-                        .insert(header::CONTENT_RANGE, range::content_range(only, len));
-                    pieces = vec![Piece::File {
-                        start: only.start,
-                        len: only.size(),
-                    }];
-                } else {
-                    let multipart = range::Multipart::new(
-                        parts.headers.get(header::CONTENT_TYPE),
-                        len,
-                        &ranges,
-                    );
-                    parts
-                        .headers
-                        .insert(header::CONTENT_TYPE, multipart.content_type().clone());
-                    pieces = Vec::new();
-                    for part in multipart.parts() {
-                        pieces.push(Piece::Bytes(part.head.clone()));
-                        pieces.push(Piece::File {
-                            start: part.range.start,
-                            len: part.range.size(),
-                        });
-                    }
-                    pieces.push(Piece::Bytes(multipart.trailer().clone()));
-                }
-            }
-        }
-    }
-    let mut body = FileBody::new(file.file, pieces);
-    let body_len = http_body::Body::size_hint(&body).exact().unwrap_or(len);
-    parts
-        .headers
-        .insert(header::CONTENT_LENGTH, HeaderValue::from(body_len));
-    if head {
-        return Response::from_parts(parts, full_body(Bytes::new()));
-    }
-    // Only a body nothing will re-encode may stand for bytes it does not
-    // carry: the compression layer decides with the same function.
-    let compressed_later = facts.is_some_and(|f| {
-        compression::coding_for(f, parts.status, &parts.headers, Some(body_len)).is_some()
-    });
-    if let (Some(conn), false) = (zero_copy, compressed_later) {
-        body = body.zero_copy(conn);
-    }
-    Response::from_parts(parts, body.boxed_unsync())
-}
-
-fn bare(status: StatusCode) -> Response<ResponseBody> {
-    let mut response = Response::new(full_body(Bytes::new()));
-    *response.status_mut() = status;
+    let representation = Representation {
+        status: parts.status,
+        headers: parts.headers,
+        source: Source::File {
+            file: file.file,
+            len: file.len,
+        },
+    };
+    let mut response = files::respond::respond(
+        &request.method,
+        &request.headers,
+        representation,
+        std::time::SystemTime::now(),
+        |status, headers, body_len| {
+            // Only a body nothing will re-encode may stand for bytes it
+            // does not carry: the compression layer decides with the same
+            // function.
+            let compressed_later = facts.is_some_and(|f| {
+                compression::coding_for(f, status, headers, Some(body_len)).is_some()
+            });
+            zero_copy.filter(|_| !compressed_later)
+        },
+    );
+    *response.extensions_mut() = parts.extensions;
     response
 }
 

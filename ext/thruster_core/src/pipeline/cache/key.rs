@@ -5,7 +5,7 @@
 use http::header::{self, HeaderMap, HeaderName};
 use http::Request;
 
-use crate::pipeline::compression;
+use crate::http::coding::accepts;
 
 /// What identifies a resource: scheme, normalised host, the request target
 /// as sent, and the forwarded headers the app may render from.
@@ -159,13 +159,6 @@ fn accepted_codings(request: &HeaderMap) -> String {
         .collect();
     accepted.sort_unstable();
     accepted.join(",")
-}
-
-/// Whether the request's `Accept-Encoding` allows `coding` (q > 0, or a
-/// `*` with q > 0 and the coding not listed), by the same weights as
-/// compression ([`compression::weight`]).
-pub fn accepts(request: &HeaderMap, coding: &str) -> bool {
-    compression::weight(request, coding) > 0.0
 }
 
 #[cfg(test)]

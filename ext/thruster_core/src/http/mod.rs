@@ -2,6 +2,8 @@
 //! passes around, small constructors for them, and the names of the
 //! non-standard header fields the proxy reads or writes.
 
+pub mod coding;
+
 use bytes::Bytes;
 use http::{header, HeaderName, Response, StatusCode};
 use http_body_util::combinators::UnsyncBoxBody;
