@@ -10,6 +10,7 @@
 //! misses bypass the cache.
 
 pub mod directives;
+pub mod entry;
 mod hit;
 pub mod key;
 pub mod store;
