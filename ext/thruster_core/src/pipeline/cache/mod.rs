@@ -10,6 +10,7 @@
 //! misses bypass the cache.
 
 pub mod directives;
+pub mod disk;
 pub mod entry;
 mod hit;
 pub mod key;
