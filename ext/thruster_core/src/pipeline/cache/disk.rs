@@ -1650,7 +1650,7 @@ mod tests {
         let dir = TestDir::new("unknown-len");
         let store = DiskStore::open(dir.cache(), 64 << 20, 16 << 20);
         let body = payload(CHUNK_LEN + 77, 9);
-        let mut meta = sample_meta("k", 0);
+        let mut meta = fresh_meta("k");
         meta.body_len = 12345; // ignored
         let mut writer = store.writer(meta, None).unwrap();
         for piece in body.chunks(1000) {
@@ -1667,7 +1667,7 @@ mod tests {
         let dir = TestDir::new("refused");
         let store = DiskStore::open(dir.cache(), 64 << 20, 100_000);
         // Shorter than declared.
-        let mut w = store.writer(sample_meta("short", 0), Some(10)).unwrap();
+        let mut w = store.writer(fresh_meta("short"), Some(10)).unwrap();
         assert!(w.push(b"12345"));
         assert!(matches!(
             w.finish().await,
@@ -1677,19 +1677,19 @@ mod tests {
             })
         ));
         // Longer than declared: refused as soon as it shows.
-        let mut w = store.writer(sample_meta("long", 0), Some(4)).unwrap();
+        let mut w = store.writer(fresh_meta("long"), Some(4)).unwrap();
         assert!(!w.push(b"12345"));
         assert!(!w.push(b"6"));
         assert!(w.finish().await.is_err());
         // Declared over the item limit: no writer at all.
-        assert!(store.writer(sample_meta("big", 0), Some(100_001)).is_none());
+        assert!(store.writer(fresh_meta("big"), Some(100_001)).is_none());
         // Undeclared and growing past the limit.
-        let mut w = store.writer(sample_meta("grows", 0), None).unwrap();
+        let mut w = store.writer(fresh_meta("grows"), None).unwrap();
         assert!(w.push(&payload(100_000, 1)));
         assert!(!w.push(b"x"));
         assert!(matches!(w.finish().await, Err(DiskError::TooLarge)));
         // Dropped mid-body (client went away): the temp file goes.
-        let mut w = store.writer(sample_meta("dropped", 0), None).unwrap();
+        let mut w = store.writer(fresh_meta("dropped"), None).unwrap();
         assert!(w.push(&payload(90_000, 2)));
         drop(w);
         store.flush().await;
@@ -1711,9 +1711,7 @@ mod tests {
         let store = DiskStore::open(dir.cache(), 64 << 20, 16 << 20);
         let body = payload(3 * CHUNK_LEN, 3);
         for i in 0..10 {
-            let mut w = store
-                .writer(sample_meta(&format!("k{i}"), 0), None)
-                .unwrap();
+            let mut w = store.writer(fresh_meta(&format!("k{i}")), None).unwrap();
             assert!(w.push(&body));
             drop(w.finish());
         }
@@ -1948,7 +1946,7 @@ mod tests {
     async fn goes_off_after_one_warning(store: &DiskStore) {
         let mut failures = 0;
         for i in 0..5 {
-            match store.writer(sample_meta(&format!("k{i}"), 0), Some(3)) {
+            match store.writer(fresh_meta(&format!("k{i}")), Some(3)) {
                 Some(mut w) => {
                     w.push(b"abc");
                     assert!(w.finish().await.is_err());
@@ -1959,7 +1957,7 @@ mod tests {
         }
         assert!(failures >= 1);
         assert!(!store.is_writable());
-        assert!(store.writer(sample_meta("later", 0), Some(3)).is_none());
+        assert!(store.writer(fresh_meta("later"), Some(3)).is_none());
         assert_eq!(store.inner.warnings.load(Ordering::Relaxed), 1);
         assert!(store.get("k0").await.is_none());
     }
@@ -2031,7 +2029,7 @@ mod tests {
     }
 
     fn meta_with(key: &str, lifetime: u64, stale_if_error: u64) -> EntryMeta {
-        let mut meta = sample_meta(key, 0);
+        let mut meta = fresh_meta(key);
         meta.stored_at_unix_ms = now_unix_ms();
         meta.initial_age_secs = 0;
         meta.lifetime_secs = lifetime;
