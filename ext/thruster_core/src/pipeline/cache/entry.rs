@@ -576,6 +576,7 @@ fn decode_v1(meta: &[u8]) -> Result<EntryMeta, EntryError> {
     let capacity = count.min(r.buf.len() / 7);
     let mut headers = HeaderMap::try_with_capacity(capacity)
         .map_err(|_| EntryError::Malformed("header count"))?;
+    let mut last: Option<HeaderName> = None;
     for _ in 0..count {
         let name_len = usize::from(r.u16("header name")?);
         let raw = r.take(name_len, "header name")?;
@@ -585,11 +586,17 @@ fn decode_v1(meta: &[u8]) -> Result<EntryMeta, EntryError> {
         if name.as_str().as_bytes() != raw {
             return Err(EntryError::Malformed("header name not canonical"));
         }
+        // A HeaderMap yields a name's values together, so an encoding has
+        // them together: one decoding, one encoding.
+        if last.as_ref() != Some(&name) && headers.contains_key(&name) {
+            return Err(EntryError::Malformed("header names not grouped"));
+        }
         let value = HeaderValue::from_bytes(r.bytes32("header value")?)
             .map_err(|_| EntryError::Malformed("header value"))?;
         headers
-            .try_append(name, value)
+            .try_append(name.clone(), value)
             .map_err(|_| EntryError::Malformed("header count"))?;
+        last = Some(name);
     }
     if !r.buf.is_empty() {
         return Err(EntryError::Malformed("bytes after the last header"));
@@ -879,6 +886,34 @@ pub(crate) mod tests {
         assert_eq!(
             decode_meta(&head),
             Err(EntryError::Malformed("header name not canonical"))
+        );
+    }
+
+    #[test]
+    fn interleaved_header_names_are_not_ours() {
+        let mut meta = sample_meta("k", 0);
+        meta.headers = HeaderMap::new();
+        meta.headers.append("x-a", HeaderValue::from_static("1"));
+        meta.headers.append("x-a", HeaderValue::from_static("2"));
+        meta.headers.append("x-b", HeaderValue::from_static("3"));
+        let mut head = encode_meta(&meta).unwrap();
+        // x-a 1, x-a 2, x-b 3 -> x-a 1, x-b 2, x-b 3 would be fine; make it
+        // x-a 1, x-b 2, x-a 3 instead.
+        let second = head
+            .windows(3)
+            .enumerate()
+            .filter(|(_, w)| *w == b"x-a")
+            .nth(1)
+            .unwrap()
+            .0;
+        let third = head.windows(3).position(|w| w == b"x-b").unwrap();
+        head[second + 2] = b'b';
+        head[third + 2] = b'a';
+        let crc = meta_crc(&head[..12], &head[HEADER_LEN..]);
+        head[12..16].copy_from_slice(&crc.to_le_bytes());
+        assert_eq!(
+            decode_meta(&head),
+            Err(EntryError::Malformed("header names not grouped"))
         );
     }
 
