@@ -64,7 +64,7 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, SystemTime};
 
 use bytes::{Bytes, BytesMut};
@@ -92,10 +92,13 @@ const RESCAN_EVERY: Duration = Duration::from_secs(5 * 60);
 /// Pause between the loader's batches (one first-level directory, 1/256 of
 /// the store), so a scan never hogs the disk or the blocking pool.
 const LOADER_PAUSE: Duration = Duration::from_millis(5);
-/// Bytes waiting for the disk per writer. Past this the disk is slower than
-/// the response: the write is dropped rather than slowing the client or
-/// holding memory.
-const MAX_QUEUED: usize = 8 << 20;
+/// Bytes waiting for the disk per writer above which `DiskWriter::poll_ready`
+/// holds the caller back (a paced caller slows to the disk's speed).
+const PACE: usize = 4 << 20;
+/// Bytes waiting for the disk when a push arrives above which the caller is
+/// not pacing and the disk is behind: the write is dropped rather than
+/// holding ever more memory.
+const MAX_QUEUED: usize = 16 << 20;
 /// Disk usage is counted in blocks: a 100-byte entry takes a block.
 const BLOCK: u64 = 4096;
 /// The first read of an entry: the envelope and the metadata of nearly
@@ -498,11 +501,11 @@ impl DiskStore {
         let head_len = entry::encode_meta(&meta).ok()?.len() as u64;
         let hash = KeyHash::of(&meta.key);
         let (tx, rx) = mpsc::unbounded_channel();
-        let queued = Arc::new(AtomicUsize::new(0));
+        let backlog = Arc::new(Backlog::default());
         let task = runtime.spawn(write_task(
             inner.clone(),
             rx,
-            queued.clone(),
+            backlog.clone(),
             hash,
             head_len,
         ));
@@ -514,7 +517,7 @@ impl DiskStore {
             pushed: 0,
             declared: declared_len,
             max_item: inner.max_item,
-            queued,
+            backlog,
             failed: None,
             inner: inner.clone(),
         })
@@ -1211,10 +1214,13 @@ enum Msg {
 async fn write_task(
     inner: Arc<Inner>,
     mut rx: mpsc::UnboundedReceiver<Msg>,
-    queued: Arc<AtomicUsize>,
+    backlog: Arc<Backlog>,
     hash: KeyHash,
     head_len: u64,
 ) -> Result<(), DiskError> {
+    // However the task ends, a writer waiting in poll_ready goes on (and
+    // learns from push that the write is over).
+    let _closed = BacklogClosed(backlog.clone());
     let creator = inner.clone();
     let mut temp = match tokio::task::spawn_blocking(move || creator.create_temp()).await {
         Ok(Ok(temp)) => temp,
@@ -1249,7 +1255,7 @@ async fn write_task(
             (temp, result)
         })
         .await;
-        queued.fetch_sub(bytes, Ordering::AcqRel);
+        backlog.written(bytes);
         let (returned, result) = written.map_err(|_| DiskError::Task)?;
         temp = returned;
         if let Err(err) = result {
@@ -1315,7 +1321,7 @@ pub struct DiskWriter {
     pushed: u64,
     declared: Option<u64>,
     max_item: u64,
-    queued: Arc<AtomicUsize>,
+    backlog: Arc<Backlog>,
     failed: Option<GaveUp>,
     inner: Arc<Inner>,
 }
@@ -1343,10 +1349,15 @@ impl GaveUp {
 impl DiskWriter {
     /// Appends body bytes (copied into 256 KiB chunks, handed to the disk
     /// in the background). Returns false once the write was given up: over
-    /// the declared length or the item limit, the disk too far behind
-    /// (`MAX_QUEUED`), or a write error. Never blocks.
+    /// the declared length or the item limit, a write error, or the disk
+    /// far behind a caller that does not pace itself with
+    /// [`DiskWriter::poll_ready`] (`MAX_QUEUED`). Never blocks.
     pub fn push(&mut self, mut data: &[u8]) -> bool {
         if self.failed.is_some() {
+            return false;
+        }
+        if self.backlog.bytes.load(Ordering::Acquire) > MAX_QUEUED {
+            self.abandon(GaveUp::DiskTooSlow);
             return false;
         }
         self.pushed = self.pushed.saturating_add(data.len() as u64);
@@ -1375,11 +1386,7 @@ impl DiskWriter {
     fn send_chunk(&mut self) -> bool {
         let chunk = self.buf.split().freeze();
         self.buf = BytesMut::new();
-        let queued = self.queued.fetch_add(chunk.len(), Ordering::AcqRel) + chunk.len();
-        if queued > MAX_QUEUED {
-            self.abandon(GaveUp::DiskTooSlow);
-            return false;
-        }
+        self.backlog.bytes.fetch_add(chunk.len(), Ordering::AcqRel);
         let sent = self
             .tx
             .as_ref()
@@ -1389,6 +1396,30 @@ impl DiskWriter {
             self.abandon(GaveUp::WriteFailed);
         }
         sent
+    }
+
+    /// Ready when the writer can take more without running ahead of the
+    /// disk (under `PACE` bytes waiting), or once the write is over (then
+    /// `push` says so). A caller that polls this before pulling the next
+    /// frame from upstream slows the response to the disk's speed when the
+    /// disk is the bottleneck, instead of losing the entry; one that does
+    /// not keeps full speed and loses the entry past `MAX_QUEUED`.
+    pub fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.failed.is_some() || self.backlog.below_pace() {
+            return Poll::Ready(());
+        }
+        *lock(&self.backlog.waker) = Some(cx.waker().clone());
+        // Re-check: the task may have written between the load and the
+        // registration.
+        if self.backlog.below_pace() {
+            return Poll::Ready(());
+        }
+        Poll::Pending
+    }
+
+    /// [`DiskWriter::poll_ready`] as a future.
+    pub async fn ready(&mut self) {
+        std::future::poll_fn(|cx| self.poll_ready(cx)).await
     }
 
     fn abandon(&mut self, why: GaveUp) {
@@ -1433,6 +1464,43 @@ impl DiskWriter {
             Some(task) => Finishing(FinishingState::Task(task)),
             None => Finishing::ready(Err(DiskError::Task)),
         }
+    }
+}
+
+/// Bytes a writer handed to its task and the disk has not taken yet, and
+/// the writer waiting for them to drain.
+#[derive(Default)]
+struct Backlog {
+    bytes: AtomicUsize,
+    closed: AtomicBool,
+    waker: Mutex<Option<Waker>>,
+}
+
+impl Backlog {
+    fn below_pace(&self) -> bool {
+        self.closed.load(Ordering::Acquire) || self.bytes.load(Ordering::Acquire) <= PACE
+    }
+
+    fn written(&self, bytes: usize) {
+        self.bytes.fetch_sub(bytes, Ordering::AcqRel);
+        self.wake();
+    }
+
+    fn wake(&self) {
+        let waker = lock(&self.waker).take();
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+    }
+}
+
+/// Marks the backlog closed when the write task ends.
+struct BacklogClosed(Arc<Backlog>);
+
+impl Drop for BacklogClosed {
+    fn drop(&mut self) {
+        self.0.closed.store(true, Ordering::Release);
+        self.0.wake();
     }
 }
 
@@ -1531,6 +1599,8 @@ mod tests {
             .writer(meta, Some(body.len() as u64))
             .ok_or(DiskError::Off)?;
         for piece in body.chunks(16 * 1024) {
+            // As the proxy would: wait for the disk before pulling more.
+            writer.ready().await;
             if !writer.push(piece) {
                 break;
             }
@@ -1703,6 +1773,52 @@ mod tests {
         }
         assert!(entry_files(&dir.cache()).is_empty());
         assert!(store.is_writable());
+    }
+
+    #[tokio::test]
+    async fn a_writer_far_behind_holds_a_pacing_caller_and_drops_an_unpaced_one() {
+        let dir = TestDir::new("pace");
+        let store = DiskStore::open(dir.cache(), 64 << 20, 16 << 20);
+        let mut w = store.writer(fresh_meta("paced"), None).unwrap();
+        assert!(w.push(b"first"));
+        // Pretend the disk is 5 MiB behind.
+        w.backlog.bytes.fetch_add(5 << 20, Ordering::AcqRel);
+        let waker = std::task::Waker::noop();
+        assert!(w.poll_ready(&mut Context::from_waker(waker)).is_pending());
+        let backlog = w.backlog.clone();
+        let drain = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            backlog.written(5 << 20);
+        });
+        tokio::time::timeout(Duration::from_secs(5), w.ready())
+            .await
+            .expect("woken when the disk caught up");
+        drain.await.unwrap();
+        assert!(w.push(b" second"));
+        w.finish().await.unwrap();
+        let entry = store.get("paced").await.unwrap();
+        assert_eq!(entry.read_all().await.unwrap(), &b"first second"[..]);
+
+        // A caller that does not pace loses the entry, not memory.
+        let mut w = store.writer(fresh_meta("unpaced"), None).unwrap();
+        assert!(w.push(b"first"));
+        w.backlog.bytes.fetch_add(MAX_QUEUED + 1, Ordering::AcqRel);
+        assert!(!w.push(b" second"));
+        assert!(w.poll_ready(&mut Context::from_waker(waker)).is_ready());
+        assert!(matches!(w.finish().await, Err(DiskError::Abandoned(_))));
+        store.flush().await;
+        assert!(store.get("unpaced").await.is_none());
+
+        // One big push into an empty backlog is fine (the caller holds
+        // that memory already).
+        let big = payload(12 << 20, 1);
+        let mut w = store.writer(fresh_meta("big"), None).unwrap();
+        assert!(w.push(&big));
+        w.finish().await.unwrap();
+        assert_eq!(
+            store.get("big").await.unwrap().read_all().await.unwrap(),
+            big
+        );
     }
 
     #[tokio::test]
@@ -2259,6 +2375,22 @@ mod tests {
         let dir = TestDir::new("bench");
         let store = DiskStore::without_loader(dir.cache(), 4 << 30, 256 << 20);
         let mib = |bytes: usize, d: Duration| bytes as f64 / (1 << 20) as f64 / d.as_secs_f64();
+        // Fixed cost per entry: an empty body (temp file, metadata, rename).
+        let t = Instant::now();
+        for r in 0..500 {
+            put(&store, &format!("empty-{r}"), b"").await.unwrap();
+        }
+        let empty_write = t.elapsed() / 500;
+        let t = Instant::now();
+        for r in 0..500 {
+            let entry = store.get(&format!("empty-{r}")).await.unwrap();
+            assert!(entry.read_all().await.unwrap().is_empty());
+        }
+        println!(
+            "empty body: write {:?}, get + read_all {:?}",
+            empty_write,
+            t.elapsed() / 500
+        );
         for (size, runs) in [(1usize << 20, 200u32), (64 << 20, 8)] {
             let body = payload(size, 1);
             let t = Instant::now();
