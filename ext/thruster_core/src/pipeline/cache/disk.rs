@@ -1247,21 +1247,23 @@ async fn write_task(
                 Msg::Commit(meta, pending) => commit = Some((meta, pending)),
             }
         }
-        let first = index;
-        index += chunks.len() as u64;
-        let bytes: usize = chunks.iter().map(Bytes::len).sum();
-        let written = tokio::task::spawn_blocking(move || {
-            let result = write_chunks(&temp, seed, head_len, first, &chunks);
-            (temp, result)
-        })
-        .await;
-        backlog.written(bytes);
-        let (returned, result) = written.map_err(|_| DiskError::Task)?;
-        temp = returned;
-        if let Err(err) = result {
-            inner.write_failed("write", &temp.path, &err);
-            discard(temp);
-            return Err(io_err("write")(err));
+        if !chunks.is_empty() {
+            let first = index;
+            index += chunks.len() as u64;
+            let bytes: usize = chunks.iter().map(Bytes::len).sum();
+            let written = tokio::task::spawn_blocking(move || {
+                let result = write_chunks(&temp, seed, head_len, first, &chunks);
+                (temp, result)
+            })
+            .await;
+            backlog.written(bytes);
+            let (returned, result) = written.map_err(|_| DiskError::Task)?;
+            temp = returned;
+            if let Err(err) = result {
+                inner.write_failed("write", &temp.path, &err);
+                discard(temp);
+                return Err(io_err("write")(err));
+            }
         }
         if let Some((meta, pending)) = commit {
             let committer = inner.clone();
