@@ -10,6 +10,8 @@
 //! misses bypass the cache.
 
 pub mod directives;
+pub mod disk;
+pub mod entry;
 mod hit;
 pub mod key;
 pub mod store;
