@@ -17,6 +17,8 @@ static DEBUG: AtomicBool = AtomicBool::new(false);
 pub enum Level {
     Debug,
     Info,
+    /// Service degraded but correct (a cache tier turned off, a disk full).
+    Warn,
     Error,
 }
 
@@ -25,6 +27,7 @@ impl Level {
         match self {
             Level::Debug => "DEBUG",
             Level::Info => "INFO",
+            Level::Warn => "WARN",
             Level::Error => "ERROR",
         }
     }
@@ -76,6 +79,10 @@ pub fn log(level: Level, msg: &str, fields: &[(&str, Value)]) {
 
 pub fn info(msg: &str, fields: &[(&str, Value)]) {
     log(Level::Info, msg, fields)
+}
+
+pub fn warn(msg: &str, fields: &[(&str, Value)]) {
+    log(Level::Warn, msg, fields)
 }
 
 pub fn error(msg: &str, fields: &[(&str, Value)]) {

@@ -77,9 +77,9 @@ use super::entry::{
     self, chunk_count, chunk_len, chunk_offset, framed_body_len, now_unix_ms, EntryError,
     EntryMeta, KeyHash, CHUNK_HEADER_LEN, CHUNK_LEN,
 };
+use crate::http::BoxError;
 use crate::log;
-use crate::pipeline::BoxError;
-use crate::server::fd_registry::{self, Registration};
+use crate::sys::fd_registry::{self, Registration};
 
 const TMP_DIR: &str = "tmp";
 /// A temp file untouched this long belongs to a crashed or killed process
@@ -148,10 +148,6 @@ fn disk_unusable(err: &io::Error) -> bool {
 
 /// `crate::log` has no warning level yet: an unusable cache disk is worth
 /// an operator's eye, so it goes out as an error line.
-fn warn(msg: &str, fields: &[(&str, Value)]) {
-    log::error(msg, fields);
-}
-
 fn debug(msg: &str, path: &Path, err: &dyn std::fmt::Display) {
     if log::enabled(log::Level::Debug) {
         log::debug(
@@ -560,7 +556,7 @@ impl Inner {
         if disk_unusable(err) {
             if self.writable.swap(false, Ordering::AcqRel) {
                 self.warnings.fetch_add(1, Ordering::Relaxed);
-                warn(
+                log::warn(
                     "Disk cache cannot write; going on without storing to disk",
                     &[
                         ("path", Value::from(self.dir.to_string_lossy())),
@@ -1705,7 +1701,7 @@ mod tests {
             assert_eq!(streamed, body, "len {len}");
             assert_eq!(entry.body().size_hint().exact(), Some(len as u64));
             // It fits the proxy's response body type as is.
-            let boxed: crate::pipeline::ResponseBody = entry.body().boxed_unsync();
+            let boxed: crate::http::ResponseBody = entry.body().boxed_unsync();
             let collected = boxed.collect().await.unwrap().to_bytes();
             assert_eq!(collected, body);
         }
