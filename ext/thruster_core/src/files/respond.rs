@@ -110,16 +110,17 @@ pub fn respond(
         }
     }
 
-    // The parts of the body: the whole source, one range, or the pieces of
-    // a multipart/byteranges answer (§14.6).
+    // The parts of the body: the whole source (`None`: the common case,
+    // without building a list), one range, or the pieces of a
+    // multipart/byteranges answer (§14.6).
     let pieces = match ranges.as_deref() {
-        None => vec![Piece::File { start: 0, len }],
+        None => None,
         Some([only]) => {
             headers.insert(header::CONTENT_RANGE, range::content_range(*only, len));
-            vec![Piece::File {
+            Some(vec![Piece::File {
                 start: only.start,
                 len: only.size(),
-            }]
+            }])
         }
         Some(several) => {
             let multipart = range::Multipart::new(headers.get(header::CONTENT_TYPE), len, several);
@@ -133,16 +134,18 @@ pub fn respond(
                 });
             }
             pieces.push(Piece::Bytes(multipart.trailer().clone()));
-            pieces
+            Some(pieces)
         }
     };
-    let body_len: u64 = pieces
-        .iter()
-        .map(|p| match p {
-            Piece::Bytes(b) => b.len() as u64,
-            Piece::File { len, .. } => *len,
-        })
-        .sum();
+    let body_len: u64 = pieces.as_ref().map_or(len, |pieces| {
+        pieces
+            .iter()
+            .map(|p| match p {
+                Piece::Bytes(b) => b.len() as u64,
+                Piece::File { len, .. } => *len,
+            })
+            .sum()
+    });
     // RFC 9110 §8.6: no Content-Length on 204 (or 304, answered above).
     if status != StatusCode::NO_CONTENT {
         headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body_len));
@@ -151,9 +154,11 @@ pub fn respond(
     if method == Method::HEAD {
         return build(status, headers, full_body(Bytes::new()));
     }
-    let body = match source {
-        Source::Bytes(bytes) => full_body(gather(&bytes, &pieces)),
-        Source::File { file, .. } => {
+    let body = match (source, pieces) {
+        (Source::Bytes(bytes), None) => full_body(bytes),
+        (Source::Bytes(bytes), Some(pieces)) => full_body(gather(&bytes, &pieces)),
+        (Source::File { file, .. }, pieces) => {
+            let pieces = pieces.unwrap_or_else(|| vec![Piece::File { start: 0, len }]);
             let mut body = FileBody::new(file, pieces);
             if let Some(conn) = zero_copy(status, &headers, body_len) {
                 body = body.zero_copy(conn);
