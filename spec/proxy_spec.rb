@@ -288,7 +288,8 @@ RSpec.describe "proxy semantics" do
       Net::HTTP.start("127.0.0.1", port) { |http| http.post("/logged?x=1", "abc", "Content-Type" => "text/plain") }
       line = request_log(thrust, "/logged")
       expect(line.keys).to eq(%w[time level msg path status dur method req_content_length req_content_type
-                                 resp_content_length resp_content_type remote_addr user_agent cache query proto])
+                                 resp_content_length resp_content_type remote_addr user_agent cache query proto
+                                 request_id])
       expect(line).to include("status" => 200, "method" => "POST", "req_content_length" => 3,
                               "req_content_type" => "text/plain", "resp_content_type" => "application/json",
                               "cache" => "bypass", "query" => "x=1", "proto" => "HTTP/1.1")
@@ -298,6 +299,43 @@ RSpec.describe "proxy semantics" do
       http_get(quiet_port, "/silent")
       wait_until(message: "app to see /silent") { quiet.output.include?("app saw GET /silent") }
       expect(quiet.log_lines.select { |l| l["msg"] == "Request" }).to be_empty
+    end
+
+    it "gives every request an X-Request-Id: the client's cleaned as Rails does, or a new one" do
+      thrust, port = start_thrust_with_puma
+      uuid = /\A\h{8}-\h{4}-4\h{3}-[89ab]\h{3}-\h{12}\z/
+      # A clean client id passes through, reaches the app, comes back, is logged.
+      response = http_get(port, "/rid-1", { "X-Request-Id" => "abc-123_x@y" })
+      expect(JSON.parse(response.body)["headers"]["HTTP_X_REQUEST_ID"]).to eq("abc-123_x@y")
+      expect(response["x-request-id"]).to eq("abc-123_x@y")
+      expect(request_log(thrust, "/rid-1")["request_id"]).to eq("abc-123_x@y")
+      # Cleaned like ActionDispatch::RequestId: other characters removed.
+      response = http_get(port, "/rid-2", { "X-Request-Id" => "a b;c<d>" })
+      expect(JSON.parse(response.body)["headers"]["HTTP_X_REQUEST_ID"]).to eq("abcd")
+      # None, nothing left, or over 200 characters: a new one, never a cut one.
+      ["", ";;;", "a" * 201].each_with_index do |sent, i|
+        headers = sent.empty? ? {} : { "X-Request-Id" => sent }
+        response = http_get(port, "/rid-new-#{i}", headers)
+        seen = JSON.parse(response.body)["headers"]["HTTP_X_REQUEST_ID"]
+        expect(seen).to match(uuid), sent
+        expect(response["x-request-id"]).to eq(seen)
+        expect(request_log(thrust, "/rid-new-#{i}")["request_id"]).to eq(seen)
+      end
+      expect(http_get(port, "/rid-3", { "X-Request-Id" => "a" * 200 })["x-request-id"]).to eq("a" * 200)
+      # The app's own id wins in the response.
+      expect(http_get(port, "/cache/rid.css?rid=from-app", { "X-Request-Id" => "mine" })["x-request-id"])
+        .to eq("from-app")
+    end
+
+    it "answers a cache hit with the hit's own request id, not the stored one" do
+      _thrust, port = start_thrust_with_puma
+      # The app names its own id on a cacheable response: that id belongs to
+      # the first request only.
+      path = "/cache/rid-hit.css?cc=public,+max-age%3D60&rid=app-made"
+      first = identity_request(port, path, headers: { "X-Request-Id" => "first" })
+      hit = identity_request(port, path, headers: { "X-Request-Id" => "second" })
+      expect([first["x-cache"], first["x-request-id"]]).to eq(%w[miss app-made])
+      expect([hit["x-cache"], hit["x-request-id"]]).to eq(%w[hit second])
     end
 
     it "adds debug lines with DEBUG=1" do

@@ -32,6 +32,8 @@ pub const X_ACCEL_MAPPING: HeaderName = HeaderName::from_static("x-accel-mapping
 /// for streamed responses: it turns response buffering off. It is meant for
 /// the proxy and is not passed on.
 pub const X_ACCEL_BUFFERING: HeaderName = HeaderName::from_static("x-accel-buffering");
+/// The request's id, shared by the proxy's and the app's logs.
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// When the proxy received the request (`t=<unix ms>`), for queue-time metrics.
 pub const X_REQUEST_START: HeaderName = HeaderName::from_static("x-request-start");
 

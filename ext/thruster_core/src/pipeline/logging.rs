@@ -28,6 +28,7 @@ pub struct RequestRecord {
     remote_addr: String,
     user_agent: String,
     cache: &'static str,
+    request_id: String,
 }
 
 fn header_text<B>(req: &Request<B>, name: header::HeaderName) -> String {
@@ -38,7 +39,12 @@ fn header_text<B>(req: &Request<B>, name: header::HeaderName) -> String {
 }
 
 impl RequestRecord {
-    pub fn new<B: Body>(req: &Request<B>, conn: &ConnInfo, trust_forwarded: bool) -> RequestRecord {
+    pub fn new<B: Body>(
+        req: &Request<B>,
+        conn: &ConnInfo,
+        trust_forwarded: bool,
+        request_id: &http::HeaderValue,
+    ) -> RequestRecord {
         let forwarded_for = header_text(req, header::HeaderName::from_static("x-forwarded-for"));
         // Thruster logs the raw client X-Forwarded-For whatever FORWARD_HEADERS
         // says; we only believe it when forwarded headers are trusted.
@@ -74,6 +80,7 @@ impl RequestRecord {
             } else {
                 "bypass"
             },
+            request_id: String::from_utf8_lossy(request_id.as_bytes()).into_owned(),
         }
     }
 }
@@ -181,6 +188,7 @@ impl Pending {
                 ("cache", r.cache.into()),
                 ("query", r.query.into()),
                 ("proto", r.proto.into()),
+                ("request_id", r.request_id.into()),
             ],
         );
     }

@@ -15,6 +15,7 @@ pub mod forward;
 pub mod logging;
 pub mod request_body;
 pub mod request_buffer;
+pub mod request_id;
 pub mod request_start;
 pub mod response_buffer;
 pub mod sendfile;
@@ -87,10 +88,10 @@ impl Pipeline {
         conn: &ConnInfo,
     ) -> Response<ResponseBody> {
         let started = Instant::now();
-        let record = self
-            .config
-            .log_requests
-            .then(|| logging::RequestRecord::new(&req, conn, self.config.forward_headers));
+        let request_id = request_id::assign(req.headers_mut());
+        let record = self.config.log_requests.then(|| {
+            logging::RequestRecord::new(&req, conn, self.config.forward_headers, &request_id)
+        });
         let compression = self.config.gzip_compression_enabled.then(|| {
             compression::RequestFacts::new(
                 req.method(),
@@ -128,6 +129,12 @@ impl Pipeline {
                 }
             }
         };
+        // The app's own id wins (it may log that one); otherwise the client
+        // gets the id the app saw.
+        response
+            .headers_mut()
+            .entry(crate::http::X_REQUEST_ID)
+            .or_insert(request_id);
         if let Some(facts) = &compression {
             response = compression::apply(facts, response);
         }

@@ -224,6 +224,8 @@ impl HttpCache {
         let mut headers = response.headers().clone();
         headers.remove(header::AGE);
         headers.remove(X_CACHE);
+        // Per request, never shared: a hit gets the id of its own request.
+        headers.remove(crate::http::X_REQUEST_ID);
         if self.sendfile {
             let target = response
                 .headers()
