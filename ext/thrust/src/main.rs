@@ -23,7 +23,7 @@ Usage: thrust CMD [ARGS...]
 Runs CMD ARGS (your app server, e.g. `bin/rails server`) with PORT set to
 TARGET_PORT and serves it through the thruster-rs proxy on HTTP_PORT (and
 HTTPS_PORT with TLS: TLS_DOMAIN, TLS_CERTIFICATE_PATH or TLS_LOCAL).
-Configuration comes from environment variables; see the README.
+Configuration comes from environment variables; see docs/configuration.md.
 
   thrust --version   print the version
   thrust --help      print this help

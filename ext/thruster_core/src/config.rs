@@ -128,8 +128,9 @@ pub fn prefixed_lookup(name: &str, lookup: impl Fn(&str) -> Option<String>) -> O
 /// One setting: its name, its default, what it accepts and what it means.
 /// [`SETTINGS`] is the only place these are written: `Config::from_source`
 /// takes its defaults and the accepted values it quotes in errors from
-/// there, the Ruby keywords are the names in snake_case, and the README
-/// table is checked against the names (a test below).
+/// there, the Ruby keywords are the names in snake_case, and the table in
+/// `docs/configuration.md` is this table rendered (a test below fails when
+/// they differ).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Setting {
     /// The canonical name: the environment variable without `THRUSTER_`.
@@ -1197,6 +1198,53 @@ mod tests {
         assert!(Layered::new([("HTTP_PORT".to_string(), "1".to_string())], &env).is_err());
     }
 
+    fn repository_file(path: &str) -> (std::path::PathBuf, String) {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../..")
+            .join(path);
+        let text = fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        (path, text)
+    }
+
+    /// The Markdown table of every setting, as `docs/configuration.md`
+    /// shows it.
+    fn markdown_table() -> String {
+        let mut table = String::from("| Variable | Default | Meaning |\n|---|---|---|\n");
+        for s in SETTINGS {
+            table.push_str(&format!(
+                "| `{}` | {} | {} |\n",
+                s.name,
+                s.default_markdown(),
+                s.meaning
+            ));
+        }
+        table
+    }
+
+    /// The lines of the first Markdown table in `text` whose header starts
+    /// with `| Variable |`, after `heading` when given: (first line index,
+    /// lines).
+    fn variable_table<'a>(text: &'a str, heading: Option<&str>) -> (usize, Vec<&'a str>) {
+        let lines: Vec<&str> = text.lines().collect();
+        let from = heading.map_or(0, |h| {
+            lines
+                .iter()
+                .position(|l| *l == h)
+                .unwrap_or_else(|| panic!("no {h:?} heading"))
+        });
+        let start = from
+            + lines[from..]
+                .iter()
+                .position(|l| l.starts_with("| Variable |"))
+                .expect("a table whose header starts with | Variable |");
+        let rows = lines[start..]
+            .iter()
+            .take_while(|l| l.starts_with('|'))
+            .copied()
+            .collect();
+        (start, rows)
+    }
+
     #[test]
     fn the_settings_table_is_well_formed() {
         let mut names: Vec<&str> = SETTINGS.iter().map(|s| s.name).collect();
@@ -1226,7 +1274,7 @@ mod tests {
 
     #[test]
     fn configuring_a_default_value_changes_nothing() {
-        // What the documentation and `thrust --help` show as the default
+        // What the documentation shows as the default
         // is what an unset setting gets.
         let defaults = Config::default();
         for s in SETTINGS {
@@ -1242,25 +1290,57 @@ mod tests {
     }
 
     #[test]
-    fn every_setting_has_a_row_in_the_readme_table() {
-        // Users learn the settings from the README: one missing there is
-        // a knob nobody knows about.
-        let readme = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../README.md");
-        let text = std::fs::read_to_string(&readme).expect("README.md at the repository root");
-        // The first cell of a table row names one or more settings.
-        let documented: Vec<&str> = text
-            .lines()
-            .filter_map(|line| line.strip_prefix("| `"))
-            .filter_map(|rest| rest.split(" |").next())
-            .flat_map(|cell| cell.split(['`', ',', ' ']))
-            .filter(|name| !name.is_empty())
-            .collect();
-        let missing: Vec<&str> = SETTINGS
+    fn the_documentation_table_is_the_settings_table() {
+        // Users learn the settings from docs/configuration.md: its table is
+        // SETTINGS rendered, so none is missing and no default or meaning
+        // drifts. After changing SETTINGS, `UPDATE_DOCS=1 cargo test -p
+        // thruster_core --lib config` rewrites the table.
+        let (path, text) = repository_file("docs/configuration.md");
+        let (start, rows) = variable_table(&text, None);
+        let expected = markdown_table();
+        let found = rows.iter().map(|l| format!("{l}\n")).collect::<String>();
+        if found != expected && std::env::var_os("UPDATE_DOCS").is_some() {
+            let mut lines: Vec<&str> = text.lines().collect();
+            lines.splice(start..start + rows.len(), expected.lines());
+            fs::write(&path, lines.join("\n") + "\n").unwrap();
+            return;
+        }
+        let wanted: Vec<&str> = expected.lines().filter(|l| !rows.contains(l)).collect();
+        let unwanted: Vec<&str> = rows
             .iter()
-            .map(|s| s.name)
-            .filter(|name| !documented.contains(name))
+            .filter(|l| !expected.lines().any(|e| e == **l))
+            .copied()
             .collect();
-        assert!(missing.is_empty(), "not in the README table: {missing:?}");
+        assert!(
+            found == expected,
+            "the table in docs/configuration.md is not SETTINGS rendered (in order); \
+             UPDATE_DOCS=1 rewrites it. Rows it lacks: {wanted:#?}; rows to drop: {unwanted:#?}"
+        );
+        assert_eq!(
+            text.matches("| Variable |").count(),
+            1,
+            "one settings table in docs/configuration.md"
+        );
+    }
+
+    #[test]
+    fn the_readme_names_main_settings_with_their_defaults() {
+        // The README's short table: settings that exist, with their
+        // defaults; the meanings there are shorter, the rest is linked.
+        let (_, text) = repository_file("README.md");
+        let (_, rows) = variable_table(&text, Some("## Configuration"));
+        assert!(rows.len() > 3, "{rows:?}");
+        for row in &rows[2..] {
+            let cells: Vec<&str> = row.split(" | ").collect();
+            let name = cells[0].trim_start_matches("| ").trim_matches('`');
+            let s = setting(name).unwrap_or_else(|| panic!("{name} in the README is no setting"));
+            assert_eq!(
+                cells[1],
+                s.default_markdown(),
+                "default of {name} in the README"
+            );
+        }
+        assert!(text.contains("(docs/configuration.md)"));
     }
 
     #[test]
