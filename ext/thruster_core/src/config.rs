@@ -128,9 +128,9 @@ pub fn prefixed_lookup(name: &str, lookup: impl Fn(&str) -> Option<String>) -> O
 /// One setting: its name, its default, what it accepts and what it means.
 /// [`SETTINGS`] is the only place these are written: `Config::from_source`
 /// takes its defaults and the accepted values it quotes in errors from
-/// there, the Ruby keywords are the names in snake_case, and the table in
-/// `docs/configuration.md` is this table rendered (a test below fails when
-/// they differ).
+/// there, `thrust --help` lists the names and defaults, the Ruby keywords
+/// are the names in snake_case, and the table in `docs/configuration.md` is
+/// this table rendered (a test below fails when they differ).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Setting {
     /// The canonical name: the environment variable without `THRUSTER_`.
@@ -1274,7 +1274,7 @@ mod tests {
 
     #[test]
     fn configuring_a_default_value_changes_nothing() {
-        // What the documentation shows as the default
+        // What the documentation and `thrust --help` show as the default
         // is what an unset setting gets.
         let defaults = Config::default();
         for s in SETTINGS {
