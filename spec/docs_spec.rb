@@ -67,7 +67,7 @@ RSpec.describe "README, docs and comments" do
       text.gsub(/^```.*?^```/m, "").scan(/^#+ (.+)$/).flatten.map(&slug)
     end
     broken = pages.flat_map do |page, text|
-      text.scan(/\[[^\]]*\]\(([^)\s]+)\)/).flatten.reject { |link| link.match?(%r{\A[a-z]+:}) }.filter_map do |link|
+      text.scan(/\[[^\]]*\]\(([^)\s]+)\)/).flatten.grep_v(/\A[a-z]+:/).filter_map do |link|
         file, anchor = link.split("#", 2)
         target = file.empty? ? page : File.expand_path(file, File.dirname("/#{page}")).delete_prefix("/")
         path = File.join(ROOT, target)

@@ -9,6 +9,9 @@
 //! `THRUSTER_NAME` as the value). An invalid value is an error naming the
 //! variable, the value and what is accepted (Thruster silently uses the
 //! default).
+//!
+//! Every setting, with its default, accepted values and meaning, is one row
+//! of [`SETTINGS`].
 
 use std::fs;
 use std::path::PathBuf;
