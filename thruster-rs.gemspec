@@ -14,7 +14,7 @@ Gem::Specification.new do |s|
   s.metadata["rubygems_mfa_required"] = "true"
 
   s.files = Dir["lib/**/*.rb", "exe/*", "ext/**/*.{rb,rs,toml}", "Cargo.toml", "Cargo.lock",
-                "README.md", "CHANGELOG.md", "LICENSE"]
+                "README.md", "docs/*.md", "CHANGELOG.md", "LICENSE"]
   s.bindir = "exe"
   s.executables = ["thrust"]
   s.extensions = ["ext/thruster_rs/extconf.rb"]

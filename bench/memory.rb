@@ -158,7 +158,8 @@ rows = SETUPS.map do |name|
 end
 
 # glibc malloc tunables given to the run (MALLOC_MMAP_THRESHOLD_=131072 shows
-# how much of the warm-up growth is freed memory malloc keeps; see the README).
+# how much of the warm-up growth is freed memory malloc keeps; see
+# docs/benchmarks.md, Memory).
 tunables = ENV.select { |key, _| key.start_with?("MALLOC_", "GLIBC_TUNABLES") }.map { |k, v| "#{k}=#{v}" }
 environment = tunables.empty? ? "" : " Environment: #{tunables.join(' ')}."
 inproc = %i[idle after].to_h { |phase| [phase, mib(own(samples, "puma + in-process proxy", phase))] }

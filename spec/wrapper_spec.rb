@@ -125,6 +125,19 @@ RSpec.describe "thrust wrapper" do
       expect(output).to include("missing upstream command", "Usage: thrust CMD")
     end
 
+    it "lists every setting of docs/configuration.md with its default in --help" do
+      status, output = run_thrust({}, "--help")
+      expect(status.exitstatus).to eq(0)
+      expect(output).to include("Usage: thrust CMD", File.join(ROOT, "docs/configuration.md"))
+      rows = File.read(File.join(ROOT, "docs/configuration.md")).lines.grep(/\A\| `/)
+      expect(rows.size).to be > 30
+      rows.each do |row|
+        name, default = row.split(" | ").first(2)
+        default = default == "–" ? "(unset)" : default.delete("`")
+        expect(output).to match(/^  #{name.delete('| `')} +#{Regexp.escape(default)}$/)
+      end
+    end
+
     it "prints its version" do
       status, output = run_thrust({}, "--version")
       expect(status.exitstatus).to eq(0)

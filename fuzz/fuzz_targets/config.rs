@@ -24,9 +24,9 @@ impl SettingSource for Map {
 
 /// The error names the winning variable of some setting, with its value.
 fn check_error(source: &dyn SettingSource, err: &ConfigError) {
-    let winner = SETTINGS.iter().any(|(name, _)| {
+    let winner = SETTINGS.iter().any(|setting| {
         source
-            .get(name)
+            .get(setting.name)
             .is_some_and(|raw| raw.source_name == err.source_name && raw.value == err.value)
     });
     assert!(winner, "error does not name a winning setting: {err:?}");

@@ -33,7 +33,8 @@ module Thruster
   #
   # The token header is removed from every request, so the app never sees
   # it. Everything else is left alone: a client's X-Sendfile-Type header is
-  # neither honoured nor removed (current Rack ignores it; see the README).
+  # neither honoured nor removed (current Rack ignores it; see X-Sendfile in
+  # docs/configuration.md).
   class Sendfile
     RACK_HEADER = "HTTP_#{SENDFILE_TOKEN_HEADER.upcase.tr('-', '_')}".freeze
     TYPE_KEY = "sendfile.type"

@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1, SIGUSR2};
 use signal_hook::iterator::Signals;
+use thruster_core::config::SETTINGS;
 use thruster_core::server::DEFAULT_DRAIN;
 use thruster_core::{log, Config, Server, ServerError, ServerOptions};
 
@@ -23,11 +24,41 @@ Usage: thrust CMD [ARGS...]
 Runs CMD ARGS (your app server, e.g. `bin/rails server`) with PORT set to
 TARGET_PORT and serves it through the thruster-rs proxy on HTTP_PORT (and
 HTTPS_PORT with TLS: TLS_DOMAIN, TLS_CERTIFICATE_PATH or TLS_LOCAL).
-Configuration comes from environment variables; see the README.
+Configuration comes from environment variables, which `thrust --help` lists.
 
   thrust --version   print the version
   thrust --help      print this help
 ";
+
+/// `--help`: the usage, then every setting with its default (from the
+/// settings table, like the documentation) and where the meanings are.
+fn help() -> String {
+    let width = SETTINGS.iter().map(|s| s.name.len()).max().unwrap_or(0);
+    let mut text = format!(
+        "{USAGE}\nSettings and their defaults (THRUSTER_NAME wins over NAME; an empty value\n\
+         counts as unset):\n\n"
+    );
+    for setting in SETTINGS {
+        let default = setting.default_text();
+        text.push_str(&format!("  {:width$}  {default}\n", setting.name));
+    }
+    text.push_str(&format!("\nWhat each one does: {}\n", reference()));
+    text
+}
+
+/// The configuration reference: the copy shipped next to this binary (in
+/// the gem, `lib/thruster/thrust` and `docs/`; in a checkout, also
+/// `target/<profile>/thrust`), else its path in the gem.
+fn reference() -> String {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| {
+            let root = exe.parent()?.parent()?.parent()?;
+            std::fs::canonicalize(root.join("docs/configuration.md")).ok()
+        })
+        .map(|path| path.display().to_string())
+        .unwrap_or_else(|| "docs/configuration.md in the thruster-rs gem".to_string())
+}
 
 fn main() -> ExitCode {
     let args: Vec<OsString> = std::env::args_os().skip(1).collect();
@@ -41,7 +72,7 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Some("--help") => {
-            print!("{USAGE}");
+            print!("{}", help());
             return ExitCode::SUCCESS;
         }
         Some(_) => {}

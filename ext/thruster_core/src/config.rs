@@ -9,6 +9,9 @@
 //! `THRUSTER_NAME` as the value). An invalid value is an error naming the
 //! variable, the value and what is accepted (Thruster silently uses the
 //! default).
+//!
+//! Every setting, with its default, accepted values and meaning, is one row
+//! of [`SETTINGS`].
 
 use std::fs;
 use std::path::PathBuf;
@@ -98,7 +101,7 @@ pub struct UnknownSetting(pub String);
 
 /// The setting a snake_case keyword stands for (`http_port` → `HTTP_PORT`).
 pub fn setting_for_keyword(keyword: &str) -> Option<&'static str> {
-    SETTINGS.iter().map(|(name, _)| *name).find(|name| {
+    SETTINGS.iter().map(|s| s.name).find(|name| {
         name.eq_ignore_ascii_case(keyword) && !keyword.contains(|c: char| c.is_ascii_uppercase())
     })
 }
@@ -106,7 +109,7 @@ pub fn setting_for_keyword(keyword: &str) -> Option<&'static str> {
 fn keyword_list() -> String {
     SETTINGS
         .iter()
-        .map(|(name, _)| name.to_ascii_lowercase())
+        .map(|s| s.name.to_ascii_lowercase())
         .collect::<Vec<_>>()
         .join(", ")
 }
@@ -125,56 +128,358 @@ pub fn prefixed_lookup(name: &str, lookup: impl Fn(&str) -> Option<String>) -> O
     })
 }
 
-/// Every setting the proxy understands, as (name, default): the default as
-/// users read it — a value, a phrase such as "the working directory and the
-/// temp directory", or empty when there is none. Only the names are read by
-/// code: the README table is checked against them (a test below), and the
-/// Ruby keywords are these names in snake_case.
-pub const SETTINGS: &[(&str, &str)] = &[
-    ("TARGET_PORT", "3000"),
-    ("CACHE_SIZE", "67108864"),
-    ("MAX_CACHE_ITEM_SIZE", "1048576"),
-    ("CACHE_STALE_IF_ERROR", "300"),
-    ("X_SENDFILE_ENABLED", "true"),
-    (
-        "X_SENDFILE_ROOTS",
-        "the working directory and the temp directory",
+/// One setting: its name, its default, what it accepts and what it means.
+/// [`SETTINGS`] is the only place these are written: `Config::from_source`
+/// takes its defaults and the accepted values it quotes in errors from
+/// there, `thrust --help` lists the names and defaults, the Ruby keywords
+/// are the names in snake_case, and the table in `docs/configuration.md` is
+/// this table rendered (a test below fails when they differ).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Setting {
+    /// The canonical name: the environment variable without `THRUSTER_`.
+    pub name: &'static str,
+    pub default: DefaultValue,
+    /// What a value must look like, quoted by [`ConfigError`].
+    pub accepted: &'static str,
+    /// What the setting does, in Markdown, as the documentation shows it
+    /// (links are relative to `docs/configuration.md`).
+    pub meaning: &'static str,
+}
+
+/// What a setting is when it is not configured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DefaultValue {
+    /// A value, parsed exactly like a configured one.
+    Value(&'static str),
+    /// Nothing: the feature it configures is off.
+    Unset,
+    /// Worked out at start-up from other settings or the system; the text
+    /// (Markdown) says how.
+    Derived(&'static str),
+}
+
+impl Setting {
+    /// The default as plain text (`thrust --help`).
+    pub fn default_text(&self) -> String {
+        match self.default {
+            DefaultValue::Value(value) => value.to_string(),
+            DefaultValue::Unset => "(unset)".to_string(),
+            DefaultValue::Derived(how) => how.replace('`', ""),
+        }
+    }
+
+    /// The default as a Markdown table cell (the documentation).
+    pub fn default_markdown(&self) -> String {
+        match self.default {
+            DefaultValue::Value(value) => format!("`{value}`"),
+            DefaultValue::Unset => "–".to_string(),
+            DefaultValue::Derived(how) => how.to_string(),
+        }
+    }
+}
+
+/// The row of a setting by canonical name.
+pub fn setting(name: &str) -> Option<&'static Setting> {
+    SETTINGS.iter().find(|s| s.name == name)
+}
+
+const fn row(
+    name: &'static str,
+    default: DefaultValue,
+    accepted: &'static str,
+    meaning: &'static str,
+) -> Setting {
+    Setting {
+        name,
+        default,
+        accepted,
+        meaning,
+    }
+}
+
+use DefaultValue::{Derived, Unset, Value};
+
+/// Every setting the proxy understands, in the order the documentation
+/// lists them.
+pub const SETTINGS: &[Setting] = &[
+    row(
+        "TARGET_PORT",
+        Value("3000"),
+        ACCEPT_TARGET_PORT,
+        "Port the app listens on (`127.0.0.1`); exported to the app as `PORT`.",
     ),
-    ("GZIP_COMPRESSION_ENABLED", "true"),
-    ("GZIP_COMPRESSION_DISABLE_ON_AUTH", "false"),
-    ("GZIP_COMPRESSION_JITTER", "32"),
-    ("MAX_REQUEST_BODY", "0"),
-    ("REQUEST_BUFFERING", "true"),
-    ("REQUEST_BUFFER_MEMORY", "65536"),
-    ("REQUEST_BUFFER_MAX", "104857600"),
-    ("REQUEST_BODY_MIN_RATE", "64"),
-    ("RESPONSE_BUFFERING", "true"),
-    ("RESPONSE_BUFFER_MEMORY", "262144"),
-    ("RESPONSE_BUFFER_MAX", "1073741824"),
-    ("TLS_DOMAIN", ""),
-    ("ACME_DIRECTORY", DEFAULT_ACME_DIRECTORY),
-    ("EAB_KID", ""),
-    ("EAB_HMAC_KEY", ""),
-    ("ACME_CA_FILE", ""),
-    ("ACME_CHALLENGES", "tls-alpn-01,http-01"),
-    ("TLS_CERTIFICATE_PATH", ""),
-    ("TLS_PRIVATE_KEY_PATH", ""),
-    ("TLS_LOCAL", "false"),
-    ("TLS_DEFAULT_DOMAIN", "the first TLS_DOMAIN"),
-    ("STORAGE_PATH", "./storage/thruster"),
-    ("BAD_GATEWAY_PAGE", "./public/502.html"),
-    ("HTTP_PORT", "80"),
-    ("HTTPS_PORT", "443"),
-    ("HTTP_IDLE_TIMEOUT", "60"),
-    ("MAX_CONNECTIONS", "0"),
-    ("MAX_CONNECTIONS_PER_IP", "0"),
-    ("UPSTREAM_RETRY_TIMEOUT", "5"),
-    ("HTTP_READ_TIMEOUT", "30"),
-    ("HTTP_WRITE_TIMEOUT", "30"),
-    ("H2C_ENABLED", "false"),
-    ("FORWARD_HEADERS", "true without TLS, false with TLS"),
-    ("LOG_REQUESTS", "true"),
-    ("DEBUG", "false"),
+    row(
+        "HTTP_PORT",
+        Value("80"),
+        ACCEPT_PORT,
+        "Port the proxy listens on. `0` = pick a free port (logged).",
+    ),
+    row(
+        "HTTPS_PORT",
+        Value("443"),
+        ACCEPT_PORT,
+        "HTTPS port in [TLS mode](tls.md). `0` = pick a free port (logged).",
+    ),
+    row(
+        "BAD_GATEWAY_PAGE",
+        Value("./public/502.html"),
+        ACCEPT_PATH,
+        "Body of the 502 sent when the app is unreachable; empty 502 if the file is absent.",
+    ),
+    row(
+        "FORWARD_HEADERS",
+        Derived("`true` without TLS, `false` with"),
+        ACCEPT_BOOL,
+        "Trust inbound `X-Forwarded-*` (extend the `-For` chain, keep `-Host`/`-Proto`). Off: they \
+         are replaced.",
+    ),
+    row(
+        "HTTP_IDLE_TIMEOUT",
+        Value("60"),
+        ACCEPT_IDLE_SECONDS,
+        "Idle keep-alive connections are closed after this many seconds; `0` = the read timeout, \
+         `< 0` = never.",
+    ),
+    row(
+        "HTTP_READ_TIMEOUT",
+        Value("30"),
+        ACCEPT_SECONDS,
+        "Time a client has to send a request head: from the first byte (a new connection: from \
+         accept). Also the deadline for a whole request body when `REQUEST_BODY_MIN_RATE` is `0`. \
+         `≤ 0` = none. See [Timeouts](#timeouts).",
+    ),
+    row(
+        "HTTP_WRITE_TIMEOUT",
+        Value("30"),
+        ACCEPT_SECONDS,
+        "Time the app has to send its response **headers** (past it: **504**), and the longest a \
+         client may stall reading a response. `≤ 0` = none. See [Timeouts](#timeouts).",
+    ),
+    row(
+        "MAX_REQUEST_BODY",
+        Value("0"),
+        ACCEPT_SIGNED_BYTES,
+        "Largest request body in bytes (`≤ 0` = unlimited): `413` before the app sees anything \
+         when `Content-Length` is larger, or as soon as a chunked body passes it.",
+    ),
+    row(
+        "MAX_CONNECTIONS",
+        Value("0"),
+        ACCEPT_COUNT,
+        "Open client connections at most; past it new clients wait in the accept backlog. `0` = \
+         half the open-files limit less a reserve, at most 16,384 (the proxy raises its soft limit \
+         to the hard one at start).",
+    ),
+    row(
+        "MAX_CONNECTIONS_PER_IP",
+        Value("0"),
+        ACCEPT_COUNT,
+        "Open client connections per client address at most; excess connections are closed at \
+         once. `0` = no per-address cap (the safe default behind a load balancer or CDN, where \
+         every client shares a few addresses).",
+    ),
+    row(
+        "UPSTREAM_RETRY_TIMEOUT",
+        Value("5"),
+        ACCEPT_RETRY_SECONDS,
+        "A request without a body whose connection to the app is refused (app booting or \
+         restarting) is retried every 50–500 ms for up to this many seconds before a `502`; \
+         `≤ 0` = no retry.",
+    ),
+    row(
+        "REQUEST_BUFFERING",
+        Value("true"),
+        ACCEPT_BOOL,
+        "Read each request body completely before the app sees the request, so slow uploads never \
+         hold an app worker (Unicorn, single-threaded Puma). Upgrades always stream. See \
+         [Request buffering](#request-buffering).",
+    ),
+    row(
+        "REQUEST_BUFFER_MEMORY",
+        Value("65536"),
+        ACCEPT_BYTES,
+        "Bytes of a request body kept in memory; the rest goes to an unnamed temporary file (0600, \
+         gone when closed).",
+    ),
+    row(
+        "REQUEST_BUFFER_MAX",
+        Value("104857600"),
+        ACCEPT_BYTES,
+        "Bytes of a request body buffered at most; past it the rest streams to the app as it \
+         arrives (`MAX_REQUEST_BODY` still applies).",
+    ),
+    row(
+        "REQUEST_BODY_MIN_RATE",
+        Value("64"),
+        ACCEPT_RATE,
+        "Bytes per second a request body must average over each 10 s the proxy spends waiting for \
+         it; slower gets `408`. Time the app spends not reading does not count. `0` = no minimum; \
+         the body must then arrive within `HTTP_READ_TIMEOUT`.",
+    ),
+    row(
+        "RESPONSE_BUFFERING",
+        Value("true"),
+        ACCEPT_BOOL,
+        "Read each response from the app as fast as the app sends it, so a slow reader never holds \
+         an app worker. Never for `text/event-stream`, upgrades, or responses with \
+         `X-Accel-Buffering: no`. See [Response buffering](#response-buffering).",
+    ),
+    row(
+        "RESPONSE_BUFFER_MEMORY",
+        Value("262144"),
+        ACCEPT_BYTES,
+        "Bytes of a response waiting for its client kept in memory; the rest goes to an unnamed \
+         temporary file.",
+    ),
+    row(
+        "RESPONSE_BUFFER_MAX",
+        Value("1073741824"),
+        ACCEPT_BYTES,
+        "Bytes of a response waiting for its client kept on disk at most; past it the app waits \
+         for the client. `0` = memory only.",
+    ),
+    row(
+        "H2C_ENABLED",
+        Value("false"),
+        ACCEPT_BOOL,
+        "Cleartext HTTP/2 by prior knowledge; off, such connections are closed.",
+    ),
+    row(
+        "LOG_REQUESTS",
+        Value("true"),
+        ACCEPT_BOOL,
+        "One JSON line per request.",
+    ),
+    row("DEBUG", Value("false"), ACCEPT_BOOL, "Debug log lines."),
+    row(
+        "TLS_DOMAIN",
+        Unset,
+        ACCEPT_DOMAINS,
+        "Comma list of domains (IDN allowed, converted to punycode): enables TLS with ACME \
+         certificates for them. See [TLS](tls.md).",
+    ),
+    row(
+        "ACME_DIRECTORY",
+        Value(DEFAULT_ACME_DIRECTORY),
+        ACCEPT_URL,
+        "ACME directory URL (the default is Let's Encrypt production).",
+    ),
+    row(
+        "EAB_KID",
+        Unset,
+        ACCEPT_EAB_KID,
+        "External Account Binding for the ACME CA: the key identifier (set with `EAB_HMAC_KEY`, \
+         both or neither).",
+    ),
+    row(
+        "EAB_HMAC_KEY",
+        Unset,
+        ACCEPT_EAB_KEY,
+        "External Account Binding for the ACME CA: the key, base64url (set with `EAB_KID`, both \
+         or neither).",
+    ),
+    row(
+        "ACME_CA_FILE",
+        Unset,
+        ACCEPT_PEM_FILE,
+        "PEM bundle of extra CAs trusted for the ACME directory (Pebble, step-ca); \
+         `SSL_CERT_FILE`/`SSL_CERT_DIR` are honoured too.",
+    ),
+    row(
+        "ACME_CHALLENGES",
+        Value("tls-alpn-01,http-01"),
+        ACCEPT_CHALLENGES,
+        "Challenge types, tried in this order (a failed attempt moves to the next).",
+    ),
+    row(
+        "STORAGE_PATH",
+        Value("./storage/thruster"),
+        ACCEPT_PATH,
+        "Where the ACME account and certificates (and the `TLS_LOCAL` certificate) are kept; \
+         0700, keys 0600.",
+    ),
+    row(
+        "TLS_CERTIFICATE_PATH",
+        Unset,
+        ACCEPT_PEM_PAIR,
+        "Your own PEM certificate chain instead of ACME (set with `TLS_PRIVATE_KEY_PATH`, both or \
+         neither); reloaded when the files change.",
+    ),
+    row(
+        "TLS_PRIVATE_KEY_PATH",
+        Unset,
+        ACCEPT_PEM_PAIR,
+        "The PEM private key of `TLS_CERTIFICATE_PATH` (both or neither); reloaded when the files \
+         change.",
+    ),
+    row(
+        "TLS_LOCAL",
+        Value("false"),
+        ACCEPT_BOOL,
+        "Self-signed certificate for `localhost`, `127.0.0.1`, `::1` and `TLS_DOMAIN` names \
+         (development).",
+    ),
+    row(
+        "TLS_DEFAULT_DOMAIN",
+        Derived("first `TLS_DOMAIN`"),
+        ACCEPT_DEFAULT_DOMAIN,
+        "Whose certificate answers handshakes without a matching SNI; `none` refuses them.",
+    ),
+    row(
+        "CACHE_SIZE",
+        Value("67108864"),
+        ACCEPT_BYTES,
+        "Cache budget in bytes, encoded variants included; `0` turns the cache off. See \
+         [Caching](#caching).",
+    ),
+    row(
+        "MAX_CACHE_ITEM_SIZE",
+        Value("1048576"),
+        ACCEPT_BYTES,
+        "Largest cached response body in bytes; larger ones stream past the cache.",
+    ),
+    row(
+        "CACHE_STALE_IF_ERROR",
+        Value("300"),
+        ACCEPT_STALE_SECONDS,
+        "Seconds past expiry a cached response may stand in for a 500/502/503/504 when the app \
+         does not say (its `stale-if-error` wins; `must-revalidate` forbids it); `≤ 0` = never.",
+    ),
+    row(
+        "X_SENDFILE_ENABLED",
+        Value("true"),
+        ACCEPT_BOOL,
+        "Serve `X-Sendfile` responses from disk. See [X-Sendfile](#x-sendfile).",
+    ),
+    row(
+        "X_SENDFILE_ROOTS",
+        Derived("working dir + temp dir"),
+        ACCEPT_DIRECTORIES,
+        "Comma list of existing directories X-Sendfile may serve from (symlinks resolved); \
+         anything else is a logged `404`.",
+    ),
+    row(
+        "GZIP_COMPRESSION_ENABLED",
+        Value("true"),
+        ACCEPT_BOOL,
+        "Response compression: brotli, zstd and gzip (despite the name), negotiated from \
+         `Accept-Encoding`; `Vary: Accept-Encoding` on every response.",
+    ),
+    row(
+        "GZIP_COMPRESSION_DISABLE_ON_AUTH",
+        Value("false"),
+        ACCEPT_BOOL,
+        "No compression for requests with `Cookie`, `Authorization` or `X-Csrf-Token`, nor for \
+         per-user responses (`Set-Cookie`, `private`, `no-store`, `Vary: Cookie`/`Authorization`).",
+    ),
+    row(
+        "GZIP_COMPRESSION_JITTER",
+        Value("32"),
+        ACCEPT_JITTER,
+        "BREACH mitigation: up to this many padding bytes, a random count per response, in the \
+         gzip header comment or a zstd skippable frame (brotli has no place for padding); `0` \
+         turns it off (0–65533).",
+    ),
 ];
 
 pub const DEFAULT_ACME_DIRECTORY: &str = "https://acme-v02.api.letsencrypt.org/directory";
@@ -182,12 +487,24 @@ pub const DEFAULT_ACME_DIRECTORY: &str = "https://acme-v02.api.letsencrypt.org/d
 const ACCEPT_BOOL: &str = "a boolean: 1, t, T, TRUE, true, True, 0, f, F, FALSE, false or False";
 const ACCEPT_PORT: &str = "a TCP port number from 0 to 65535";
 const ACCEPT_TARGET_PORT: &str = "a TCP port number from 1 to 65535";
+const ACCEPT_PATH: &str = "a file system path";
+const ACCEPT_URL: &str = "a URL";
+const ACCEPT_PEM_FILE: &str = "a path to a PEM file";
 const ACCEPT_DIRECTORIES: &str = "a comma-separated list of existing directories";
 const ACCEPT_BYTES: &str = "a whole number of bytes (digits only, no unit), 0 or more";
+const ACCEPT_RATE: &str =
+    "a whole number of bytes per second (digits only, no unit), 0 or more; 0 means no minimum";
+const ACCEPT_COUNT: &str = "a whole number of connections (digits only), 0 or more";
 const ACCEPT_SIGNED_BYTES: &str =
     "a whole number of bytes (digits only, no unit); 0 or less means unlimited";
 const ACCEPT_SECONDS: &str =
     "a whole number of seconds (digits only, no unit); 0 or less means no timeout";
+const ACCEPT_IDLE_SECONDS: &str = "a whole number of seconds (digits only, no unit); 0 means \
+     HTTP_READ_TIMEOUT, less than 0 means no timeout";
+const ACCEPT_RETRY_SECONDS: &str =
+    "a whole number of seconds (digits only, no unit); 0 or less means no retry";
+const ACCEPT_STALE_SECONDS: &str =
+    "a whole number of seconds (digits only, no unit); 0 or less means never";
 const ACCEPT_EAB_KEY: &str =
     "the base64url-encoded HMAC key from your CA (RFC 4648 section 5, padding optional), set together with EAB_KID";
 const ACCEPT_EAB_KID: &str = "the key identifier from your CA, set together with EAB_HMAC_KEY";
@@ -296,72 +613,71 @@ impl Config {
         Config::from_source(&Environment)
     }
 
+    /// Reads every setting from `source`; what it does not give takes its
+    /// default from [`SETTINGS`].
     pub fn from_source(source: &dyn SettingSource) -> Result<Config, ConfigError> {
         let r = Reader { source };
         let tls_domains = r.domains("TLS_DOMAIN")?;
         let (eab_kid, eab_hmac_key, eab) = r.eab()?;
-        let tls_local = r.bool("TLS_LOCAL", false)?;
+        let tls_local = r.bool("TLS_LOCAL")?;
         let (tls_certificate_path, tls_private_key_path) = r.pem_pair(tls_local)?;
         let tls = !tls_domains.is_empty() || tls_local || tls_certificate_path.is_some();
         let tls_default_domain = r.default_domain(&tls_domains)?;
-        let read_timeout = r.seconds("HTTP_READ_TIMEOUT", 30)?;
+        let read_timeout = r.seconds("HTTP_READ_TIMEOUT")?;
         // Thruster: an idle timeout of 0 falls back to the read timeout.
-        let idle_timeout = match r.int("HTTP_IDLE_TIMEOUT", 60, ACCEPT_SECONDS)? {
+        let idle_timeout = match r.int("HTTP_IDLE_TIMEOUT")? {
             0 => read_timeout,
             n => seconds(n),
         };
         Ok(Config {
-            target_port: r.port("TARGET_PORT", 3000, 1, ACCEPT_TARGET_PORT)?,
-            cache_size: r.bytes("CACHE_SIZE", 64 << 20)?,
-            max_cache_item_size: r.bytes("MAX_CACHE_ITEM_SIZE", 1 << 20)?,
-            cache_stale_if_error: r
-                .seconds("CACHE_STALE_IF_ERROR", 300)?
-                .unwrap_or(Duration::ZERO),
-            x_sendfile_enabled: r.bool("X_SENDFILE_ENABLED", true)?,
-            x_sendfile_roots: match r.raw("X_SENDFILE_ROOTS") {
-                None => default_roots(),
-                Some(s) => parse_roots(&s.value).map_err(|_| invalid(s, ACCEPT_DIRECTORIES))?,
-            },
-            gzip_compression_enabled: r.bool("GZIP_COMPRESSION_ENABLED", true)?,
-            gzip_compression_disable_on_auth: r.bool("GZIP_COMPRESSION_DISABLE_ON_AUTH", false)?,
-            gzip_compression_jitter: r.jitter("GZIP_COMPRESSION_JITTER", 32)?,
-            max_request_body: match r.int("MAX_REQUEST_BODY", 0, ACCEPT_SIGNED_BYTES)? {
+            target_port: r.port("TARGET_PORT", 1)?,
+            cache_size: r.unsigned("CACHE_SIZE")?,
+            max_cache_item_size: r.unsigned("MAX_CACHE_ITEM_SIZE")?,
+            cache_stale_if_error: r.seconds("CACHE_STALE_IF_ERROR")?.unwrap_or(Duration::ZERO),
+            x_sendfile_enabled: r.bool("X_SENDFILE_ENABLED")?,
+            x_sendfile_roots: r
+                .parsed("X_SENDFILE_ROOTS", |v| parse_roots(v).ok())?
+                .unwrap_or_else(default_roots),
+            gzip_compression_enabled: r.bool("GZIP_COMPRESSION_ENABLED")?,
+            gzip_compression_disable_on_auth: r.bool("GZIP_COMPRESSION_DISABLE_ON_AUTH")?,
+            gzip_compression_jitter: r.jitter("GZIP_COMPRESSION_JITTER")?,
+            max_request_body: match r.int("MAX_REQUEST_BODY")? {
                 n if n <= 0 => None,
                 n => Some(n as u64),
             },
-            request_buffering: r.bool("REQUEST_BUFFERING", true)?,
-            request_buffer_memory: r.bytes("REQUEST_BUFFER_MEMORY", 64 << 10)?,
-            request_buffer_max: r.bytes("REQUEST_BUFFER_MAX", 100 << 20)?,
-            request_body_min_rate: r.bytes("REQUEST_BODY_MIN_RATE", 64)?,
-            response_buffering: r.bool("RESPONSE_BUFFERING", true)?,
-            response_buffer_memory: r.bytes("RESPONSE_BUFFER_MEMORY", 256 << 10)?,
-            response_buffer_max: r.bytes("RESPONSE_BUFFER_MAX", 1 << 30)?,
+            request_buffering: r.bool("REQUEST_BUFFERING")?,
+            request_buffer_memory: r.unsigned("REQUEST_BUFFER_MEMORY")?,
+            request_buffer_max: r.unsigned("REQUEST_BUFFER_MAX")?,
+            request_body_min_rate: r.unsigned("REQUEST_BODY_MIN_RATE")?,
+            response_buffering: r.bool("RESPONSE_BUFFERING")?,
+            response_buffer_memory: r.unsigned("RESPONSE_BUFFER_MEMORY")?,
+            response_buffer_max: r.unsigned("RESPONSE_BUFFER_MAX")?,
             tls_domains,
-            acme_directory: r.string("ACME_DIRECTORY", DEFAULT_ACME_DIRECTORY),
+            acme_directory: r.string("ACME_DIRECTORY")?,
             eab_kid,
             eab_hmac_key,
             eab,
-            acme_ca_file: r.raw("ACME_CA_FILE").map(|s| s.value.into()),
-            acme_challenges: r.challenges("ACME_CHALLENGES")?,
+            acme_ca_file: r.parsed("ACME_CA_FILE", |v| Some(PathBuf::from(v)))?,
+            acme_challenges: r.with_default("ACME_CHALLENGES", parse_challenges)?,
             tls_certificate_path,
             tls_private_key_path,
             tls_local,
             tls_default_domain,
-            storage_path: r.string("STORAGE_PATH", "./storage/thruster").into(),
-            bad_gateway_page: r.string("BAD_GATEWAY_PAGE", "./public/502.html").into(),
-            http_port: r.port("HTTP_PORT", 80, 0, ACCEPT_PORT)?,
-            https_port: r.port("HTTPS_PORT", 443, 0, ACCEPT_PORT)?,
+            storage_path: r.string("STORAGE_PATH")?.into(),
+            bad_gateway_page: r.string("BAD_GATEWAY_PAGE")?.into(),
+            http_port: r.port("HTTP_PORT", 0)?,
+            https_port: r.port("HTTPS_PORT", 0)?,
             http_idle_timeout: idle_timeout,
             http_read_timeout: read_timeout,
-            http_write_timeout: r.seconds("HTTP_WRITE_TIMEOUT", 30)?,
-            upstream_retry_timeout: r.seconds("UPSTREAM_RETRY_TIMEOUT", 5)?,
-            max_connections: r.bytes("MAX_CONNECTIONS", 0)?,
-            max_connections_per_ip: r.bytes("MAX_CONNECTIONS_PER_IP", 0)?.min(u32::MAX as u64)
+            http_write_timeout: r.seconds("HTTP_WRITE_TIMEOUT")?,
+            upstream_retry_timeout: r.seconds("UPSTREAM_RETRY_TIMEOUT")?,
+            max_connections: r.unsigned("MAX_CONNECTIONS")?,
+            max_connections_per_ip: r.unsigned("MAX_CONNECTIONS_PER_IP")?.min(u32::MAX as u64)
                 as u32,
-            h2c_enabled: r.bool("H2C_ENABLED", false)?,
-            forward_headers: r.bool("FORWARD_HEADERS", !tls)?,
-            log_requests: r.bool("LOG_REQUESTS", true)?,
-            debug: r.bool("DEBUG", false)?,
+            h2c_enabled: r.bool("H2C_ENABLED")?,
+            forward_headers: r.parsed("FORWARD_HEADERS", parse_bool)?.unwrap_or(!tls),
+            log_requests: r.bool("LOG_REQUESTS")?,
+            debug: r.bool("DEBUG")?,
         })
     }
 
@@ -424,30 +740,59 @@ struct Reader<'a> {
     source: &'a dyn SettingSource,
 }
 
+/// The row of a setting `Config::from_source` reads; every name it reads is
+/// in the table (`every_setting_is_read` checks it).
+fn row_of(name: &str) -> &'static Setting {
+    setting(name).unwrap_or_else(|| panic!("{name} is not in SETTINGS"))
+}
+
 impl Reader<'_> {
     fn raw(&self, name: &str) -> Option<RawSetting> {
         self.source.get(name)
     }
 
-    fn string(&self, name: &str, default: &str) -> String {
-        self.raw(name)
-            .map(|s| s.value)
-            .unwrap_or_else(|| default.to_string())
+    /// The configured value of `name` parsed by `parse`, else its default
+    /// value from [`SETTINGS`] parsed the same way, else `None` (no default
+    /// value: unset or derived). A configured value `parse` refuses is an
+    /// error quoting what the row accepts.
+    fn parsed<T>(
+        &self,
+        name: &str,
+        parse: impl Fn(&str) -> Option<T>,
+    ) -> Result<Option<T>, ConfigError> {
+        let row = row_of(name);
+        if let Some(raw) = self.raw(name) {
+            return match parse(&raw.value) {
+                Some(value) => Ok(Some(value)),
+                None => Err(invalid(raw, row.accepted)),
+            };
+        }
+        match row.default {
+            Value(text) => match parse(text) {
+                Some(value) => Ok(Some(value)),
+                None => panic!("the default of {name}, {text:?}, is not {}", row.accepted),
+            },
+            Unset | Derived(_) => Ok(None),
+        }
+    }
+
+    /// [`Reader::parsed`] for a setting whose row has a default value.
+    fn with_default<T>(
+        &self,
+        name: &str,
+        parse: impl Fn(&str) -> Option<T>,
+    ) -> Result<T, ConfigError> {
+        Ok(self
+            .parsed(name, parse)?
+            .unwrap_or_else(|| panic!("{name} has no default value in SETTINGS")))
+    }
+
+    fn string(&self, name: &str) -> Result<String, ConfigError> {
+        self.with_default(name, |v| Some(v.to_string()))
     }
 
     fn domains(&self, name: &str) -> Result<Vec<String>, ConfigError> {
-        let Some(raw) = self.raw(name) else {
-            return Ok(Vec::new());
-        };
-        let mut domains = Vec::new();
-        for item in parse_list(&raw.value) {
-            match normalize_domain(&item) {
-                Some(domain) if !domains.contains(&domain) => domains.push(domain),
-                Some(_) => {}
-                None => return Err(invalid(raw, ACCEPT_DOMAINS)),
-            }
-        }
-        Ok(domains)
+        Ok(self.parsed(name, parse_domains)?.unwrap_or_default())
     }
 
     /// `(EAB_KID, EAB_HMAC_KEY, both with the key decoded)`.
@@ -455,10 +800,11 @@ impl Reader<'_> {
         use base64::Engine as _;
         let kid = self.raw("EAB_KID");
         let key = self.raw("EAB_HMAC_KEY");
+        let key_accepted = row_of("EAB_HMAC_KEY").accepted;
         match (kid, key) {
             (None, None) => Ok((String::new(), String::new(), None)),
-            (Some(kid), None) => Err(invalid(kid, ACCEPT_EAB_KID)),
-            (None, Some(key)) => Err(invalid(key, ACCEPT_EAB_KEY)),
+            (Some(kid), None) => Err(invalid(kid, row_of("EAB_KID").accepted)),
+            (None, Some(key)) => Err(invalid(key, key_accepted)),
             (Some(kid), Some(key)) => {
                 let text = key.value.trim_end_matches('=');
                 match base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(text) {
@@ -467,7 +813,7 @@ impl Reader<'_> {
                         key.value.clone(),
                         Some((kid.value, bytes)),
                     )),
-                    _ => Err(invalid(key, ACCEPT_EAB_KEY)),
+                    _ => Err(invalid(key, key_accepted)),
                 }
             }
         }
@@ -478,101 +824,89 @@ impl Reader<'_> {
         let key = self.raw("TLS_PRIVATE_KEY_PATH");
         match (cert, key) {
             (None, None) => Ok((None, None)),
-            (Some(cert), None) => Err(invalid(cert, ACCEPT_PEM_PAIR)),
-            (None, Some(key)) => Err(invalid(key, ACCEPT_PEM_PAIR)),
+            (Some(cert), None) => Err(invalid(cert, row_of("TLS_CERTIFICATE_PATH").accepted)),
+            (None, Some(key)) => Err(invalid(key, row_of("TLS_PRIVATE_KEY_PATH").accepted)),
             (Some(cert), Some(_)) if local => Err(invalid(cert, ACCEPT_TLS_SOURCE)),
             (Some(cert), Some(key)) => Ok((Some(cert.value.into()), Some(key.value.into()))),
         }
     }
 
+    /// `TLS_DEFAULT_DOMAIN`: one of `domains` or `none`; derived from the
+    /// first of `domains` when unset.
     fn default_domain(&self, domains: &[String]) -> Result<Option<String>, ConfigError> {
-        let Some(raw) = self.raw("TLS_DEFAULT_DOMAIN") else {
-            return Ok(domains.first().cloned());
-        };
-        if raw.value == "none" {
-            return Ok(None);
-        }
-        match normalize_domain(&raw.value) {
-            Some(domain) if domains.contains(&domain) => Ok(Some(domain)),
-            _ => Err(invalid(raw, ACCEPT_DEFAULT_DOMAIN)),
-        }
-    }
-
-    fn challenges(&self, name: &str) -> Result<Vec<AcmeChallenge>, ConfigError> {
-        let Some(raw) = self.raw(name) else {
-            return Ok(vec![AcmeChallenge::TlsAlpn01, AcmeChallenge::Http01]);
-        };
-        let mut list = Vec::new();
-        for item in parse_list(&raw.value) {
-            let challenge = match item.to_ascii_lowercase().as_str() {
-                "tls-alpn-01" => AcmeChallenge::TlsAlpn01,
-                "http-01" => AcmeChallenge::Http01,
-                _ => return Err(invalid(raw, ACCEPT_CHALLENGES)),
-            };
-            if !list.contains(&challenge) {
-                list.push(challenge);
+        let chosen = self.parsed("TLS_DEFAULT_DOMAIN", |value| {
+            if value == "none" {
+                return Some(None);
             }
-        }
-        if list.is_empty() {
-            return Err(invalid(raw, ACCEPT_CHALLENGES));
-        }
-        Ok(list)
+            normalize_domain(value)
+                .filter(|domain| domains.contains(domain))
+                .map(Some)
+        })?;
+        Ok(chosen.unwrap_or_else(|| domains.first().cloned()))
     }
 
-    fn bool(&self, name: &str, default: bool) -> Result<bool, ConfigError> {
-        match self.raw(name) {
-            None => Ok(default),
-            Some(s) => parse_bool(&s.value).ok_or_else(|| invalid(s, ACCEPT_BOOL)),
-        }
+    fn bool(&self, name: &str) -> Result<bool, ConfigError> {
+        self.with_default(name, parse_bool)
     }
 
-    fn int(&self, name: &str, default: i64, accepted: &'static str) -> Result<i64, ConfigError> {
-        match self.raw(name) {
-            None => Ok(default),
-            Some(s) => parse_int(&s.value).ok_or_else(|| invalid(s, accepted)),
-        }
+    fn int(&self, name: &str) -> Result<i64, ConfigError> {
+        self.with_default(name, parse_int)
     }
 
-    fn bytes(&self, name: &str, default: u64) -> Result<u64, ConfigError> {
-        match self.raw(name) {
-            None => Ok(default),
-            Some(s) => match parse_int(&s.value) {
-                Some(n) if n >= 0 => Ok(n as u64),
-                _ => Err(invalid(s, ACCEPT_BYTES)),
-            },
-        }
+    /// A whole number, 0 or more.
+    fn unsigned(&self, name: &str) -> Result<u64, ConfigError> {
+        self.with_default(name, |v| parse_int(v).and_then(|n| u64::try_from(n).ok()))
     }
 
-    fn port(
-        &self,
-        name: &str,
-        default: u16,
-        min: i64,
-        accepted: &'static str,
-    ) -> Result<u16, ConfigError> {
-        match self.raw(name) {
-            None => Ok(default),
-            Some(s) => match parse_int(&s.value) {
-                Some(n) if (min..=65535).contains(&n) => Ok(n as u16),
-                _ => Err(invalid(s, accepted)),
-            },
-        }
+    fn port(&self, name: &str, min: i64) -> Result<u16, ConfigError> {
+        self.with_default(name, |v| {
+            parse_int(v)
+                .filter(|n| (min..=65535).contains(n))
+                .map(|n| n as u16)
+        })
     }
 
-    fn seconds(&self, name: &str, default: i64) -> Result<Timeout, ConfigError> {
-        self.int(name, default, ACCEPT_SECONDS).map(seconds)
+    fn seconds(&self, name: &str) -> Result<Timeout, ConfigError> {
+        self.int(name).map(seconds)
     }
 
-    fn jitter(&self, name: &str, default: u32) -> Result<u32, ConfigError> {
-        match self.raw(name) {
-            None => Ok(default),
-            Some(s) => match parse_int(&s.value) {
-                Some(n) if n <= 0 => Ok(0),
-                Some(n) if n < 65534 => Ok(n as u32),
-                _ => Err(invalid(s, ACCEPT_JITTER)),
-            },
+    fn jitter(&self, name: &str) -> Result<u32, ConfigError> {
+        self.with_default(name, |v| match parse_int(v)? {
+            n if n <= 0 => Some(0),
+            n if n < 65534 => Some(n as u32),
+            _ => None,
+        })
+    }
+}
+
+/// A comma-separated list of domain names, normalised, first occurrence
+/// kept; `None` if any is not a valid name.
+fn parse_domains(value: &str) -> Option<Vec<String>> {
+    let mut domains = Vec::new();
+    for item in parse_list(value) {
+        let domain = normalize_domain(&item)?;
+        if !domains.contains(&domain) {
+            domains.push(domain);
         }
     }
+    Some(domains)
+}
+
+/// A comma-separated, non-empty list of challenge types (any letter case),
+/// first occurrence kept.
+fn parse_challenges(value: &str) -> Option<Vec<AcmeChallenge>> {
+    let mut list = Vec::new();
+    for item in parse_list(value) {
+        let challenge = match item.to_ascii_lowercase().as_str() {
+            "tls-alpn-01" => AcmeChallenge::TlsAlpn01,
+            "http-01" => AcmeChallenge::Http01,
+            _ => return None,
+        };
+        if !list.contains(&challenge) {
+            list.push(challenge);
+        }
+    }
+    (!list.is_empty()).then_some(list)
 }
 
 fn invalid(s: RawSetting, accepted: &'static str) -> ConfigError {
@@ -867,26 +1201,149 @@ mod tests {
         assert!(Layered::new([("HTTP_PORT".to_string(), "1".to_string())], &env).is_err());
     }
 
-    #[test]
-    fn every_setting_has_a_row_in_the_readme_table() {
-        // Users learn the settings from the README: one missing there is
-        // a knob nobody knows about.
-        let readme = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../README.md");
-        let text = std::fs::read_to_string(&readme).expect("README.md at the repository root");
-        // The first cell of a table row names one or more settings.
-        let documented: Vec<&str> = text
-            .lines()
-            .filter_map(|line| line.strip_prefix("| `"))
-            .filter_map(|rest| rest.split(" |").next())
-            .flat_map(|cell| cell.split(['`', ',', ' ']))
-            .filter(|name| !name.is_empty())
-            .collect();
-        let missing: Vec<&str> = SETTINGS
+    fn repository_file(path: &str) -> (std::path::PathBuf, String) {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../..")
+            .join(path);
+        let text = fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        (path, text)
+    }
+
+    /// The Markdown table of every setting, as `docs/configuration.md`
+    /// shows it.
+    fn markdown_table() -> String {
+        let mut table = String::from("| Variable | Default | Meaning |\n|---|---|---|\n");
+        for s in SETTINGS {
+            table.push_str(&format!(
+                "| `{}` | {} | {} |\n",
+                s.name,
+                s.default_markdown(),
+                s.meaning
+            ));
+        }
+        table
+    }
+
+    /// The lines of the first Markdown table in `text` whose header starts
+    /// with `| Variable |`, after `heading` when given: (first line index,
+    /// lines).
+    fn variable_table<'a>(text: &'a str, heading: Option<&str>) -> (usize, Vec<&'a str>) {
+        let lines: Vec<&str> = text.lines().collect();
+        let from = heading.map_or(0, |h| {
+            lines
+                .iter()
+                .position(|l| *l == h)
+                .unwrap_or_else(|| panic!("no {h:?} heading"))
+        });
+        let start = from
+            + lines[from..]
+                .iter()
+                .position(|l| l.starts_with("| Variable |"))
+                .expect("a table whose header starts with | Variable |");
+        let rows = lines[start..]
             .iter()
-            .map(|(name, _)| *name)
-            .filter(|name| !documented.contains(name))
+            .take_while(|l| l.starts_with('|'))
+            .copied()
             .collect();
-        assert!(missing.is_empty(), "not in the README table: {missing:?}");
+        (start, rows)
+    }
+
+    #[test]
+    fn the_settings_table_is_well_formed() {
+        let mut names: Vec<&str> = SETTINGS.iter().map(|s| s.name).collect();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), SETTINGS.len(), "a name is listed twice");
+        for s in SETTINGS {
+            assert!(
+                s.name
+                    .bytes()
+                    .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_'),
+                "{}",
+                s.name
+            );
+            assert!(!s.accepted.is_empty(), "{}", s.name);
+            // One table cell each, one sentence or more.
+            for cell in [s.meaning, &s.default_markdown()] {
+                assert!(
+                    !cell.is_empty() && !cell.contains(['|', '\n']),
+                    "{}",
+                    s.name
+                );
+            }
+            assert!(s.meaning.ends_with('.'), "{}", s.name);
+        }
+    }
+
+    #[test]
+    fn configuring_a_default_value_changes_nothing() {
+        // What the documentation and `thrust --help` show as the default
+        // is what an unset setting gets.
+        let defaults = Config::default();
+        for s in SETTINGS {
+            if let DefaultValue::Value(text) = s.default {
+                assert_eq!(
+                    config(&[(s.name, text)]),
+                    Ok(defaults.clone()),
+                    "{}",
+                    s.name
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn the_documentation_table_is_the_settings_table() {
+        // Users learn the settings from docs/configuration.md: its table is
+        // SETTINGS rendered, so none is missing and no default or meaning
+        // drifts. After changing SETTINGS, `UPDATE_DOCS=1 cargo test -p
+        // thruster_core --lib config` rewrites the table.
+        let (path, text) = repository_file("docs/configuration.md");
+        let (start, rows) = variable_table(&text, None);
+        let expected = markdown_table();
+        let found = rows.iter().map(|l| format!("{l}\n")).collect::<String>();
+        if found != expected && std::env::var_os("UPDATE_DOCS").is_some() {
+            let mut lines: Vec<&str> = text.lines().collect();
+            lines.splice(start..start + rows.len(), expected.lines());
+            fs::write(&path, lines.join("\n") + "\n").unwrap();
+            return;
+        }
+        let wanted: Vec<&str> = expected.lines().filter(|l| !rows.contains(l)).collect();
+        let unwanted: Vec<&str> = rows
+            .iter()
+            .filter(|l| !expected.lines().any(|e| e == **l))
+            .copied()
+            .collect();
+        assert!(
+            found == expected,
+            "the table in docs/configuration.md is not SETTINGS rendered (in order); \
+             UPDATE_DOCS=1 rewrites it. Rows it lacks: {wanted:#?}; rows to drop: {unwanted:#?}"
+        );
+        assert_eq!(
+            text.matches("| Variable |").count(),
+            1,
+            "one settings table in docs/configuration.md"
+        );
+    }
+
+    #[test]
+    fn the_readme_names_main_settings_with_their_defaults() {
+        // The README's short table: settings that exist, with their
+        // defaults; the meanings there are shorter, the rest is linked.
+        let (_, text) = repository_file("README.md");
+        let (_, rows) = variable_table(&text, Some("## Configuration"));
+        assert!(rows.len() > 3, "{rows:?}");
+        for row in &rows[2..] {
+            let cells: Vec<&str> = row.split(" | ").collect();
+            let name = cells[0].trim_start_matches("| ").trim_matches('`');
+            let s = setting(name).unwrap_or_else(|| panic!("{name} in the README is no setting"));
+            assert_eq!(
+                cells[1],
+                s.default_markdown(),
+                "default of {name} in the README"
+            );
+        }
+        assert!(text.contains("(docs/configuration.md)"));
     }
 
     #[test]
@@ -904,7 +1361,7 @@ mod tests {
         let mut read = rec.0.into_inner();
         read.sort();
         read.dedup();
-        let mut listed: Vec<String> = SETTINGS.iter().map(|(n, _)| n.to_string()).collect();
+        let mut listed: Vec<String> = SETTINGS.iter().map(|s| s.name.to_string()).collect();
         listed.sort();
         assert_eq!(read, listed);
     }

@@ -185,7 +185,7 @@ fn running() -> bool {
 fn setting_names() -> Vec<&'static str> {
     thruster_core::config::SETTINGS
         .iter()
-        .map(|(name, _)| *name)
+        .map(|s| s.name)
         .collect()
 }
 
