@@ -66,7 +66,7 @@ pub async fn respond(
             body = variant;
         }
     }
-    // §13.1.5: If-Range is judged at the stored response's Date.
+    // RFC 9110 §13.1.5: If-Range is judged at the stored response's Date.
     let date = headers
         .get(header::DATE)
         .and_then(|v| v.to_str().ok())
