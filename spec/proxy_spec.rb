@@ -338,6 +338,16 @@ RSpec.describe "proxy semantics" do
       expect([hit["x-cache"], hit["x-request-id"]]).to eq(%w[hit second])
     end
 
+    it "leaves out the log lines of LOG_REQUESTS_EXCLUDE paths: exact, or prefixes with a trailing *" do
+      thrust, port = start_thrust_with_puma(env: { "LOG_REQUESTS_EXCLUDE" => "/up,/assets/*" })
+      %w[/up /upload /assets/app.css /assetsx /up/].each { |path| expect(http_get(port, path).code).to eq("200") }
+      http_get(port, "/last")
+      request_log(thrust, "/last")
+      logged = thrust.log_lines.select { |l| l["msg"] == "Request" }.map { |l| l["path"] }
+      expect(logged).to include("/upload", "/assetsx", "/up/")
+      expect(logged).not_to include("/up", "/assets/app.css")
+    end
+
     it "adds debug lines with DEBUG=1" do
       thrust, port = start_thrust_with_puma(env: { "DEBUG" => "1" })
       expect(http_get(port, "/h").code).to eq("200")

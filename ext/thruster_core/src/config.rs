@@ -350,6 +350,14 @@ pub const SETTINGS: &[Setting] = &[
         ACCEPT_BOOL,
         "One JSON line per request.",
     ),
+    row(
+        "LOG_REQUESTS_EXCLUDE",
+        Unset,
+        ACCEPT_LOG_EXCLUDE,
+        "Comma list of paths whose request log lines are not written: exact matches (`/up` does not \
+         silence `/upload`), or prefixes with a trailing `*` (`/assets/*`). For health checks such as \
+         Kamal's `/up`. Other log lines are unaffected. In-process: `log_requests_exclude:`.",
+    ),
     row("DEBUG", Value("false"), ACCEPT_BOOL, "Debug log lines."),
     row(
         "TLS_DOMAIN",
@@ -484,6 +492,8 @@ pub const SETTINGS: &[Setting] = &[
 
 pub const DEFAULT_ACME_DIRECTORY: &str = "https://acme-v02.api.letsencrypt.org/directory";
 
+const ACCEPT_LOG_EXCLUDE: &str =
+    "a comma-separated list of paths, each starting with /, a trailing * making a prefix (/up,/assets/*)";
 const ACCEPT_BOOL: &str = "a boolean: 1, t, T, TRUE, true, True, 0, f, F, FALSE, false or False";
 const ACCEPT_PORT: &str = "a TCP port number from 0 to 65535";
 const ACCEPT_TARGET_PORT: &str = "a TCP port number from 1 to 65535";
@@ -591,7 +601,45 @@ pub struct Config {
     pub h2c_enabled: bool,
     pub forward_headers: bool,
     pub log_requests: bool,
+    /// Paths whose request log lines are not written (LOG_REQUESTS_EXCLUDE).
+    pub log_requests_exclude: Vec<PathPattern>,
     pub debug: bool,
+}
+
+/// A request path to match exactly, or a prefix (written with a trailing
+/// `*`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PathPattern {
+    Exact(String),
+    Prefix(String),
+}
+
+impl PathPattern {
+    pub fn matches(&self, path: &str) -> bool {
+        match self {
+            PathPattern::Exact(p) => path == p,
+            PathPattern::Prefix(p) => path.starts_with(p.as_str()),
+        }
+    }
+}
+
+/// `/up,/assets/*`: every item must be a path (leading `/`); a `*` may only
+/// end an item. `None` for anything else, so a typo is an error at start,
+/// not a log that silently keeps filling.
+fn parse_path_patterns(value: &str) -> Option<Vec<PathPattern>> {
+    parse_list(value)
+        .into_iter()
+        .map(|item| {
+            if !item.starts_with('/') {
+                return None;
+            }
+            match item.strip_suffix('*') {
+                Some(prefix) if !prefix.contains('*') => Some(PathPattern::Prefix(prefix.into())),
+                None if !item.contains('*') => Some(PathPattern::Exact(item)),
+                _ => None,
+            }
+        })
+        .collect()
 }
 
 impl Default for Config {
@@ -677,6 +725,9 @@ impl Config {
             h2c_enabled: r.bool("H2C_ENABLED")?,
             forward_headers: r.parsed("FORWARD_HEADERS", parse_bool)?.unwrap_or(!tls),
             log_requests: r.bool("LOG_REQUESTS")?,
+            log_requests_exclude: r
+                .parsed("LOG_REQUESTS_EXCLUDE", parse_path_patterns)?
+                .unwrap_or_default(),
             debug: r.bool("DEBUG")?,
         })
     }
@@ -1403,5 +1454,27 @@ mod tests {
         unique.sort();
         unique.dedup();
         assert_eq!(unique.len(), defaults.len());
+    }
+
+    #[test]
+    fn log_exclusions_are_exact_paths_or_prefixes() {
+        let c = config(&[("LOG_REQUESTS_EXCLUDE", " /up , /assets/*,")]).unwrap();
+        assert_eq!(
+            c.log_requests_exclude,
+            [
+                PathPattern::Exact("/up".into()),
+                PathPattern::Prefix("/assets/".into())
+            ]
+        );
+        let [up, assets] = &c.log_requests_exclude[..] else {
+            unreachable!()
+        };
+        assert!(up.matches("/up") && !up.matches("/upload") && !up.matches("/up/"));
+        assert!(assets.matches("/assets/app.css") && !assets.matches("/assets"));
+        for bad in ["up", "/a*b", "/*/x", "*"] {
+            let err = config(&[("LOG_REQUESTS_EXCLUDE", bad)]).unwrap_err();
+            assert_eq!(err.accepted, ACCEPT_LOG_EXCLUDE, "{bad}");
+        }
+        assert!(config(&[]).unwrap().log_requests_exclude.is_empty());
     }
 }

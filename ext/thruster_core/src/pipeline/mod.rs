@@ -89,7 +89,13 @@ impl Pipeline {
     ) -> Response<ResponseBody> {
         let started = Instant::now();
         let request_id = request_id::assign(req.headers_mut());
-        let record = self.config.log_requests.then(|| {
+        let logged = self.config.log_requests
+            && !self
+                .config
+                .log_requests_exclude
+                .iter()
+                .any(|p| p.matches(req.uri().path()));
+        let record = logged.then(|| {
             logging::RequestRecord::new(&req, conn, self.config.forward_headers, &request_id)
         });
         let compression = self.config.gzip_compression_enabled.then(|| {
