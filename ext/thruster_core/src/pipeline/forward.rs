@@ -289,7 +289,6 @@ impl Forwarder {
                 return Err(err);
             }
         };
-        let client_upgrade = outgoing.client_upgrade.is_some();
         let (response, client_on_upgrade) = self.send(outgoing, conn).await.inspect_err(|err| {
             if !matches!(err, ForwardError::Timeout(_)) {
                 log::info(
@@ -301,7 +300,6 @@ impl Forwarder {
                 );
             }
         })?;
-        debug_assert!(client_upgrade == client_on_upgrade.is_some());
         self.finish(response, client_on_upgrade, conn)
             .await
             .inspect_err(|err| {

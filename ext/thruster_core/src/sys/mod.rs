@@ -54,10 +54,6 @@ impl<T: AsRawFd> Registered<T> {
         (self.registration, self.inner)
     }
 
-    pub fn get_ref(&self) -> &T {
-        &self.inner
-    }
-
     /// The same fd as another type (a socket2 socket as a listener), still
     /// registered.
     pub fn try_map<U: AsRawFd, E>(
