@@ -135,6 +135,9 @@ pub const SETTINGS: &[(&str, &str)] = &[
     ("CACHE_SIZE", "67108864"),
     ("MAX_CACHE_ITEM_SIZE", "1048576"),
     ("CACHE_STALE_IF_ERROR", "300"),
+    ("CACHE_DISK_PATH", "$STORAGE_PATH/cache"),
+    ("CACHE_DISK_SIZE", "268435456"),
+    ("CACHE_DISK_MAX_ITEM_SIZE", "67108864"),
     ("X_SENDFILE_ENABLED", "true"),
     (
         "X_SENDFILE_ROOTS",
@@ -215,6 +218,13 @@ pub struct Config {
     /// How long past freshness a cached response may stand in for an
     /// upstream error when the response does not say (RFC 5861).
     pub cache_stale_if_error: Duration,
+    /// The disk tier's directory; `None` (`CACHE_DISK_PATH=none`, or a
+    /// `CACHE_DISK_SIZE` of 0) keeps the cache in memory only.
+    pub cache_disk_path: Option<PathBuf>,
+    /// The disk tier's budget in bytes (counted in 4 KiB blocks).
+    pub cache_disk_size: u64,
+    /// Largest body the disk tier stores, in bytes.
+    pub cache_disk_max_item_size: u64,
     pub x_sendfile_enabled: bool,
     /// Canonical directories X-Sendfile may serve files from.
     pub x_sendfile_roots: Vec<PathBuf>,
@@ -310,6 +320,16 @@ impl Config {
             0 => read_timeout,
             n => seconds(n),
         };
+        let storage_path: PathBuf = r.string("STORAGE_PATH", "./storage/thruster").into();
+        let cache_disk_size = r.bytes("CACHE_DISK_SIZE", 256 << 20)?;
+        // Next to the ACME keys by default, so one volume (Kamal keeps
+        // `storage/` on one) carries both across deploys.
+        let cache_disk_path = match r.raw("CACHE_DISK_PATH") {
+            Some(s) if s.value == "none" => None,
+            Some(s) => Some(PathBuf::from(s.value)),
+            None => Some(storage_path.join("cache")),
+        }
+        .filter(|_| cache_disk_size > 0);
         Ok(Config {
             target_port: r.port("TARGET_PORT", 3000, 1, ACCEPT_TARGET_PORT)?,
             cache_size: r.bytes("CACHE_SIZE", 64 << 20)?,
@@ -317,6 +337,9 @@ impl Config {
             cache_stale_if_error: r
                 .seconds("CACHE_STALE_IF_ERROR", 300)?
                 .unwrap_or(Duration::ZERO),
+            cache_disk_path,
+            cache_disk_size,
+            cache_disk_max_item_size: r.bytes("CACHE_DISK_MAX_ITEM_SIZE", 64 << 20)?,
             x_sendfile_enabled: r.bool("X_SENDFILE_ENABLED", true)?,
             x_sendfile_roots: match r.raw("X_SENDFILE_ROOTS") {
                 None => default_roots(),
@@ -347,7 +370,7 @@ impl Config {
             tls_private_key_path,
             tls_local,
             tls_default_domain,
-            storage_path: r.string("STORAGE_PATH", "./storage/thruster").into(),
+            storage_path,
             bad_gateway_page: r.string("BAD_GATEWAY_PAGE", "./public/502.html").into(),
             http_port: r.port("HTTP_PORT", 80, 0, ACCEPT_PORT)?,
             https_port: r.port("HTTPS_PORT", 443, 0, ACCEPT_PORT)?,
@@ -728,6 +751,32 @@ mod tests {
         }
         let err = config(&[("THRUSTER_TARGET_PORT", "x")]).unwrap_err();
         assert_eq!(err.source_name, "THRUSTER_TARGET_PORT");
+    }
+
+    #[test]
+    fn cache_disk_path_follows_storage_path_and_none_or_size_zero_turn_it_off() {
+        let c = config(&[]).unwrap();
+        assert_eq!(
+            c.cache_disk_path,
+            Some(PathBuf::from("./storage/thruster/cache"))
+        );
+        assert_eq!(c.cache_disk_size, 256 << 20);
+        assert_eq!(c.cache_disk_max_item_size, 64 << 20);
+        let c = config(&[("STORAGE_PATH", "/var/lib/app")]).unwrap();
+        assert_eq!(c.cache_disk_path, Some(PathBuf::from("/var/lib/app/cache")));
+        let c = config(&[("STORAGE_PATH", "/a"), ("CACHE_DISK_PATH", "/b")]).unwrap();
+        assert_eq!(c.cache_disk_path, Some(PathBuf::from("/b")));
+        assert_eq!(
+            config(&[("CACHE_DISK_PATH", "none")])
+                .unwrap()
+                .cache_disk_path,
+            None
+        );
+        assert_eq!(
+            config(&[("CACHE_DISK_SIZE", "0")]).unwrap().cache_disk_path,
+            None
+        );
+        assert!(config(&[("CACHE_DISK_SIZE", "1GB")]).is_err());
     }
 
     #[test]
