@@ -44,6 +44,10 @@ use conn_io::{ConnIo, ConnTimeouts};
 
 /// How long `stop` waits by default for in-flight requests (Thruster: 5 s).
 pub const DEFAULT_DRAIN: Duration = Duration::from_secs(5);
+/// What a stop leaves for writing pending cache entries to disk when
+/// draining connections took all of its time (never more than the stop's
+/// own timeout).
+const MIN_FLUSH: Duration = Duration::from_secs(1);
 const LISTEN_BACKLOG: i32 = 1024;
 
 #[derive(Debug, thiserror::Error)]
@@ -109,6 +113,8 @@ pub struct Server {
     http_addrs: Vec<SocketAddr>,
     https_addrs: Vec<SocketAddr>,
     listener_fds: Vec<RawFd>,
+    /// Kept for the disk cache flush on stop.
+    pipeline: Arc<Pipeline>,
 }
 
 impl Server {
@@ -258,6 +264,7 @@ impl Server {
             http_addrs,
             https_addrs,
             listener_fds,
+            pipeline,
         })
     }
 
@@ -330,13 +337,23 @@ impl Server {
         log::info("Server stopping", &[]);
         let _ = self.shutdown.send(true);
         let tasks = std::mem::take(&mut self.accept_tasks);
-        let _ = runtime.block_on(async {
-            tokio::time::timeout(drain, async {
+        let started = std::time::Instant::now();
+        let pipeline = self.pipeline.clone();
+        runtime.block_on(async {
+            let _ = tokio::time::timeout(drain, async {
                 for task in tasks {
                     let _ = task.await;
                 }
             })
-            .await
+            .await;
+            // Responses that finished are written to the disk cache before
+            // the runtime (and its blocking pool) goes: a restart finds them.
+            let left = drain
+                .saturating_sub(started.elapsed())
+                .max(MIN_FLUSH.min(drain));
+            if tokio::time::timeout(left, pipeline.flush()).await.is_err() {
+                log::warn("Stopped before every cache entry was written to disk", &[]);
+            }
         });
         runtime.shutdown_timeout(Duration::from_millis(100));
         log::info("Server stopped", &[]);
