@@ -389,6 +389,14 @@ impl HttpCache {
         let mut headers = response.headers().clone();
         headers.remove(header::AGE);
         headers.remove(X_CACHE);
+        // RFC 9110 §6.6.1: a response cached without a Date gets the time
+        // it was received, so a hit's Date agrees with its Age (after a
+        // restart too) instead of being the time of the hit.
+        if !headers.contains_key(header::DATE) {
+            if let Ok(date) = HeaderValue::from_str(&httpdate::fmt_http_date(SystemTime::now())) {
+                headers.insert(header::DATE, date);
+            }
+        }
         let stored_at_unix_ms = now_unix_ms();
         let key = key::CacheKey::new(base.clone(), &vary, &request);
         if self.sendfile {
