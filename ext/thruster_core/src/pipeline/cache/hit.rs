@@ -95,7 +95,7 @@ pub async fn respond(
     response
 }
 
-/// §13.1.5: If-Range is judged at the stored response's Date.
+/// RFC 9110 §13.1.5: If-Range is judged at the stored response's Date.
 fn if_range_date(headers: &HeaderMap) -> SystemTime {
     headers
         .get(header::DATE)
