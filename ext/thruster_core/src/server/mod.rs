@@ -44,10 +44,6 @@ use conn_io::{ConnIo, ConnTimeouts};
 
 /// How long `stop` waits by default for in-flight requests (Thruster: 5 s).
 pub const DEFAULT_DRAIN: Duration = Duration::from_secs(5);
-/// What a stop leaves for writing pending cache entries to disk when
-/// draining connections took all of its time (never more than the stop's
-/// own timeout).
-const MIN_FLUSH: Duration = Duration::from_secs(1);
 const LISTEN_BACKLOG: i32 = 1024;
 
 #[derive(Debug, thiserror::Error)]
@@ -347,10 +343,10 @@ impl Server {
             })
             .await;
             // Responses that finished are written to the disk cache before
-            // the runtime (and its blocking pool) goes: a restart finds them.
-            let left = drain
-                .saturating_sub(started.elapsed())
-                .max(MIN_FLUSH.min(drain));
+            // the runtime (and its blocking pool) goes, so a restart finds
+            // them: in what the drain left of the stop timeout, which bounds
+            // the whole stop (a flush with nothing pending is done at once).
+            let left = drain.saturating_sub(started.elapsed());
             if tokio::time::timeout(left, pipeline.flush()).await.is_err() {
                 log::warn("Stopped before every cache entry was written to disk", &[]);
             }
