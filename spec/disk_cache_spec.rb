@@ -187,26 +187,39 @@ RSpec.describe "disk cache tier" do
     expect(left).to be_empty
   end
 
-  it "keeps the directory under CACHE_DISK_SIZE under churn, expired entries first" do
-    budget = 256 * 1024
+  it "keeps the directory under CACHE_DISK_SIZE under churn, evicting expired entries before older fresh ones" do
+    budget = 256 * 1024 # about 10 resources of 24 KiB (entry and vary record)
     thrust, port = start(@storage, "CACHE_DISK_SIZE" => budget.to_s)
-    # Entries that expire at once go first when the budget is reached.
-    3.times { |i| get(port, "/cache/short-#{i}.css?cc=public,+max-age%3D1&size=20000") }
-    sleep 1.5
+    fresh = ->(i) { "/cache/churn-#{i}.css?#{public_cc}&size=20000" }
+    short = ->(i) { "/cache/short-#{i}.css?cc=public,+max-age%3D1&size=20000" }
+    # The files holding a resource's entry or vary record (the key is in them).
+    on_disk = ->(path) { entry_files(@storage).keys.select { |f| File.binread(f, 512).include?(URI(path).path) } }
+    settle = -> { wait_until(timeout: 10, message: "eviction under the budget") { disk_bytes(@storage) <= budget } }
     peak = 0
-    60.times do |i|
-      expect(get(port, "/cache/churn-#{i}.css?#{public_cc}&size=20000").code).to eq("200")
-      peak = [peak, disk_bytes(@storage)].max
+    churn = lambda do |paths|
+      paths.each do |path|
+        expect(get(port, path).code).to eq("200")
+        peak = [peak, disk_bytes(@storage)].max
+      end
     end
-    wait_until(timeout: 10, message: "eviction under the budget") { disk_bytes(@storage) <= budget }
-    # Full, not empty: about 28 KiB per resource (entry + vary record) went
-    # to disk, 1.7 MB in all, and the newest are kept.
+    churn.call(Array.new(40) { |i| fresh.call(i) })
+    settle.call
+    # The three most recent resources expire at once; then more churn.
+    churn.call(Array.new(3) { |i| short.call(i) })
+    settle.call
+    sleep 1.5
+    churn.call(Array.new(5) { |i| fresh.call(40 + i) })
+    settle.call
+    # Expired entries went first, though used more recently than the fresh
+    # ones written before them, which are still there.
+    expect(Array.new(3) { |i| on_disk.call(short.call(i)) }.flatten).to be_empty
+    expect(on_disk.call(fresh.call(39)).size).to eq(2)
+    # Full, not empty: 48 resources (1.1 MB) went through a 256 KiB budget.
     expect(disk_bytes(@storage)).to be >= budget / 2
     expect(peak).to be <= budget * 2
     stop(thrust)
     _thrust, port = start(@storage, "CACHE_DISK_SIZE" => budget.to_s)
-    expect(get(port, "/cache/churn-59.css?#{public_cc}&size=20000")["x-cache"]).to eq("hit")
-    expect(get(port, "/cache/short-0.css?cc=public,+max-age%3D1&size=20000")["x-cache"]).to eq("miss")
+    expect(get(port, fresh.call(44))["x-cache"]).to eq("hit")
   end
 
   it "shares one directory between two proxies writing the same keys at once: each answer is one app's " \
