@@ -40,7 +40,9 @@ def start(name, path, dir)
   port = BenchSupport.free_port
   target = BenchSupport.free_port
   env = { "HTTP_PORT" => port.to_s, "TARGET_PORT" => target.to_s, "LOG_REQUESTS" => "false",
-          "BENCH_BIG" => File.join(dir, "big.bin"), "PUMA_MAX_THREADS" => "8" }
+          "BENCH_BIG" => File.join(dir, "big.bin"), "PUMA_MAX_THREADS" => "8",
+          # A disk cache of its own per run: none starts warm from another.
+          "STORAGE_PATH" => File.join(dir, "storage-#{name}-#{port}") }
   log = File.join(dir, "#{name}.log")
   pid = Process.spawn(env, "taskset", "-c", SERVER_CPU, path, RbConfig.ruby, PUMA, "-t", "8:8", "-q",
                       "-b", "tcp://127.0.0.1:#{target}", APP,

@@ -56,7 +56,8 @@ File.open(BIG, "wb") { |f| 16.times { f.write(Random.bytes(1 << 20)) } }
 # The command and environment of one setup, listening on `port`.
 def setup_command(name, port, dir)
   env = { "APP_DIR" => dir, "WORKERS" => "2", "RUBYLIB" => File.join(ROOT, "lib"), "RUBYOPT" => nil,
-          "BUNDLE_GEMFILE" => nil, "LOG_REQUESTS" => "false", "PORT" => port.to_s, "BENCH_BIG" => BIG }
+          "BUNDLE_GEMFILE" => nil, "LOG_REQUESTS" => "false", "PORT" => port.to_s, "BENCH_BIG" => BIG,
+          "STORAGE_PATH" => File.join(dir, "storage") }
   puma = [RbConfig.ruby, PUMA, "-C", File.join(FIXTURES, "puma_plugin.rb"), APP]
   case name
   when "puma alone" then [env.merge("NO_PLUGIN" => "1"), puma]

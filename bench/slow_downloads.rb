@@ -33,7 +33,7 @@ def start_thrust(dir, big)
   port = BenchSupport.free_port
   target = BenchSupport.free_port
   env = { "HTTP_PORT" => port.to_s, "TARGET_PORT" => target.to_s, "LOG_REQUESTS" => "false",
-          "RUBYOPT" => nil, "BUNDLE_GEMFILE" => nil }
+          "RUBYOPT" => nil, "BUNDLE_GEMFILE" => nil, "STORAGE_PATH" => File.join(dir, "storage") }
   pid = Process.spawn(env, THRUST, RbConfig.ruby, Gem.bin_path("puma", "puma"), "-q", "-b",
                       "tcp://127.0.0.1:#{target}", app, out: File::NULL, err: File::NULL, pgroup: true)
   BenchSupport.wait_for(port, path: "/", what: "thrust")

@@ -91,7 +91,8 @@ def start_thrust(dir, app)
   target = BenchSupport.free_port
   conf = File.join(dir, "unicorn-thrust.rb")
   File.write(conf, "worker_processes 4\nlisten \"127.0.0.1:\#{ENV.fetch('PORT')}\"\ntimeout 600\n")
-  env = { "HTTP_PORT" => port.to_s, "TARGET_PORT" => target.to_s, "LOG_REQUESTS" => "false" }
+  env = { "HTTP_PORT" => port.to_s, "TARGET_PORT" => target.to_s, "LOG_REQUESTS" => "false",
+          "STORAGE_PATH" => File.join(dir, "storage-thrust") }
   pid = spawn_pinned(dir, "thrust", env, [THRUST, UNICORN, "-c", conf, app])
   BenchSupport.wait_for(port)
   Peer.new(name: "thruster-rs (thrust)", port:, pids: [pid])
@@ -144,7 +145,7 @@ def start_puma(dir, app, plugin:)
     bind "tcp://127.0.0.1:#{port}"
     #{plugin ? "plugin :thruster_rs\nthruster_rs log_requests: false" : ''}
   RUBY
-  env = plugin ? { "RUBYLIB" => File.join(ROOT, "lib") } : {}
+  env = plugin ? { "RUBYLIB" => File.join(ROOT, "lib"), "STORAGE_PATH" => File.join(dir, "storage-#{port}") } : {}
   pid = spawn_pinned(dir, plugin ? "inproc" : "puma", env, [RbConfig.ruby, PUMA, "-C", conf, app])
   BenchSupport.wait_for(port)
   Peer.new(name: plugin ? "thruster-rs in-process (Puma 4x1)" : "puma 4x1", port:, pids: [pid])

@@ -26,6 +26,8 @@ abort "bench/soak: #{THRUST} missing; run `bundle exec rake compile`" unless Fil
 abort "bench/soak: wrk is missing (bin/setup installs it)" unless system("command -v wrk >/dev/null")
 
 FileUtils.mkdir_p(WORK)
+# The proxy's disk cache, emptied per run (a warm one would skew the first minutes).
+FileUtils.rm_rf(File.join(WORK, "storage"))
 BIG = File.join(WORK, "big.bin")
 File.open(BIG, "wb") { |f| 8.times { f.write(Random.bytes(1 << 20)) } } unless File.size?(BIG)
 UPLOAD = File.join(WORK, "upload.lua")
@@ -38,7 +40,8 @@ LUA
 def start
   port = BenchSupport.free_port
   env = { "HTTP_PORT" => port.to_s, "TARGET_PORT" => BenchSupport.free_port.to_s, "LOG_REQUESTS" => "false",
-          "BENCH_BIG" => BIG, "X_SENDFILE_ROOTS" => WORK, "RUBYOPT" => nil, "BUNDLE_GEMFILE" => nil }
+          "BENCH_BIG" => BIG, "X_SENDFILE_ROOTS" => WORK, "RUBYOPT" => nil, "BUNDLE_GEMFILE" => nil,
+          "STORAGE_PATH" => File.join(WORK, "storage") }
   pid = Process.spawn(env, THRUST, RbConfig.ruby, Gem.bin_path("puma", "puma"), "-q", "-t", "4:4", "-b",
                       "tcp://127.0.0.1:#{env['TARGET_PORT']}", File.join(ROOT, "bench", "app.ru"),
                       out: File.join(WORK, "thrust.log"), err: File.join(WORK, "thrust.log"), pgroup: true)

@@ -112,6 +112,24 @@ RSpec.describe "in-process mode (Puma plugin)" do
     end
   end
 
+  it "keeps its disk cache across a Puma restart: Thruster.stop writes pending entries, the new master hits" do
+    storage = File.join(app_dir, "shared-storage")
+    path = "/cache/inproc.css?cc=public,+max-age%3D600&size=30000"
+    # A fixed Host: the new Puma listens on another port, part of the key.
+    get = ->(port) { identity_request(port, path, headers: { "Host" => "inproc.test" }) }
+    puma, port = start_puma(options: { storage_path: storage })
+    first = get.call(port)
+    expect(first["x-cache"]).to eq("miss")
+    puma.signal("TERM")
+    puma.wait(timeout: 15)
+    expect(Dir.glob(File.join(storage, "cache", "*", "*", "*")).size).to eq(2) # the entry and its vary record
+
+    _puma, port = start_puma(options: { storage_path: storage })
+    again = get.call(port)
+    expect([again["x-cache"], again.body == first.body]).to eq(["hit", true])
+    expect(identity_request(port, "/hits?path=/cache/inproc.css").body).to eq("0")
+  end
+
   it "stops promptly on INT with the port freed" do
     puma, port = start_puma(workers: 2)
     puma.signal("INT")

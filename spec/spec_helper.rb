@@ -11,6 +11,14 @@ require_relative "../lib/thruster/version"
 ROOT = File.expand_path("..", __dir__)
 FIXTURES = File.join(__dir__, "fixtures")
 
+# Proxies started outside ChildProcess (IO.popen of a Ruby script) inherit
+# this: never the checkout's ./storage/thruster, whose disk cache would
+# outlive the run. ChildProcess gives each process a STORAGE_PATH of its own.
+SUITE_STORAGE = Dir.mktmpdir("thruster-suite-storage")
+ENV["STORAGE_PATH"] = SUITE_STORAGE
+ENV.delete("THRUSTER_STORAGE_PATH")
+at_exit { FileUtils.rm_rf(SUITE_STORAGE) }
+
 module SpecHelpers
   def free_port
     server = TCPServer.new("127.0.0.1", 0)

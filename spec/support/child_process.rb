@@ -1,27 +1,40 @@
 # frozen_string_literal: true
 
 require "json"
+require "tmpdir"
+require "fileutils"
 
 # A process started for a test in its own process group, with its output
 # collected in the background. Every one is killed after each example.
 class ChildProcess
-  attr_reader :pid
+  attr_reader :pid, :storage_path
 
   @all = []
   class << self
     attr_reader :all
 
+    # Unless `env` names a STORAGE_PATH (a test that shares one on
+    # purpose), the process gets a fresh one, removed after the example: the
+    # disk cache tier lives under it and is on by default, so proxies of
+    # different tests must never see each other's entries.
     def start(env, *argv, stdin: :close, chdir: Dir.pwd)
-      new(env, argv, stdin:, chdir:).tap { |child| all << child }
+      storage = nil
+      unless env.key?("STORAGE_PATH") || env.key?("THRUSTER_STORAGE_PATH")
+        storage = Dir.mktmpdir("thruster-storage")
+        env = env.merge("STORAGE_PATH" => storage, "THRUSTER_STORAGE_PATH" => nil)
+      end
+      new(env, argv, stdin:, chdir:, storage:).tap { |child| all << child }
     end
 
     def reap_all
       all.each(&:kill_group)
+      all.each(&:remove_storage)
       all.clear
     end
   end
 
-  def initialize(env, argv, stdin:, chdir:)
+  def initialize(env, argv, stdin:, chdir:, storage: nil)
+    @storage_path = storage
     @output = +""
     @mutex = Mutex.new
     out_r, out_w = IO.pipe
@@ -90,6 +103,10 @@ class ChildProcess
     end
     @readers.each { |t| t.join(2) }
     @status
+  end
+
+  def remove_storage
+    FileUtils.rm_rf(@storage_path) if @storage_path
   end
 
   def kill_group

@@ -444,7 +444,29 @@ pub const SETTINGS: &[Setting] = &[
         "MAX_CACHE_ITEM_SIZE",
         Value("1048576"),
         ACCEPT_BYTES,
-        "Largest cached response body in bytes; larger ones stream past the cache.",
+        "Largest response body the memory tier keeps, in bytes; larger ones go to the disk tier \
+         only (up to `CACHE_DISK_MAX_ITEM_SIZE`).",
+    ),
+    row(
+        "CACHE_DISK_PATH",
+        Derived("`$STORAGE_PATH/cache`"),
+        ACCEPT_DISK_PATH,
+        "Directory of the [disk cache tier](#disk-tier), which survives restarts and (on a volume) \
+         deploys; `none` keeps the cache in memory only. Nothing outside it is ever touched.",
+    ),
+    row(
+        "CACHE_DISK_SIZE",
+        Value("268435456"),
+        ACCEPT_BYTES,
+        "Disk tier budget in bytes (counted in 4 KiB blocks); expired entries are evicted first. \
+         `0` turns the tier off.",
+    ),
+    row(
+        "CACHE_DISK_MAX_ITEM_SIZE",
+        Value("67108864"),
+        ACCEPT_BYTES,
+        "Largest response body the disk tier stores, in bytes; bodies over `MAX_CACHE_ITEM_SIZE` \
+         are served from disk without being read into memory.",
     ),
     row(
         "CACHE_STALE_IF_ERROR",
@@ -492,6 +514,7 @@ pub const SETTINGS: &[Setting] = &[
 
 pub const DEFAULT_ACME_DIRECTORY: &str = "https://acme-v02.api.letsencrypt.org/directory";
 
+const ACCEPT_DISK_PATH: &str = "a directory path, or none";
 const ACCEPT_LOG_EXCLUDE: &str =
     "a comma-separated list of paths, each starting with /, a trailing * making a prefix (/up,/assets/*)";
 const ACCEPT_BOOL: &str = "a boolean: 1, t, T, TRUE, true, True, 0, f, F, FALSE, false or False";
@@ -542,6 +565,13 @@ pub struct Config {
     /// How long past freshness a cached response may stand in for an
     /// upstream error when the response does not say (RFC 5861).
     pub cache_stale_if_error: Duration,
+    /// The disk tier's directory; `None` (`CACHE_DISK_PATH=none`, or a
+    /// `CACHE_DISK_SIZE` of 0) keeps the cache in memory only.
+    pub cache_disk_path: Option<PathBuf>,
+    /// The disk tier's budget in bytes (counted in 4 KiB blocks).
+    pub cache_disk_size: u64,
+    /// Largest body the disk tier stores, in bytes.
+    pub cache_disk_max_item_size: u64,
     pub x_sendfile_enabled: bool,
     /// Canonical directories X-Sendfile may serve files from.
     pub x_sendfile_roots: Vec<PathBuf>,
@@ -677,11 +707,24 @@ impl Config {
             0 => read_timeout,
             n => seconds(n),
         };
+        let storage_path: PathBuf = r.string("STORAGE_PATH")?.into();
+        let cache_disk_size = r.unsigned("CACHE_DISK_SIZE")?;
+        // Next to the ACME keys by default, so one volume (Kamal keeps
+        // `storage/` on one) carries both across deploys.
+        let cache_disk_path = match r.raw("CACHE_DISK_PATH") {
+            Some(s) if s.value == "none" => None,
+            Some(s) => Some(PathBuf::from(s.value)),
+            None => Some(storage_path.join("cache")),
+        }
+        .filter(|_| cache_disk_size > 0);
         Ok(Config {
             target_port: r.port("TARGET_PORT", 1)?,
             cache_size: r.unsigned("CACHE_SIZE")?,
             max_cache_item_size: r.unsigned("MAX_CACHE_ITEM_SIZE")?,
             cache_stale_if_error: r.seconds("CACHE_STALE_IF_ERROR")?.unwrap_or(Duration::ZERO),
+            cache_disk_path,
+            cache_disk_size,
+            cache_disk_max_item_size: r.unsigned("CACHE_DISK_MAX_ITEM_SIZE")?,
             x_sendfile_enabled: r.bool("X_SENDFILE_ENABLED")?,
             x_sendfile_roots: r
                 .parsed("X_SENDFILE_ROOTS", |v| parse_roots(v).ok())?
@@ -711,7 +754,7 @@ impl Config {
             tls_private_key_path,
             tls_local,
             tls_default_domain,
-            storage_path: r.string("STORAGE_PATH")?.into(),
+            storage_path,
             bad_gateway_page: r.string("BAD_GATEWAY_PAGE")?.into(),
             http_port: r.port("HTTP_PORT", 0)?,
             https_port: r.port("HTTPS_PORT", 0)?,
@@ -1113,6 +1156,32 @@ mod tests {
         }
         let err = config(&[("THRUSTER_TARGET_PORT", "x")]).unwrap_err();
         assert_eq!(err.source_name, "THRUSTER_TARGET_PORT");
+    }
+
+    #[test]
+    fn cache_disk_path_follows_storage_path_and_none_or_size_zero_turn_it_off() {
+        let c = config(&[]).unwrap();
+        assert_eq!(
+            c.cache_disk_path,
+            Some(PathBuf::from("./storage/thruster/cache"))
+        );
+        assert_eq!(c.cache_disk_size, 256 << 20);
+        assert_eq!(c.cache_disk_max_item_size, 64 << 20);
+        let c = config(&[("STORAGE_PATH", "/var/lib/app")]).unwrap();
+        assert_eq!(c.cache_disk_path, Some(PathBuf::from("/var/lib/app/cache")));
+        let c = config(&[("STORAGE_PATH", "/a"), ("CACHE_DISK_PATH", "/b")]).unwrap();
+        assert_eq!(c.cache_disk_path, Some(PathBuf::from("/b")));
+        assert_eq!(
+            config(&[("CACHE_DISK_PATH", "none")])
+                .unwrap()
+                .cache_disk_path,
+            None
+        );
+        assert_eq!(
+            config(&[("CACHE_DISK_SIZE", "0")]).unwrap().cache_disk_path,
+            None
+        );
+        assert!(config(&[("CACHE_DISK_SIZE", "1GB")]).is_err());
     }
 
     #[test]

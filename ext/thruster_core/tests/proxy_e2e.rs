@@ -79,13 +79,47 @@ where
         .await;
 }
 
-fn start_proxy(upstream: SocketAddr, settings: Vec<(&'static str, String)>) -> Server {
+fn start_proxy(upstream: SocketAddr, settings: Vec<(&'static str, String)>) -> Proxy {
     start_proxy_to(UpstreamAddr::Tcp(upstream), settings)
 }
 
-fn start_proxy_to(upstream: UpstreamAddr, settings: Vec<(&'static str, String)>) -> Server {
+/// A proxy with a STORAGE_PATH of its own (the disk cache tier lives under
+/// it and is on by default: no test may see another's entries), removed
+/// when the proxy stops or the test ends.
+struct Proxy {
+    server: Option<Server>,
+    storage: std::path::PathBuf,
+}
+
+impl Proxy {
+    fn http_addr(&self) -> SocketAddr {
+        self.server.as_ref().expect("running").http_addr()
+    }
+
+    fn stop(mut self, drain: Duration) {
+        if let Some(server) = self.server.take() {
+            server.stop(drain);
+        }
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        drop(self.server.take());
+        let _ = std::fs::remove_dir_all(&self.storage);
+    }
+}
+
+fn start_proxy_to(upstream: UpstreamAddr, mut settings: Vec<(&'static str, String)>) -> Proxy {
+    static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let storage =
+        std::env::temp_dir().join(format!("thruster-e2e-storage-{}-{n}", std::process::id()));
+    if !settings.iter().any(|(k, _)| *k == "STORAGE_PATH") {
+        settings.push(("STORAGE_PATH", storage.to_string_lossy().into_owned()));
+    }
     let config = Config::from_source(&Pairs(settings)).unwrap();
-    Server::start(
+    let server = Server::start(
         config,
         ServerOptions {
             upstream,
@@ -96,7 +130,11 @@ fn start_proxy_to(upstream: UpstreamAddr, settings: Vec<(&'static str, String)>)
             worker_threads: 1,
         },
     )
-    .unwrap()
+    .unwrap();
+    Proxy {
+        server: Some(server),
+        storage,
+    }
 }
 
 fn exchange(addr: SocketAddr, request: &str) -> String {

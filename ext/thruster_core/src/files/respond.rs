@@ -29,14 +29,23 @@ pub enum Source {
     /// An open file of `len` bytes, read (or sent with sendfile(2)) as the
     /// client takes it.
     File { file: OwnedFile, len: u64 },
+    /// A body of `len` bytes that can only be read from the start (a cache
+    /// entry streamed from disk, checked chunk by chunk as it is read):
+    /// served whole, so `Range` is not answered from it and the caller
+    /// must send range requests elsewhere.
+    Stream { body: ResponseBody, len: u64 },
 }
 
 impl Source {
     fn len(&self) -> u64 {
         match self {
             Source::Bytes(bytes) => bytes.len() as u64,
-            Source::File { len, .. } => *len,
+            Source::File { len, .. } | Source::Stream { len, .. } => *len,
         }
+    }
+
+    fn seekable(&self) -> bool {
+        !matches!(self, Source::Stream { .. })
     }
 }
 
@@ -69,7 +78,9 @@ pub fn respond(
     } = rep;
     let len = source.len();
     // Byte ranges are over the identity bytes of a 200 only.
-    let rangeable = status == StatusCode::OK && !headers.contains_key(header::CONTENT_ENCODING);
+    let rangeable = status == StatusCode::OK
+        && !headers.contains_key(header::CONTENT_ENCODING)
+        && source.seekable();
     if rangeable {
         headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
     }
@@ -165,6 +176,8 @@ pub fn respond(
             }
             body.boxed_unsync()
         }
+        // Never rangeable: always the whole body.
+        (Source::Stream { body, .. }, _) => body,
     };
     build(status, headers, body)
 }
@@ -355,6 +368,39 @@ mod tests {
             bodies.push(text.replace(&boundary, "B"));
         }
         assert_eq!(bodies[0], bodies[1]);
+    }
+
+    /// A stream answers preconditions and HEAD like the other sources, and
+    /// is never ranged (it can only be read from the start).
+    #[tokio::test(flavor = "current_thread")]
+    async fn streams_answer_conditionals_and_head_and_are_served_whole() {
+        let stream = || Source::Stream {
+            body: crate::http::full_body(Bytes::from_static(BODY)),
+            len: BODY.len() as u64,
+        };
+        let (status, h, body) = serve(Method::GET, &[], rep(stream(), StatusCode::OK, &[])).await;
+        assert_eq!((status, &body[..]), (StatusCode::OK, BODY));
+        assert_eq!(h["content-length"], "36");
+        assert!(!h.contains_key("accept-ranges"));
+        let (status, h, body) = serve(
+            Method::GET,
+            &[("if-none-match", "\"v1\"")],
+            rep(stream(), StatusCode::OK, &[]),
+        )
+        .await;
+        assert_eq!((status, body.len()), (StatusCode::NOT_MODIFIED, 0));
+        assert!(!h.contains_key("content-length"));
+        let (status, h, body) = serve(Method::HEAD, &[], rep(stream(), StatusCode::OK, &[])).await;
+        assert_eq!((status, body.len()), (StatusCode::OK, 0));
+        assert_eq!(h["content-length"], "36");
+        let (status, h, body) = serve(
+            Method::GET,
+            &[("range", "bytes=0-1")],
+            rep(stream(), StatusCode::OK, &[]),
+        )
+        .await;
+        assert_eq!((status, &body[..]), (StatusCode::OK, BODY));
+        assert!(!h.contains_key("content-range"));
     }
 
     #[tokio::test(flavor = "current_thread")]

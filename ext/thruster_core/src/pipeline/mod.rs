@@ -82,6 +82,14 @@ impl Pipeline {
         &self.config
     }
 
+    /// Waits until every finished response is in the disk cache tier, for
+    /// a stop (SIGTERM, `Thruster.stop`): pending writes are not lost.
+    pub async fn flush(&self) {
+        if let Fetch::Cache(cache) = &self.fetch {
+            cache.flush().await;
+        }
+    }
+
     pub async fn handle(
         &self,
         mut req: Request<RequestBody>,

@@ -105,6 +105,8 @@ pub struct Server {
     http_addrs: Vec<SocketAddr>,
     https_addrs: Vec<SocketAddr>,
     listener_fds: Vec<RawFd>,
+    /// Kept for the disk cache flush on stop.
+    pipeline: Arc<Pipeline>,
 }
 
 impl Server {
@@ -254,6 +256,7 @@ impl Server {
             http_addrs,
             https_addrs,
             listener_fds,
+            pipeline,
         })
     }
 
@@ -326,13 +329,23 @@ impl Server {
         log::info("Server stopping", &[]);
         let _ = self.shutdown.send(true);
         let tasks = std::mem::take(&mut self.accept_tasks);
-        let _ = runtime.block_on(async {
-            tokio::time::timeout(drain, async {
+        let started = std::time::Instant::now();
+        let pipeline = self.pipeline.clone();
+        runtime.block_on(async {
+            let _ = tokio::time::timeout(drain, async {
                 for task in tasks {
                     let _ = task.await;
                 }
             })
-            .await
+            .await;
+            // Responses that finished are written to the disk cache before
+            // the runtime (and its blocking pool) goes, so a restart finds
+            // them: in what the drain left of the stop timeout, which bounds
+            // the whole stop (a flush with nothing pending is done at once).
+            let left = drain.saturating_sub(started.elapsed());
+            if tokio::time::timeout(left, pipeline.flush()).await.is_err() {
+                log::warn("Stopped before every cache entry was written to disk", &[]);
+            }
         });
         runtime.shutdown_timeout(Duration::from_millis(100));
         log::info("Server stopped", &[]);

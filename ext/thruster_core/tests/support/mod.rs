@@ -28,12 +28,29 @@ impl SettingSource for Pairs {
     }
 }
 
+/// A config from `pairs`. Without a `STORAGE_PATH` among them the proxy
+/// gets one of its own under the temp dir (not created unless something is
+/// stored there): the disk cache tier lives under it and is on by default,
+/// so no test may see another's entries, nor leave any in the checkout.
 pub fn config(pairs: &[(&str, &str)]) -> Config {
-    let pairs = pairs
+    let mut pairs: Vec<(String, String)> = pairs
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
+    if !pairs.iter().any(|(k, _)| k.ends_with("STORAGE_PATH")) {
+        pairs.push(("STORAGE_PATH".into(), own_storage_path()));
+    }
     Config::from_source(&Pairs(pairs)).expect("valid test config")
+}
+
+/// A path no other proxy of this test run uses.
+pub fn own_storage_path() -> String {
+    static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    std::env::temp_dir()
+        .join(format!("thruster-test-storage-{}-{n}", std::process::id()))
+        .to_string_lossy()
+        .into_owned()
 }
 
 /// A fresh directory under the system temp dir, removed on drop.

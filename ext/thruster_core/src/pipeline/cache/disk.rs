@@ -527,6 +527,16 @@ impl DiskStore {
         let _ = rx.wait_for(|n| *n == 0).await;
     }
 
+    /// Marks the entry stored under `key` as just used, for eviction (an
+    /// entry served from a faster tier is hot, though nobody reads its
+    /// file). Index only, no I/O; a key the index does not know is ignored.
+    pub fn touch(&self, key: &str) {
+        let hash = KeyHash::of(key);
+        if let Some(slot) = lock(&self.inner.index).map.get_mut(&hash) {
+            slot.last_use = now_unix_ms();
+        }
+    }
+
     /// Bytes (in 4 KiB blocks) and entries this process knows of.
     pub fn usage(&self) -> (u64, u64) {
         let index = lock(&self.inner.index);

@@ -1,7 +1,8 @@
 //! Answering from a stored entry: representation selection (a stored
 //! encoded variant, or identity), then `files::respond` — preconditions,
 //! Range and HEAD against the representation actually selected, as for
-//! X-Sendfile files.
+//! X-Sendfile files. Entries too large for memory are streamed from the
+//! disk tier through the same function.
 
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
@@ -10,8 +11,13 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Response, StatusCode};
 
+use http_body_util::BodyExt;
+
+use super::disk::DiskEntry;
+use super::entry::now_unix_ms;
 use super::key::{self, BaseKey, CacheKey};
-use super::store::{Entry, Store};
+use super::store::{self, Entry, Store};
+use super::tier::DiskTier;
 use crate::files;
 use crate::files::respond::{Representation, Source};
 use crate::http::{full_body, ResponseBody, X_CACHE};
@@ -19,9 +25,8 @@ use crate::pipeline::compression::{self, RequestFacts};
 
 /// Whether the stored response is acceptable to this client: an app-encoded
 /// body only goes to clients that accept its coding.
-pub fn acceptable(entry: &Entry, request: &HeaderMap) -> bool {
-    match entry
-        .headers
+pub fn acceptable(stored: &HeaderMap, request: &HeaderMap) -> bool {
+    match stored
         .get(header::CONTENT_ENCODING)
         .and_then(|v| v.to_str().ok())
     {
@@ -34,8 +39,10 @@ pub fn acceptable(entry: &Entry, request: &HeaderMap) -> bool {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 pub async fn respond(
     store: &Store,
+    disk: Option<&DiskTier>,
     entry: &Arc<Entry>,
     method: &Method,
     request: &HeaderMap,
@@ -61,21 +68,65 @@ pub async fn respond(
     let mut body = entry.body.clone();
     if let Some(coding) = coding {
         let key = CacheKey::new(base.clone(), &key::vary_names(&entry.headers), request);
-        if let Some(variant) = store.variant(&key, entry, coding).await {
+        // Made once per entry: read from the disk tier when an earlier
+        // process made it, else compressed now (and written there).
+        let make = async {
+            match disk {
+                Some(disk) => disk.encoding(&key, entry, coding).await,
+                None => store::encode(entry, coding).await,
+            }
+        };
+        if let Some(variant) = store.variant(&key, entry, coding, make).await {
             compression::mark_encoded(&mut headers, coding);
             body = variant;
         }
     }
-    // RFC 9110 §13.1.5: If-Range is judged at the stored response's Date.
-    let date = headers
-        .get(header::DATE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| httpdate::parse_http_date(v).ok())
-        .unwrap_or_else(SystemTime::now);
+    let date = if_range_date(&headers);
     let representation = Representation {
         status: entry.status,
         headers,
         source: Source::Bytes(body),
+    };
+    let mut response =
+        files::respond::respond(method, request, representation, date, |_, _, _| None);
+    response
+        .headers_mut()
+        .insert(X_CACHE, HeaderValue::from_static(label));
+    response
+}
+
+/// RFC 9110 §13.1.5: If-Range is judged at the stored response's Date.
+fn if_range_date(headers: &HeaderMap) -> SystemTime {
+    headers
+        .get(header::DATE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| httpdate::parse_http_date(v).ok())
+        .unwrap_or_else(SystemTime::now)
+}
+
+/// An entry too large for memory, streamed from its file (each chunk
+/// checked before it is sent; a bad one ends the response as an error).
+/// Preconditions and HEAD are answered as for any hit; the body is sent
+/// whole, in the stored identity form (compression may still encode it on
+/// the way out, as for a miss). Range requests never come here: the caller
+/// lets the app answer them, as for a Range miss.
+pub fn stream(
+    found: DiskEntry,
+    method: &Method,
+    request: &HeaderMap,
+    label: &'static str,
+) -> Response<ResponseBody> {
+    let meta = found.meta();
+    let mut headers = meta.headers.clone();
+    headers.insert(header::AGE, HeaderValue::from(meta.age_secs(now_unix_ms())));
+    let date = if_range_date(&headers);
+    let representation = Representation {
+        status: meta.status,
+        headers,
+        source: Source::Stream {
+            body: found.body().boxed_unsync(),
+            len: meta.body_len,
+        },
     };
     let mut response =
         files::respond::respond(method, request, representation, date, |_, _, _| None);

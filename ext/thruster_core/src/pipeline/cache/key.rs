@@ -82,6 +82,23 @@ impl BaseKey {
         }
     }
 
+    /// The base key as text, fields separated by NUL (which no host,
+    /// request target or header value can contain, so the text is
+    /// unambiguous). Lower tiers name records by a hash of texts built
+    /// from this and store the text itself to compare.
+    fn text(&self) -> String {
+        let scheme = if self.https { "https" } else { "http" };
+        let forwarded = self.forwarded.as_deref().unwrap_or("");
+        format!("{scheme}\0{}\0{}\0{forwarded}", self.host, self.target)
+    }
+
+    /// The key of the record that holds which request headers this
+    /// resource varies on (a lower tier's stand-in for the memory tier's
+    /// rule), so a process that has no rule yet can find the variants.
+    pub fn vary_record_text(&self) -> String {
+        format!("vary\0{}", self.text())
+    }
+
     /// A short human form for logs.
     pub fn describe(&self) -> String {
         format!(
@@ -131,6 +148,18 @@ impl CacheKey {
             base,
             variant: variant.into_boxed_str(),
         }
+    }
+}
+
+impl CacheKey {
+    /// The full key as text (base and variant), for lower tiers.
+    pub fn text(&self) -> String {
+        format!("entry\0{}\0{}", self.base.text(), self.variant)
+    }
+
+    /// The key of the stored `coding` encoding of this key's body.
+    pub fn encoded_text(&self, coding: &str) -> String {
+        format!("encoded\0{coding}\0{}\0{}", self.base.text(), self.variant)
     }
 }
 
@@ -272,6 +301,33 @@ mod tests {
         assert_eq!(by_ae("gzip, deflate, br"), by_ae("br;q=0.9, deflate, gzip"));
         assert_ne!(by_ae("gzip"), by_ae("gzip, br"));
         assert_eq!(by_ae("gzip, br;q=0"), by_ae("gzip"));
+    }
+
+    #[test]
+    fn texts_keep_every_part_and_kinds_apart() {
+        let base = |uri: &str, h: &[(&str, &str)], trust: bool| {
+            BaseKey::new(&request(uri, h), false, trust)
+        };
+        let plain = base("/a", &[("host", "h")], false);
+        let key = CacheKey::new(plain.clone(), &[], &HeaderMap::new());
+        assert_eq!(key.text(), "entry\0http\0h\0/a\0\0");
+        // The forwarded part and the variant are part of the text.
+        let fwd = base("/a", &[("host", "h"), ("x-forwarded-host", "x")], true);
+        assert_ne!(
+            CacheKey::new(fwd, &[], &HeaderMap::new()).text(),
+            key.text()
+        );
+        let accept = vec![header::ACCEPT];
+        let html = CacheKey::new(
+            plain.clone(),
+            &accept,
+            request("/", &[("accept", "text/html")]).headers(),
+        );
+        assert_eq!(html.text(), "entry\0http\0h\0/a\0\0accept:text/html\n");
+        // Records of other kinds never share a text with an entry.
+        assert_ne!(plain.vary_record_text(), key.text());
+        assert_ne!(key.encoded_text("gzip"), key.text());
+        assert_ne!(key.encoded_text("gzip"), key.encoded_text("br"));
     }
 
     #[test]

@@ -8,6 +8,18 @@
 //! for its key; the response is streamed to the client while it is captured,
 //! and stored only once it is complete. Other methods, upgrades and Range
 //! misses bypass the cache.
+//!
+//! Tiers, fastest first: memory (`store`), then disk (`tier` on the `disk`
+//! engine), then the app (`next`). A memory miss asks the disk (by the full
+//! key; a process without a memory rule for the resource reads its vary
+//! record first). A disk hit that fits `MAX_CACHE_ITEM_SIZE` is promoted
+//! into memory and served from there; a larger one is streamed from its
+//! file (Range requests for it go to the app). Every storable response up
+//! to `CACHE_DISK_MAX_ITEM_SIZE` is written to disk as it streams to the
+//! client, whatever memory admits; encodings made for memory hits are
+//! written there too. A shared tier (Redis) goes between disk and the app
+//! with the same shape: looked up on a disk miss, promoted through
+//! `tier::entry_from_meta`, written where the disk writes.
 
 pub mod directives;
 pub mod disk;
@@ -15,6 +27,7 @@ pub mod entry;
 mod hit;
 pub mod key;
 pub mod store;
+pub mod tier;
 
 use std::os::unix::ffi::OsStrExt;
 use std::pin::Pin;
@@ -34,18 +47,23 @@ use super::ConnInfo;
 use crate::http::{BoxError, RequestBody, ResponseBody, X_CACHE};
 use crate::log;
 use directives::Freshness;
+use disk::{DiskEntry, DiskWriter};
+use entry::now_unix_ms;
 use key::BaseKey;
-use store::{Entry, LeaderGuard, Lookup, Store, Turn};
+use store::{Entry, Known, LeaderGuard, Lookup, Store, Turn};
+use tier::{DiskTier, Stored};
 
 /// Longest a request waits for another one fetching the same resource
 /// before going upstream itself, when no upstream timeout is configured.
 const DEFAULT_WAIT: Duration = Duration::from_secs(30);
 
 pub struct HttpCache {
-    /// Where misses, bypasses and stores come from. The disk and shared
-    /// tiers go between the memory store and this.
+    /// Where misses, bypasses and stores come from. The disk tier (and
+    /// later a shared one) goes between the memory store and this.
     next: Forwarder,
     store: Arc<Store>,
+    /// `None` with `CACHE_DISK_PATH=none`.
+    disk: Option<DiskTier>,
     trust_forwarded: bool,
     /// X-Sendfile responses are stored as file references.
     sendfile: bool,
@@ -63,6 +81,7 @@ impl HttpCache {
                 config.max_cache_item_size,
                 config.cache_stale_if_error,
             )),
+            disk: DiskTier::open(config),
             trust_forwarded: config.forward_headers,
             sendfile: config.x_sendfile_enabled,
             wait_limit: config.http_write_timeout.unwrap_or(DEFAULT_WAIT),
@@ -83,12 +102,14 @@ impl HttpCache {
         let range = req.headers().contains_key(header::RANGE);
         let mut may_wait = true;
         loop {
-            let (key, stale, coalesce) = match self.store.lookup(base.clone(), req.headers()) {
+            let (key, stale, coalesce, known) = match self.store.lookup(base.clone(), req.headers())
+            {
                 Lookup::Hit(entry) if entry.file.is_some() => {
                     // The file is served by the X-Sendfile layer from what is
                     // on disk now; a changed or deleted file sends the request
                     // to the app again (Thruster 404s until expiry, its #51).
                     if entry.file.as_ref().is_some_and(|f| f.unchanged()) {
+                        self.touch(&base, &entry, req.headers());
                         return hit::reference(&entry, "hit");
                     }
                     let key = key::CacheKey::new(
@@ -99,9 +120,11 @@ impl HttpCache {
                     self.store.remove(&key);
                     continue;
                 }
-                Lookup::Hit(entry) if hit::acceptable(&entry, req.headers()) => {
+                Lookup::Hit(entry) if hit::acceptable(&entry.headers, req.headers()) => {
+                    self.touch(&base, &entry, req.headers());
                     return hit::respond(
                         &self.store,
+                        self.disk.as_ref(),
                         &entry,
                         &method,
                         req.headers(),
@@ -120,8 +143,20 @@ impl HttpCache {
                     key,
                     stale,
                     coalesce,
-                } => (key, stale, coalesce),
+                    known,
+                } => (key, stale, coalesce, known),
             };
+            // The disk is asked on every memory miss except for a resource
+            // just found not storable. A GET that leads the upstream request
+            // for its key asks it as the leader, so concurrent misses read
+            // and promote an entry once; the others ask at once.
+            let ask_disk = self.disk.is_some() && known != Known::Passed;
+            let leads = coalesce && may_wait && !range && method == Method::GET;
+            if ask_disk && !leads {
+                if let Some(found) = self.look_on_disk(&base, &key, known, req.headers()).await {
+                    return self.answer(found, req, conn, facts, &base).await;
+                }
+            }
             // Serving a part of something we do not hold means fetching all
             // of it first; let the app answer the range itself.
             if range {
@@ -141,6 +176,13 @@ impl HttpCache {
             } else {
                 None
             };
+            if ask_disk && leads {
+                if let Some(found) = self.look_on_disk(&base, &key, known, req.headers()).await {
+                    // Promoted by now: the waiters find it in memory.
+                    drop(guard);
+                    return self.answer(found, req, conn, facts, &base).await;
+                }
+            }
             if guard.is_some() {
                 // Fill the cache with a full response even if this client
                 // holds a copy; its conditionals are answered from the entry
@@ -166,6 +208,7 @@ impl HttpCache {
                     }
                     return hit::respond(
                         &self.store,
+                        self.disk.as_ref(),
                         &stale,
                         &method,
                         &request_headers,
@@ -178,6 +221,121 @@ impl HttpCache {
             }
             return labelled(self.capture(base, request_headers, response, guard), "miss");
         }
+    }
+
+    /// Looks for `key` in the disk tier. What fits memory is promoted (and
+    /// returned from memory); a larger body is returned to be streamed from
+    /// its file. `None` is a miss, whatever the reason.
+    async fn look_on_disk(
+        &self,
+        base: &BaseKey,
+        key: &key::CacheKey,
+        known: Known,
+        request: &HeaderMap,
+    ) -> Option<FromDisk> {
+        let disk = self.disk.as_ref()?;
+        let key = match known {
+            Known::Stored => key.clone(),
+            Known::Passed => return None,
+            // No memory rule: the vary record says which variant to read
+            // (a fresh process must find variants before any rule exists).
+            Known::Nothing => {
+                let names = disk.vary_names(base).await?;
+                self.store.note_vary(base.clone(), &names);
+                key::CacheKey::new(base.clone(), &names, request)
+            }
+        };
+        let found = disk.get(&key).await?;
+        let meta = found.meta();
+        let now = now_unix_ms();
+        if meta.file.is_some() {
+            // A reference to an X-Sendfile file: only with the X-Sendfile
+            // layer on, and only while the file is the one stored.
+            let entry = tier::entry_from_meta(meta, Bytes::new(), now);
+            if !self.sendfile || !entry.file.as_ref().is_some_and(|f| f.unchanged()) {
+                return None;
+            }
+            return Some(FromDisk::Memory(self.promote(base, request, entry)));
+        }
+        // Check the length before reading: a large body is never read
+        // into memory.
+        if meta.body_len > self.store.max_item_size {
+            return Some(FromDisk::Stream(Box::new(found)));
+        }
+        let body = found.read_all().await?;
+        let entry = tier::entry_from_meta(found.meta(), body, now);
+        Some(FromDisk::Memory(self.promote(base, request, entry)))
+    }
+
+    fn promote(&self, base: &BaseKey, request: &HeaderMap, entry: Entry) -> Arc<Entry> {
+        let vary = key::vary_names(&entry.headers);
+        self.store.insert(base.clone(), vary, request, entry)
+    }
+
+    /// Serves what the disk tier found, as a memory hit would be served.
+    async fn answer(
+        &self,
+        found: FromDisk,
+        req: Request<RequestBody>,
+        conn: &ConnInfo,
+        facts: Option<&RequestFacts>,
+        base: &BaseKey,
+    ) -> Response<ResponseBody> {
+        let method = req.method().clone();
+        match found {
+            FromDisk::Memory(entry) if entry.file.is_some() => hit::reference(&entry, "hit"),
+            FromDisk::Memory(entry) if hit::acceptable(&entry.headers, req.headers()) => {
+                hit::respond(
+                    &self.store,
+                    self.disk.as_ref(),
+                    &entry,
+                    &method,
+                    req.headers(),
+                    facts,
+                    base,
+                    "hit",
+                )
+                .await
+            }
+            FromDisk::Stream(found) if hit::acceptable(&found.meta().headers, req.headers()) => {
+                if req.headers().contains_key(header::RANGE) {
+                    // The stored body can only be read from the start;
+                    // the app answers ranges of it, as for a Range miss.
+                    return labelled(self.next.fetch(req, conn).await, "bypass");
+                }
+                hit::stream(*found, &method, req.headers(), "hit")
+            }
+            // A stored encoding this client does not accept.
+            FromDisk::Memory(_) | FromDisk::Stream(_) => {
+                labelled(self.next.fetch(req, conn).await, "miss")
+            }
+        }
+    }
+
+    /// Tells the disk tier, at most once a minute per entry, that an entry
+    /// it holds is being served from memory, so its eviction keeps what is
+    /// hot here.
+    fn touch(&self, base: &BaseKey, entry: &Entry, request: &HeaderMap) {
+        if let Some(disk) = &self.disk {
+            if entry.due_for_touch(now_unix_ms() / 1000) {
+                let vary = key::vary_names(&entry.headers);
+                disk.touch(&key::CacheKey::new(base.clone(), &vary, request));
+            }
+        }
+    }
+
+    /// Waits until every finished response is written to the disk tier
+    /// (for SIGTERM and `Thruster.stop`). Responses still streaming are not
+    /// waited for.
+    pub async fn flush(&self) {
+        if let Some(disk) = &self.disk {
+            disk.flush().await;
+        }
+    }
+
+    /// The disk tier, if on.
+    pub fn disk(&self) -> Option<&DiskTier> {
+        self.disk.as_ref()
     }
 
     /// Streams the response on while keeping a copy, stored once complete.
@@ -216,7 +374,14 @@ impl HttpCache {
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
-        if expected.is_some_and(|n| n > self.store.max_item_size) {
+        // Memory takes bodies up to MAX_CACHE_ITEM_SIZE; the disk tier up
+        // to CACHE_DISK_MAX_ITEM_SIZE.
+        let fits_memory = expected.is_none_or(|n| n <= self.store.max_item_size);
+        let fits_disk = self
+            .disk
+            .as_ref()
+            .is_some_and(|d| d.takes(expected.unwrap_or(0)));
+        if !fits_memory && !fits_disk {
             self.store.pass(base);
             return response;
         }
@@ -226,6 +391,16 @@ impl HttpCache {
         headers.remove(X_CACHE);
         // Per request, never shared: a hit gets the id of its own request.
         headers.remove(crate::http::X_REQUEST_ID);
+        // RFC 9110 §6.6.1: a response cached without a Date gets the time
+        // it was received, so a hit's Date agrees with its Age (after a
+        // restart too) instead of being the time of the hit.
+        if !headers.contains_key(header::DATE) {
+            if let Ok(date) = HeaderValue::from_str(&httpdate::fmt_http_date(SystemTime::now())) {
+                headers.insert(header::DATE, date);
+            }
+        }
+        let stored_at_unix_ms = now_unix_ms();
+        let key = key::CacheKey::new(base.clone(), &vary, &request);
         if self.sendfile {
             let target = response
                 .headers()
@@ -236,8 +411,22 @@ impl HttpCache {
                 // Only the reference is kept; the app's (empty) body is not
                 // read, and the file is served from disk on every hit.
                 if let Some(file) = store::FileRef::stat(target) {
-                    let entry = Entry::new(response.status(), headers, Bytes::new(), freshness)
+                    if let Some(disk) = &self.disk {
+                        let stored = Stored {
+                            status: response.status(),
+                            headers: &headers,
+                            stored_at_unix_ms,
+                            freshness: &freshness,
+                            file: Some(&file),
+                        };
+                        if let Some(writer) = disk.writer(&key, &stored, Some(0)) {
+                            drop(writer.finish());
+                            disk.write_vary(&base, &vary, stored_at_unix_ms, &freshness);
+                        }
+                    }
+                    let mut entry = Entry::new(response.status(), headers, Bytes::new(), freshness)
                         .with_file(file);
+                    entry.stored_at_unix_ms = stored_at_unix_ms;
                     self.store.insert(base, vary, &request, entry);
                 }
                 drop(guard);
@@ -249,6 +438,22 @@ impl HttpCache {
         let empty = response.status() == StatusCode::NO_CONTENT
             || expected == Some(0)
             || response.body().is_end_stream();
+        let disk = self.disk.as_ref().and_then(|tier| {
+            let stored = Stored {
+                status: response.status(),
+                headers: &headers,
+                stored_at_unix_ms,
+                freshness: &freshness,
+                file: None,
+            };
+            let declared = if empty { Some(0) } else { expected };
+            tier.writer(&key, &stored, declared)
+                .map(|writer| (tier.clone(), writer))
+        });
+        if !fits_memory && disk.is_none() {
+            self.store.pass(base);
+            return response;
+        }
         let capture = Capture {
             store: Arc::clone(&self.store),
             base,
@@ -258,8 +463,11 @@ impl HttpCache {
             headers,
             freshness,
             expected,
-            body: BytesMut::new(),
-            _guard: guard,
+            stored_at_unix_ms,
+            received: 0,
+            body: fits_memory.then(BytesMut::new),
+            disk,
+            guard,
         };
         if empty {
             capture.store();
@@ -301,6 +509,14 @@ fn labelled(mut response: Response<ResponseBody>, value: &'static str) -> Respon
     response
 }
 
+/// What the disk tier found for a memory miss.
+enum FromDisk {
+    /// Promoted into memory (or a file reference): served as a memory hit.
+    Memory(Arc<Entry>),
+    /// Too large for memory: streamed from its file.
+    Stream(Box<DiskEntry>),
+}
+
 struct Capture {
     store: Arc<Store>,
     base: BaseKey,
@@ -310,27 +526,90 @@ struct Capture {
     headers: HeaderMap,
     freshness: Freshness,
     expected: Option<u64>,
-    body: BytesMut,
-    /// Waiters for this key are released when the capture ends either way.
-    _guard: Option<LeaderGuard>,
+    /// Wall-clock receive time, the same in every tier (a stored encoding
+    /// names its body by it).
+    stored_at_unix_ms: u64,
+    received: u64,
+    /// The copy for memory; dropped once over `MAX_CACHE_ITEM_SIZE`.
+    body: Option<BytesMut>,
+    /// The copy streaming to the disk tier; dropped if the write gives up.
+    disk: Option<(DiskTier, DiskWriter)>,
+    /// Waiters for this key are released when the capture ends either way
+    /// (for an entry only the disk holds: once it is on disk).
+    guard: Option<LeaderGuard>,
 }
 
 impl Capture {
-    fn store(self) {
-        let body = self.body.freeze();
-        // A body shorter than announced was cut off: never store it.
-        if self.expected.is_some_and(|n| n != body.len() as u64) {
+    fn push(&mut self, data: &Bytes) {
+        self.received += data.len() as u64;
+        if let Some(body) = &mut self.body {
+            if (body.len() + data.len()) as u64 > self.store.max_item_size {
+                // Too large for memory; the disk copy goes on.
+                self.body = None;
+            } else {
+                body.extend_from_slice(data);
+            }
+        }
+        if let Some((_, writer)) = &mut self.disk {
+            if !writer.push(data) {
+                self.disk = None;
+            }
+        }
+    }
+
+    /// Whether any tier still takes the body.
+    fn wanted(&self) -> bool {
+        self.body.is_some() || self.disk.is_some()
+    }
+
+    fn store(mut self) {
+        // A body shorter than announced was cut off: never store it
+        // (dropping the disk writer removes what it wrote).
+        if self.expected.is_some_and(|n| n != self.received) {
             return;
         }
-        let entry = Entry::new(self.status, self.headers, body, self.freshness);
-        self.store
-            .insert(self.base, self.vary, &self.request, entry);
+        let in_memory = match self.body.take() {
+            Some(body) => {
+                let mut entry =
+                    Entry::new(self.status, self.headers, body.freeze(), self.freshness);
+                entry.stored_at_unix_ms = self.stored_at_unix_ms;
+                self.store
+                    .insert(self.base.clone(), self.vary.clone(), &self.request, entry);
+                true
+            }
+            None => false,
+        };
+        let Some((tier, writer)) = self.disk.take() else {
+            return;
+        };
+        let finishing = writer.finish();
+        tier.write_vary(
+            &self.base,
+            &self.vary,
+            self.stored_at_unix_ms,
+            &self.freshness,
+        );
+        if !in_memory {
+            // Only the disk holds it: later misses look there by this key.
+            self.store.note_vary(self.base, &self.vary);
+            // Requests waiting for this key look again once it is on disk,
+            // not before (they would go upstream too).
+            if let (Some(guard), Ok(runtime)) =
+                (self.guard.take(), tokio::runtime::Handle::try_current())
+            {
+                runtime.spawn(async move {
+                    let _ = finishing.await;
+                    drop(guard);
+                });
+            }
+        }
     }
 }
 
-/// Passes the body through untouched, keeping a copy; stores it only when
-/// the upstream body ended cleanly within the size limit. An error, a
-/// trailer, an oversize body or a client that goes away discards the copy.
+/// Passes the body through untouched, keeping a copy for memory (up to
+/// `MAX_CACHE_ITEM_SIZE`) and streaming one to the disk tier; stores them
+/// only when the upstream body ended cleanly. An error, a trailer or a
+/// client that goes away discards both.
 struct CaptureBody {
     inner: ResponseBody,
     capture: Option<Capture>,
@@ -344,21 +623,24 @@ impl Body for CaptureBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        // When the disk is slower than the app and the client, pace the
+        // response to the disk instead of losing a large entry.
+        if let Some((_, writer)) = self.capture.as_mut().and_then(|c| c.disk.as_mut()) {
+            std::task::ready!(writer.poll_ready(cx));
+        }
         let polled = std::task::ready!(Pin::new(&mut self.inner).poll_frame(cx));
         match &polled {
             Some(Ok(frame)) => match frame.data_ref() {
                 Some(data) => {
-                    let over = self.capture.as_ref().is_some_and(|c| {
-                        (c.body.len() + data.len()) as u64 > c.store.max_item_size
-                    });
-                    if over {
-                        self.capture = None;
-                    } else if let Some(c) = self.capture.as_mut() {
-                        c.body.extend_from_slice(data);
-                        // With a known length hyper stops polling once it has
-                        // written that many bytes, so the end never shows up
-                        // as a `None` frame: the announced length is the end.
-                        if c.expected == Some(c.body.len() as u64) {
+                    if let Some(c) = self.capture.as_mut() {
+                        c.push(data);
+                        if !c.wanted() {
+                            self.capture = None;
+                        } else if c.expected == Some(c.received) {
+                            // With a known length hyper stops polling once it
+                            // has written that many bytes, so the end never
+                            // shows up as a `None` frame: the announced
+                            // length is the end.
                             if let Some(capture) = self.capture.take() {
                                 capture.store();
                             }

@@ -5,6 +5,8 @@
 //! request.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -41,11 +43,18 @@ pub struct Entry {
     pub headers: HeaderMap,
     pub body: Bytes,
     pub stored_at: Instant,
+    /// Wall-clock time the response was received (Unix ms), as lower tiers
+    /// store it: `Age` survives a restart, and a stored encoding names the
+    /// body it encodes by it.
+    pub stored_at_unix_ms: u64,
     pub freshness: Freshness,
     /// For an X-Sendfile response: the file as it was when stored. The
     /// entry is only good while the file is unchanged.
     pub file: Option<FileRef>,
     variants: Arc<Variants>,
+    /// When a hit last told the lower tiers this entry is in use (Unix s),
+    /// so their eviction sees what is hot here without a write per hit.
+    touched: Arc<AtomicU64>,
     /// Fixed at construction: quick_cache needs a stable weight.
     weight: u64,
 }
@@ -57,9 +66,12 @@ impl Entry {
             headers,
             body,
             stored_at: Instant::now(),
+            stored_at_unix_ms: super::entry::now_unix_ms(),
             freshness,
             file: None,
             variants: Arc::default(),
+            // Just received: the lower tiers were told as it was stored.
+            touched: Arc::new(AtomicU64::new(super::entry::now_unix_ms() / 1000)),
             weight: 0,
         };
         entry.weight = entry.measure();
@@ -69,6 +81,30 @@ impl Entry {
     pub fn with_file(mut self, file: FileRef) -> Entry {
         self.file = Some(file);
         self
+    }
+
+    /// An entry received `resident` ago at wall-clock `stored_at_unix_ms`
+    /// (one found in a lower tier): its age counts the time it spent there.
+    pub fn received_earlier(mut self, stored_at_unix_ms: u64, resident: Duration) -> Entry {
+        self.stored_at_unix_ms = stored_at_unix_ms;
+        match self.stored_at.checked_sub(resident) {
+            Some(then) => self.stored_at = then,
+            // The monotonic clock does not reach back that far (the host
+            // booted since): count the time as age the entry came with.
+            None => self.freshness.initial_age += resident,
+        }
+        self
+    }
+
+    /// True at most once a minute: time to tell the lower tiers this entry
+    /// is still being served.
+    pub fn due_for_touch(&self, now_unix_secs: u64) -> bool {
+        let last = self.touched.load(Ordering::Relaxed);
+        now_unix_secs >= last.saturating_add(60)
+            && self
+                .touched
+                .compare_exchange(last, now_unix_secs, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
     }
 
     fn measure(&self) -> u64 {
@@ -159,7 +195,22 @@ pub enum Lookup {
         stale: Option<Arc<Entry>>,
         /// Whether to queue behind an in-flight request for the same key.
         coalesce: bool,
+        /// What this process knows of the resource, which tells a lower
+        /// tier whether (and by which key) to look.
+        known: Known,
     },
+}
+
+/// What the memory tier's rule says about a resource on a miss.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Known {
+    /// No rule: the resource was not seen (or its rule was evicted). A
+    /// lower tier must first find out which headers it varies on.
+    Nothing,
+    /// Stored before with the `Vary` the miss's key already follows.
+    Stored,
+    /// Recently not storable: not worth a look in a lower tier.
+    Passed,
 }
 
 /// Whose turn it is to ask upstream.
@@ -214,11 +265,13 @@ impl Store {
                 key: CacheKey::new(base, &[], request),
                 stale: None,
                 coalesce: true,
+                known: Known::Nothing,
             },
             Some(Rule::Pass(until)) => Lookup::Miss {
                 key: CacheKey::new(base, &[], request),
                 stale: None,
                 coalesce: now >= until,
+                known: Known::Passed,
             },
             Some(Rule::Vary(names)) => {
                 let key = CacheKey::new(base, &names, request);
@@ -228,6 +281,7 @@ impl Store {
                         key,
                         stale: Some(entry),
                         coalesce: true,
+                        known: Known::Stored,
                     },
                     Some(_) => {
                         self.entries.remove(&key);
@@ -235,12 +289,14 @@ impl Store {
                             key,
                             stale: None,
                             coalesce: true,
+                            known: Known::Stored,
                         }
                     }
                     None => Lookup::Miss {
                         key,
                         stale: None,
                         coalesce: true,
+                        known: Known::Stored,
                     },
                 }
             }
@@ -270,14 +326,33 @@ impl Store {
         Turn::Waited
     }
 
-    /// Stores a complete response under the key derived from its `Vary`.
-    pub fn insert(&self, base: BaseKey, vary: Vec<HeaderName>, request: &HeaderMap, entry: Entry) {
+    /// Stores a complete response under the key derived from its `Vary`
+    /// (unless its body is over the item limit), and returns it shared.
+    pub fn insert(
+        &self,
+        base: BaseKey,
+        vary: Vec<HeaderName>,
+        request: &HeaderMap,
+        entry: Entry,
+    ) -> Arc<Entry> {
+        let entry = Arc::new(entry);
         if entry.body.len() as u64 > self.max_item_size {
-            return;
+            return entry;
         }
         let key = CacheKey::new(base.clone(), &vary, request);
         self.rules.insert(base, Rule::Vary(vary.into()));
-        self.entries.insert(key, Arc::new(entry));
+        self.entries.insert(key, Arc::clone(&entry));
+        entry
+    }
+
+    /// Remembers which headers a resource varies on when only a lower tier
+    /// holds it (a body too large for memory, or a rule read from disk), so
+    /// later misses look there by the right key at once.
+    pub fn note_vary(&self, base: BaseKey, vary: &[HeaderName]) {
+        let same = matches!(self.rules.get(&base), Some(Rule::Vary(names)) if *names == *vary);
+        if !same {
+            self.rules.insert(base, Rule::Vary(vary.into()));
+        }
     }
 
     pub fn remove(&self, key: &CacheKey) {
@@ -293,33 +368,25 @@ impl Store {
         }
     }
 
-    /// The body encoded with `coding`, made once per entry on a blocking
-    /// thread at a high level (the cost is paid once, not per hit). `None`
-    /// when encoding does not make it smaller.
-    pub async fn variant(
+    /// The body encoded with `coding`, obtained once per entry from `make`
+    /// (a lower tier's stored copy, or [`encode`]) and shared by every later
+    /// hit. `None` when encoding does not make it smaller.
+    pub async fn variant<F>(
         &self,
         key: &CacheKey,
         entry: &Arc<Entry>,
         coding: Coding,
-    ) -> Option<Bytes> {
+        make: F,
+    ) -> Option<Bytes>
+    where
+        F: Future<Output = Option<Bytes>>,
+    {
         let cell = &entry.variants.cells[slot(coding)];
         let mut made_here = false;
         let result = cell
             .get_or_init(|| {
                 made_here = true;
-                let body = entry.body.clone();
-                let immutable = entry.freshness.immutable;
-                async move {
-                    tokio::task::spawn_blocking(move || {
-                        compression::compress_stored(&body, coding, immutable)
-                            .ok()
-                            .filter(|encoded| encoded.len() < body.len())
-                            .map(Bytes::from)
-                    })
-                    .await
-                    .ok()
-                    .flatten()
-                }
+                make
             })
             .await
             .clone();
@@ -330,9 +397,11 @@ impl Store {
                 headers: entry.headers.clone(),
                 body: entry.body.clone(),
                 stored_at: entry.stored_at,
+                stored_at_unix_ms: entry.stored_at_unix_ms,
                 freshness: entry.freshness,
                 file: entry.file.clone(),
                 variants: Arc::clone(&entry.variants),
+                touched: Arc::clone(&entry.touched),
                 weight: 0,
             };
             let mut reweighed = reweighed;
@@ -353,6 +422,23 @@ impl Store {
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
+}
+
+/// The entry's body encoded with `coding`, made on a blocking thread at a
+/// high level (the cost is paid once per entry, not per hit). `None` when
+/// encoding does not make it smaller.
+pub async fn encode(entry: &Entry, coding: Coding) -> Option<Bytes> {
+    let body = entry.body.clone();
+    let immutable = entry.freshness.immutable;
+    tokio::task::spawn_blocking(move || {
+        compression::compress_stored(&body, coding, immutable)
+            .ok()
+            .filter(|encoded| encoded.len() < body.len())
+            .map(Bytes::from)
+    })
+    .await
+    .ok()
+    .flatten()
 }
 
 /// Held by the request that asks upstream on behalf of everyone waiting
@@ -524,7 +610,7 @@ mod tests {
         let before = store.weight();
         let key = CacheKey::new(base("/v.css"), &[], &req);
         let gz = store
-            .variant(&key, &entry, Coding::Gzip)
+            .variant(&key, &entry, Coding::Gzip, encode(&entry, Coding::Gzip))
             .await
             .expect("smaller");
         let mut decoded = Vec::new();
@@ -536,7 +622,11 @@ mod tests {
         let Lookup::Hit(entry) = store.lookup(base("/v.css"), &req) else {
             panic!("still stored")
         };
-        let again = store.variant(&key, &entry, Coding::Gzip).await.unwrap();
+        // A second `make` is never run (it would answer None).
+        let again = store
+            .variant(&key, &entry, Coding::Gzip, std::future::ready(None))
+            .await
+            .unwrap();
         assert_eq!(again.as_ptr(), gz.as_ptr());
     }
 }
