@@ -15,6 +15,7 @@ pub mod entry;
 mod hit;
 pub mod key;
 pub mod store;
+mod usage;
 
 use std::os::unix::ffi::OsStrExt;
 use std::pin::Pin;
