@@ -98,6 +98,38 @@ RSpec.describe "metrics" do
     expect(status).to be_success, out
   end
 
+  describe "TLS" do
+    let(:storage) { Dir.mktmpdir("thruster-metrics-tls") }
+
+    def start_tls(env)
+      metrics_port = free_port
+      thrust = ChildProcess.start(
+        { "HTTP_PORT" => "0", "HTTPS_PORT" => "0", "TARGET_PORT" => free_port.to_s, "STORAGE_PATH" => storage,
+          "METRICS_PORT" => metrics_port.to_s }.merge(env),
+        thrust_path, "puma", "-C", File.join(FIXTURES, "puma.rb"), File.join(FIXTURES, "app.ru")
+      )
+      [thrust, metrics_port]
+    end
+
+    it "exposes the served certificate's expiry" do
+      thrust, metrics_port = start_tls("TLS_LOCAL" => "1")
+      thrust.https_port
+      expiry = samples(metrics_port)['thruster_tls_certificate_expiry_timestamp_seconds{domain="*"}']
+      expect(expiry).to be > Time.now.to_f
+    end
+
+    it "counts failed ACME orders" do
+      thrust, metrics_port = start_tls("TLS_DOMAIN" => "app.example.test",
+                                       "ACME_DIRECTORY" => "https://127.0.0.1:#{free_port}/dir")
+      thrust.wait_for_output(/"msg":"TLS: certificate issuance failed; will retry"/)
+      after = wait_until(message: "the failure counted") do
+        s = samples(metrics_port)
+        s if s['thruster_acme_orders_total{kind="issue",result="failure"}'] == 1
+      end
+      expect(after['thruster_acme_orders_total{kind="issue",result="success"}']).to eq(0)
+    end
+  end
+
   it "keeps the number of series bounded under a flood of random methods and paths" do
     _thrust, port, metrics_port = start_with_metrics
     count_series = -> { scrape(metrics_port).body.lines.count { |l| !l.start_with?("#") } }
