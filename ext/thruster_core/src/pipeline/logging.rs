@@ -126,7 +126,7 @@ pub fn on_completion(
     // (`CACHE_SIZE=0`) there is no X-Cache and nothing to count.
     let cache = response
         .headers()
-        .get("x-cache")
+        .get(crate::http::X_CACHE)
         .map(|v| match v.as_bytes() {
             b"hit" => CacheResult::Hit,
             b"stale" => CacheResult::Stale,

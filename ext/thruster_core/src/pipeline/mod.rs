@@ -97,7 +97,7 @@ impl Pipeline {
     ) -> Response<ResponseBody> {
         let started = Instant::now();
         // Before anything can fail or wait: in flight from here on.
-        let metric = crate::metrics::get().map(|m| m.request_started(req.method()));
+        let metric = crate::metrics::get().map(|m| m.request_started(req.method(), started));
         let request_id = request_id::assign(req.headers_mut());
         let logged = self.config.log_requests
             && !self
