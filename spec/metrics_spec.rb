@@ -130,6 +130,56 @@ RSpec.describe "metrics" do
     end
   end
 
+  describe "in-process (metrics_port:)" do
+    let(:app_dir) { Dir.mktmpdir("thruster-metrics-inproc") }
+
+    # Inodes of the TCP sockets on `port` (listener and accepted connections).
+    def tcp_inodes(port)
+      hex = format("%04X", port)
+      %w[/proc/net/tcp /proc/net/tcp6].flat_map do |table|
+        File.readlines(table).drop(1).filter_map do |line|
+          fields = line.split
+          fields[9] if fields[1].end_with?(":#{hex}")
+        end
+      end - ["0"]
+    end
+
+    def socket_inodes_of(pid)
+      Dir.glob("/proc/#{pid}/fd/*").filter_map do |fd|
+        File.readlink(fd)[/\Asocket:\[(\d+)\]\z/, 1]
+      rescue Errno::ENOENT
+        nil
+      end
+    end
+
+    it "serves metrics from the Puma master; workers hold no copy of its sockets" do
+      port = free_port
+      metrics_port = free_port
+      env = { "APP_DIR" => app_dir, "PORT" => port.to_s, "WORKERS" => "2", "PRELOAD" => "0", "FORK_WORKER" => "0",
+              "RUBYLIB" => File.join(ROOT, "lib"), "THRUSTER_OPTIONS" => JSON.generate(metrics_port:),
+              "RUBYOPT" => nil, "BUNDLE_GEMFILE" => nil, "BUNDLE_BIN_PATH" => nil, "BUNDLER_SETUP" => nil }
+      ChildProcess.start(env, RbConfig.ruby, Gem.bin_path("puma", "puma"),
+                         "-C", File.join(FIXTURES, "puma_plugin.rb"), File.join(FIXTURES, "app.ru"))
+      wait_for_ok(port, message: "Puma with the in-process proxy")
+      master = Integer(File.read(File.join(app_dir, "puma.pid")))
+      workers = wait_until(timeout: 20, message: "two workers") do
+        pids = File.read("/proc/#{master}/task/#{master}/children").split.map(&:to_i)
+        pids if pids.size == 2
+      end
+      before = samples(metrics_port)
+      3.times { expect(http_get(port, "/up").code).to eq("200") }
+      after = samples(metrics_port)
+      expect(delta(before, after, 'thruster_http_requests_total{method="GET",status="200"}')).to eq(3)
+      # A scrape connection is open while we look.
+      Net::HTTP.start("127.0.0.1", metrics_port) do |http|
+        http.get("/metrics")
+        inodes = tcp_inodes(metrics_port)
+        expect(socket_inodes_of(master)).to include(*inodes)
+        workers.each { |pid| expect(socket_inodes_of(pid) & inodes).to be_empty }
+      end
+    end
+  end
+
   it "keeps the number of series bounded under a flood of random methods and paths" do
     _thrust, port, metrics_port = start_with_metrics
     count_series = -> { scrape(metrics_port).body.lines.count { |l| !l.start_with?("#") } }
