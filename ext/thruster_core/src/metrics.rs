@@ -151,9 +151,6 @@ pub enum Spool {
     Response,
 }
 
-/// Cache tiers with a size of their own.
-pub const CACHE_TIERS: [&str; 1] = ["memory"];
-
 /// 1 ms to 30 s: static files and hits sit at the bottom, slow Rails
 /// actions and uploads at the top.
 const DURATION_BUCKETS: [f64; 15] = [
