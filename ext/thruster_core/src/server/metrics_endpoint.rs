@@ -81,6 +81,9 @@ impl Scrape {
     }
 }
 
+/// `tcpi_state` of a listening socket (`TCP_LISTEN` in linux/tcp_states.h).
+const TCP_LISTEN: u8 = 10;
+
 /// Connections waiting in a listener's accept queue: for a listening
 /// socket, Linux reports the queue length as `tcpi_unacked`.
 fn accept_queue(fd: RawFd) -> u64 {
@@ -96,8 +99,7 @@ fn accept_queue(fd: RawFd) -> u64 {
             &mut info as *mut libc::tcp_info as *mut libc::c_void,
             &mut len,
         );
-        if rc == 0 && info.tcpi_state == 10 {
-            // 10 = TCP_LISTEN
+        if rc == 0 && info.tcpi_state == TCP_LISTEN {
             u64::from(info.tcpi_unacked)
         } else {
             0
@@ -184,5 +186,26 @@ impl AsyncWrite for RegisteredStream {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_accept_queue_counts_connections_not_yet_accepted() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        assert_eq!(accept_queue(listener.as_raw_fd()), 0);
+        let clients: Vec<_> = (0..3)
+            .map(|_| std::net::TcpStream::connect(addr).unwrap())
+            .collect();
+        assert_eq!(accept_queue(listener.as_raw_fd()), 3);
+        drop(listener.accept().unwrap());
+        assert_eq!(accept_queue(listener.as_raw_fd()), 2);
+        // A connected socket is no listener: nothing waits on it.
+        assert_eq!(accept_queue(clients[0].as_raw_fd()), 0);
+        assert_eq!(accept_queue(-1), 0);
     }
 }
