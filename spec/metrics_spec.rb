@@ -98,6 +98,33 @@ RSpec.describe "metrics" do
     expect(status).to be_success, out
   end
 
+  it "counts connections closed by MAX_CONNECTIONS_PER_IP and bytes spooled by buffering" do
+    env = { "MAX_CONNECTIONS_PER_IP" => "1", "REQUEST_BUFFER_MEMORY" => "1024" }
+    _thrust, port, metrics_port = start_with_metrics(env)
+    before = samples(metrics_port)
+    held = TCPSocket.new("127.0.0.1", port)
+    wait_until(message: "the held connection open") do
+      samples(metrics_port)['thruster_connections_open{protocol="h1"}'] == 1
+    end
+    2.times do
+      excess = TCPSocket.new("127.0.0.1", port)
+      expect(excess.wait_readable(5)).to be_truthy
+      expect(excess.read).to eq("")
+      excess.close
+    end
+    held.close
+    wait_until(message: "the held connection closed") do
+      samples(metrics_port)['thruster_connections_open{protocol="h1"}'].zero?
+    end
+
+    body = "x" * 100_000
+    response = Net::HTTP.start("127.0.0.1", port) { |http| http.post("/digest", body) }
+    expect(response.body).to start_with("100000 ")
+    after = samples(metrics_port)
+    expect(delta(before, after, "thruster_connections_per_ip_limit_closed_total")).to eq(2)
+    expect(delta(before, after, 'thruster_buffer_spooled_bytes_total{direction="request"}')).to eq(100_000)
+  end
+
   describe "TLS" do
     let(:storage) { Dir.mktmpdir("thruster-metrics-tls") }
 
