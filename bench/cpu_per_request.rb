@@ -8,8 +8,12 @@
 # of /hello (uncached, 13 B) and the cached 100 KB asset (gzip), repeated
 # REPEAT times with the binaries interleaved.
 #
-#   bench/cpu_per_request.rb NAME=path/to/thrust [NAME=path/to/thrust ...]
+#   bench/cpu_per_request.rb NAME=path/to/thrust[:VAR=VALUE,...] [NAME=... ...]
 #   REPEAT=5 DURATION=8 CONNS=64 bench/cpu_per_request.rb before=/tmp/thrust-old after=lib/thruster/thrust
+#   bench/cpu_per_request.rb off=lib/thruster/thrust on=lib/thruster/thrust:METRICS_PORT=free
+#
+# Settings after a `:` go to that binary only (`free` = a free port), so one
+# binary can be compared with itself under two configurations.
 #
 # Prints microseconds of proxy CPU per request (median, min–max) per binary
 # and workload, and the ratio of each to the first binary.
@@ -27,22 +31,29 @@ CLIENT_CPU = ENV.fetch("CLIENT_CPU", "1")
 PUMA = Gem.bin_path("puma", "puma")
 APP = File.expand_path("app.ru", __dir__)
 
-binaries = ARGV.map { |arg| arg.split("=", 2) }
-abort "usage: #{$PROGRAM_NAME} NAME=path/to/thrust ..." if binaries.empty? || binaries.any? { |_, p| p.nil? }
-binaries.each { |name, path| abort "#{name}: #{path} is not executable" unless File.executable?(path) }
+binaries = ARGV.map do |arg|
+  name, spec = arg.split("=", 2)
+  path, settings = spec.to_s.split(":", 2)
+  [name, path.to_s.empty? ? nil : path, settings.to_s.split(",").to_h { |kv| kv.split("=", 2) }]
+end
+if binaries.empty? || binaries.any? { |_, p, _| p.nil? }
+  abort "usage: #{$PROGRAM_NAME} NAME=path/to/thrust[:VAR=VALUE,...] ..."
+end
+binaries.each { |name, path, _| abort "#{name}: #{path} is not executable" unless File.executable?(path) }
 
 WORKLOADS = {
   "hello" => ["/hello", []],
   "cached css gzip" => ["/assets/app.css", ["-H", "Accept-Encoding: gzip"]]
 }.freeze
 
-def start(name, path, dir)
+def start(name, path, settings, dir)
   port = BenchSupport.free_port
   target = BenchSupport.free_port
   env = { "HTTP_PORT" => port.to_s, "TARGET_PORT" => target.to_s, "LOG_REQUESTS" => "false",
           "BENCH_BIG" => File.join(dir, "big.bin"), "PUMA_MAX_THREADS" => "8",
           # A disk cache of its own per run: none starts warm from another.
           "STORAGE_PATH" => File.join(dir, "storage-#{name}-#{port}") }
+  settings.each { |var, value| env[var] = value == "free" ? BenchSupport.free_port.to_s : value }
   log = File.join(dir, "#{name}.log")
   pid = Process.spawn(env, "taskset", "-c", SERVER_CPU, path, RbConfig.ruby, PUMA, "-t", "8:8", "-q",
                       "-b", "tcp://127.0.0.1:#{target}", APP,
@@ -76,7 +87,7 @@ end
 
 Dir.mktmpdir("cpu-per-request") do |dir|
   File.binwrite(File.join(dir, "big.bin"), "x")
-  servers = binaries.to_h { |name, path| [name, start(name, path, dir)] }
+  servers = binaries.to_h { |name, path, settings| [name, start(name, path, settings, dir)] }
   # Warm the cache and the upstream pool before measuring.
   servers.each_value do |_, port|
     WORKLOADS.each_value { |(path, _)| Net::HTTP.get(URI("http://127.0.0.1:#{port}#{path}")) }

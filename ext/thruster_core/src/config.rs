@@ -360,6 +360,14 @@ pub const SETTINGS: &[Setting] = &[
     ),
     row("DEBUG", Value("false"), ACCEPT_BOOL, "Debug log lines."),
     row(
+        "METRICS_PORT",
+        Value("0"),
+        ACCEPT_PORT,
+        "Port of a separate listener (all interfaces) serving Prometheus metrics at `/metrics`; \
+         `0` = off. Never expose it publicly. See [metrics](metrics.md). In-process: \
+         `metrics_port:`.",
+    ),
+    row(
         "TLS_DOMAIN",
         Unset,
         ACCEPT_DOMAINS,
@@ -634,6 +642,8 @@ pub struct Config {
     /// Paths whose request log lines are not written (LOG_REQUESTS_EXCLUDE).
     pub log_requests_exclude: Vec<PathPattern>,
     pub debug: bool,
+    /// Port of the Prometheus metrics listener; 0 = no metrics.
+    pub metrics_port: u16,
 }
 
 /// A request path to match exactly, or a prefix (written with a trailing
@@ -772,6 +782,7 @@ impl Config {
                 .parsed("LOG_REQUESTS_EXCLUDE", parse_path_patterns)?
                 .unwrap_or_default(),
             debug: r.bool("DEBUG")?,
+            metrics_port: r.port("METRICS_PORT", 0)?,
         })
     }
 

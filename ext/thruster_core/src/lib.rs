@@ -8,6 +8,7 @@ pub mod conn;
 pub mod files;
 pub mod http;
 pub mod log;
+pub mod metrics;
 pub mod pipeline;
 pub mod server;
 pub mod sys;

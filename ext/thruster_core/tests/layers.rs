@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 /// must be placed here, or this test fails.
 const LAYERS: &[(&str, u8)] = &[
     ("log", 0),
+    ("metrics", 0),
     ("http", 1),
     ("sys", 1),
     ("config", 2),

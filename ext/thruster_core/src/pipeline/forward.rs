@@ -25,6 +25,7 @@ use crate::config::Config;
 use crate::conn::ConnState;
 use crate::http::{full_body, BoxError, RequestBody, ResponseBody, X_ACCEL_BUFFERING};
 use crate::log;
+use crate::metrics::{self, UpstreamErrorKind};
 use crate::upstream::Upstream;
 
 /// Hop-by-hop fields (RFC 9110 §7.6.1), plus the non-standard ones proxies
@@ -218,6 +219,20 @@ impl ForwardError {
         }
     }
 
+    /// The `thruster_upstream_errors_total` label: the variant, and for an
+    /// upstream failure the first cause in its chain that says what the app
+    /// did (an I/O error kind, or hyper's "closed before a complete
+    /// message").
+    pub fn kind(&self) -> UpstreamErrorKind {
+        match self {
+            ForwardError::BodyTooLarge => UpstreamErrorKind::BodyTooLarge,
+            ForwardError::BodyTooSlow => UpstreamErrorKind::BodyTooSlow,
+            ForwardError::BodyBroken(_) => UpstreamErrorKind::BodyBroken,
+            ForwardError::Timeout(_) => UpstreamErrorKind::Timeout,
+            ForwardError::Upstream(err) => upstream_kind(&**err),
+        }
+    }
+
     /// A request body error: a cut by the limits, or a broken body.
     fn from_body(err: BoxError) -> ForwardError {
         match BodyCutError::find(&*err) {
@@ -236,6 +251,32 @@ impl ForwardError {
             None => ForwardError::Upstream(err.into()),
         }
     }
+}
+
+fn upstream_kind(err: &(dyn std::error::Error + 'static)) -> UpstreamErrorKind {
+    let mut cause = Some(err);
+    while let Some(err) = cause {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            use std::io::ErrorKind as K;
+            match io.kind() {
+                // A Unix socket that is not there yet is the same story as a
+                // TCP port nobody listens on: the app is not up.
+                K::ConnectionRefused | K::NotFound => return UpstreamErrorKind::Refused,
+                K::ConnectionReset | K::ConnectionAborted | K::BrokenPipe | K::UnexpectedEof => {
+                    return UpstreamErrorKind::Reset
+                }
+                K::TimedOut => return UpstreamErrorKind::Timeout,
+                _ => {}
+            }
+        }
+        if let Some(hyper) = err.downcast_ref::<hyper::Error>() {
+            if hyper.is_incomplete_message() || hyper.is_canceled() || hyper.is_closed() {
+                return UpstreamErrorKind::Reset;
+            }
+        }
+        cause = err.source();
+    }
+    UpstreamErrorKind::Other
 }
 
 /// A request on its way upstream, between the steps.
@@ -268,8 +309,21 @@ impl Forwarder {
         }
     }
 
-    /// The four steps: prepare, request body, send, finish.
+    /// The four steps: prepare, request body, send, finish; every failure
+    /// counted in the metrics by kind.
     pub async fn forward(
+        &self,
+        req: Request<RequestBody>,
+        conn: &ConnInfo,
+    ) -> Result<Response<ResponseBody>, ForwardError> {
+        let result = self.forward_steps(req, conn).await;
+        if let (Err(err), Some(m)) = (&result, metrics::get()) {
+            m.upstream_error(err.kind());
+        }
+        result
+    }
+
+    async fn forward_steps(
         &self,
         req: Request<RequestBody>,
         conn: &ConnInfo,
@@ -437,6 +491,7 @@ impl Forwarder {
         if let Some(state) = out.informational {
             relay_informational(&mut upstream_req, state);
         }
+        let sent_at = std::time::Instant::now();
         let mut result = self.send_with_timeout(upstream_req, &out.path).await;
         if let Some(state) = &conn.state {
             state.mark_final_response();
@@ -454,9 +509,15 @@ impl Forwarder {
                         ("error", error_chain(err).into()),
                     ],
                 );
+                if let Some(m) = metrics::get() {
+                    m.upstream_retry();
+                }
                 let retry = Request::from_parts(parts, full_body(Bytes::new()));
                 result = self.send_with_timeout(retry, &out.path).await;
             }
+        }
+        if let (Some(Ok(_)), Some(m)) = (&result, metrics::get()) {
+            m.upstream_response(sent_at.elapsed());
         }
         match result {
             None => Err(ForwardError::Timeout(
@@ -527,6 +588,9 @@ impl Forwarder {
             }
             tokio::time::sleep(pause.min(deadline - now)).await;
             pause = (pause * 2).min(Duration::from_millis(500));
+            if let Some(m) = metrics::get() {
+                m.upstream_retry();
+            }
             let retry = Request::from_parts(parts.clone(), full_body(Bytes::new()));
             result = self.send_with_timeout(retry, path).await;
         }
@@ -637,6 +701,36 @@ fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An error that wraps another, as hyper-util's client error wraps
+    /// hyper's and the I/O error under it.
+    #[derive(Debug, thiserror::Error)]
+    #[error("wrapped")]
+    struct Wrapped(#[source] BoxError);
+
+    #[test]
+    fn every_error_maps_to_a_bounded_kind() {
+        use std::io::{Error as IoError, ErrorKind as K};
+        let upstream =
+            |kind: K| ForwardError::Upstream(Box::new(Wrapped(Box::new(IoError::from(kind)))));
+        let cases = [
+            (ForwardError::BodyTooLarge, "body_too_large"),
+            (ForwardError::BodyTooSlow, "body_too_slow"),
+            (ForwardError::BodyBroken("cut".into()), "body_broken"),
+            (ForwardError::Timeout(Duration::from_secs(30)), "timeout"),
+            (upstream(K::ConnectionRefused), "refused"),
+            (upstream(K::NotFound), "refused"),
+            (upstream(K::ConnectionReset), "reset"),
+            (upstream(K::BrokenPipe), "reset"),
+            (upstream(K::UnexpectedEof), "reset"),
+            (upstream(K::TimedOut), "timeout"),
+            (upstream(K::PermissionDenied), "other"),
+            (ForwardError::Upstream("spool failed".into()), "other"),
+        ];
+        for (err, label) in cases {
+            assert_eq!(err.kind().label(), label, "{err:?}");
+        }
+    }
 
     type Fields = &'static [(&'static str, &'static str)];
 

@@ -15,6 +15,7 @@ use serde_json::Value;
 use super::ConnInfo;
 use crate::http::{BoxError, ResponseBody};
 use crate::log;
+use crate::metrics::{self, CacheResult};
 
 /// The request-side facts of a log line, captured before the request is
 /// consumed by the proxy.
@@ -109,31 +110,44 @@ impl Drop for TunnelOpen {
     }
 }
 
-/// Wraps the response so the log line is written once its body is done, or
-/// for an upgrade once its tunnel has closed.
-pub fn log_on_completion(
+/// Wraps the response so the log line is written and the request counted
+/// in the metrics once its body is done, or for an upgrade once its tunnel
+/// has closed. Either may be absent (`LOG_REQUESTS=false` or an excluded
+/// path; metrics off), not both.
+pub fn on_completion(
     mut response: Response<ResponseBody>,
-    record: RequestRecord,
+    record: Option<RequestRecord>,
+    metric: Option<metrics::RequestMetric>,
     started: Instant,
 ) -> Response<ResponseBody> {
     let tunnel = response.extensions_mut().remove::<TunnelEnd>();
     let status = response.status().as_u16();
-    let mut record = record;
-    if let Some(cache) = response.headers().get("x-cache") {
-        record.cache = match cache.as_bytes() {
-            b"hit" => "hit",
-            b"stale" => "stale",
-            b"bypass" => "bypass",
-            _ => "miss",
-        };
-    }
-    let content_type = response
+    // Only what the cache said counts in the metrics: without a cache
+    // (`CACHE_SIZE=0`) there is no X-Cache and nothing to count.
+    let cache = response
         .headers()
-        .get(header::CONTENT_TYPE)
-        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
-        .unwrap_or_default();
+        .get(crate::http::X_CACHE)
+        .map(|v| match v.as_bytes() {
+            b"hit" => CacheResult::Hit,
+            b"stale" => CacheResult::Stale,
+            b"bypass" => CacheResult::Bypass,
+            _ => CacheResult::Miss,
+        });
+    let mut record = record;
+    if let (Some(record), Some(cache)) = (&mut record, cache) {
+        record.cache = cache.label();
+    }
+    let content_type = match &record {
+        Some(_) => response
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+            .unwrap_or_default(),
+        None => String::new(),
+    };
     let pending = Pending {
         record,
+        metric: metric.map(|m| (m, cache)),
         started,
         status,
         content_type,
@@ -156,7 +170,8 @@ pub fn log_on_completion(
 }
 
 struct Pending {
-    record: RequestRecord,
+    record: Option<RequestRecord>,
+    metric: Option<(metrics::RequestMetric, Option<CacheResult>)>,
     started: Instant,
     status: u16,
     content_type: String,
@@ -171,7 +186,15 @@ struct LoggedBody {
 impl Pending {
     fn write(self, sent: u64) {
         let p = self;
-        let r = p.record;
+        if let Some((metric, cache)) = p.metric {
+            if let (Some(cache), Some(m)) = (cache, metrics::get()) {
+                m.cache_result(cache);
+            }
+            metric.finish(p.status, sent);
+        }
+        let Some(r) = p.record else {
+            return;
+        };
         log::info(
             "Request",
             &[

@@ -90,12 +90,30 @@ impl Pipeline {
         }
     }
 
+    /// Bytes and entries in the memory cache; `None` with the cache off.
+    pub fn memory_cache_usage(&self) -> Option<(u64, u64)> {
+        match &self.fetch {
+            Fetch::Cache(cache) => Some(cache.memory_usage()),
+            Fetch::Forward(_) => None,
+        }
+    }
+
+    /// Bytes and entries in the disk cache tier; `None` without one.
+    pub fn disk_cache_usage(&self) -> Option<(u64, u64)> {
+        match &self.fetch {
+            Fetch::Cache(cache) => cache.disk_usage(),
+            Fetch::Forward(_) => None,
+        }
+    }
+
     pub async fn handle(
         &self,
         mut req: Request<RequestBody>,
         conn: &ConnInfo,
     ) -> Response<ResponseBody> {
         let started = Instant::now();
+        // Before anything can fail or wait: in flight from here on.
+        let metric = crate::metrics::get().map(|m| m.request_started(req.method(), started));
         let request_id = request_id::assign(req.headers_mut());
         let logged = self.config.log_requests
             && !self
@@ -152,10 +170,10 @@ impl Pipeline {
         if let Some(facts) = &compression {
             response = compression::apply(facts, response);
         }
-        match record {
-            Some(record) => logging::log_on_completion(response, record, started),
-            None => response,
+        if record.is_none() && metric.is_none() {
+            return response;
         }
+        logging::on_completion(response, record, metric, started)
     }
 }
 

@@ -36,12 +36,17 @@ pub struct Buffered {
 const WRITE_BATCH: usize = 256 * 1024;
 
 async fn write_batch(file: OwnedFile, batch: Bytes) -> std::io::Result<OwnedFile> {
-    tokio::task::spawn_blocking(move || {
+    let len = batch.len() as u64;
+    let file = tokio::task::spawn_blocking(move || {
         (&*file).write_all(&batch)?;
-        Ok(file)
+        Ok::<_, std::io::Error>(file)
     })
     .await
-    .map_err(std::io::Error::other)?
+    .map_err(std::io::Error::other)??;
+    if let Some(m) = crate::metrics::get() {
+        m.spooled(crate::metrics::Spool::Request, len);
+    }
+    Ok(file)
 }
 
 /// Reads `body` to the end (or to the limits). Errors are the body's own:

@@ -360,6 +360,9 @@ async fn flush(spool: &Spool, batch: &mut BytesMut) -> Result<(), BoxError> {
     tokio::task::spawn_blocking(move || file.write_all_at(&bytes, offset))
         .await
         .map_err(std::io::Error::other)??;
+    if let Some(m) = crate::metrics::get() {
+        m.spooled(crate::metrics::Spool::Response, len);
+    }
     let mut state = spool.lock();
     state.write_at = offset + len;
     match state.queue.back_mut() {

@@ -6,7 +6,7 @@
 
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use http_body_util::BodyExt as _;
@@ -24,6 +24,7 @@ use crate::config::Config;
 use crate::conn::{ConnState, InFlight};
 use crate::http::{BoxError, ResponseBody};
 use crate::log;
+use crate::metrics::{self, Protocol};
 use crate::pipeline::{ConnInfo, Pipeline};
 use crate::sys::{fd_registry, Registered};
 use crate::tls::redirect::Redirect;
@@ -133,6 +134,9 @@ pub(super) async fn accept_loop(
             },
         };
         let Some(slot) = conn_limits.admit(peer.ip(), permit) else {
+            if let Some(m) = metrics::get() {
+                m.connection_closed_per_ip();
+            }
             log::debug(
                 "Connection refused: MAX_CONNECTIONS_PER_IP reached",
                 &[("remote_addr", peer.to_string().into())],
@@ -219,6 +223,16 @@ impl Connection {
             tls,
             state: Some(state.clone()),
         };
+        // Open connections by protocol: known now, except a cleartext
+        // connection that may speak h2c, which tells with its first request.
+        let counted = Arc::new(OnceLock::new());
+        if let Some(m) = metrics::get() {
+            let h2c_possible = !tls && !h2 && self.builders.auto.is_some();
+            if !h2c_possible {
+                let protocol = if h2 { Protocol::H2 } else { Protocol::H1 };
+                let _ = counted.set(m.connection_opened(protocol));
+            }
+        }
         let service_state = state.clone();
         let pipeline = self.pipeline.clone();
         let redirect = match &self.role {
@@ -230,6 +244,15 @@ impl Connection {
             let conn_info = conn_info.clone();
             let redirect = redirect.clone();
             let in_flight = service_state.begin_request();
+            if let Some(m) = metrics::get() {
+                counted.get_or_init(|| {
+                    m.connection_opened(if req.version() == http::Version::HTTP_2 {
+                        Protocol::H2
+                    } else {
+                        Protocol::H1
+                    })
+                });
+            }
             async move {
                 let response = match &redirect {
                     Some(redirect) => redirect.respond(&req),

@@ -28,6 +28,7 @@ pub mod conn_io;
 mod connection;
 pub mod limits;
 mod listeners;
+mod metrics_endpoint;
 
 use crate::config::Config;
 use crate::log;
@@ -107,6 +108,7 @@ pub struct Server {
     listener_fds: Vec<RawFd>,
     /// Kept for the disk cache flush on stop.
     pipeline: Arc<Pipeline>,
+    metrics_addr: Option<SocketAddr>,
 }
 
 impl Server {
@@ -138,6 +140,14 @@ impl Server {
         } else {
             Vec::new()
         };
+        // Its own port, never a public one: `/metrics` on HTTP_PORT is the
+        // app's. All interfaces, as Prometheus usually scrapes from another
+        // container.
+        let metrics_std = if config.metrics_port != 0 {
+            open_listeners("metrics", &[], config.metrics_port, &mut inherited)?
+        } else {
+            Vec::new()
+        };
         // Inherited sockets nobody asked for are closed here.
         drop(inherited);
         let local_addrs = |listeners: &[Registered<std::net::TcpListener>]| {
@@ -164,6 +174,8 @@ impl Server {
         };
         let http_listeners = to_tokio(http_std)?;
         let https_listeners = to_tokio(https_std)?;
+        let metrics_addr = metrics_std.first().and_then(|l| l.local_addr().ok());
+        let metrics_listeners = to_tokio(metrics_std)?;
 
         let tls = if config.tls_enabled() {
             Some(Arc::new(Tls::setup(&config)?))
@@ -184,6 +196,25 @@ impl Server {
             &options.sendfile_token,
         ));
         let (shutdown, shutdown_rx) = watch::channel(false);
+        if !metrics_listeners.is_empty() {
+            crate::metrics::enable();
+            let scrape = Arc::new(metrics_endpoint::Scrape {
+                pipeline: pipeline.clone(),
+                listener_fds: http_listeners
+                    .iter()
+                    .chain(&https_listeners)
+                    .map(|l| l.as_raw_fd())
+                    .collect(),
+                tls: tls.clone(),
+            });
+            for listener in metrics_listeners {
+                runtime.spawn(metrics_endpoint::serve(
+                    listener,
+                    scrape.clone(),
+                    shutdown_rx.clone(),
+                ));
+            }
+        }
         let redirect = tls.as_ref().map(|tls| {
             Arc::new(Redirect {
                 tls: tls.clone(),
@@ -245,6 +276,9 @@ impl Server {
             fields.push(("tls_domain", config.tls_domains.clone().into()));
             fields.push(("certificates", tls.describe().into()));
         }
+        if let Some(addr) = metrics_addr {
+            fields.push(("metrics", format!(":{}", addr.port()).into()));
+        }
         fields.push(("max_connections", max_connections.into()));
         fields.push(("fd_limit", fd_limit.into()));
         log::info("Server started", &fields);
@@ -257,6 +291,7 @@ impl Server {
             https_addrs,
             listener_fds,
             pipeline,
+            metrics_addr,
         })
     }
 
@@ -272,6 +307,11 @@ impl Server {
     /// The HTTPS listening addresses (TLS mode only).
     pub fn https_addrs(&self) -> &[SocketAddr] {
         &self.https_addrs
+    }
+
+    /// The metrics listener's address (`METRICS_PORT` set).
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// Duplicates the listening sockets into fds that survive `exec`, so a

@@ -191,6 +191,9 @@ impl Manager {
                 _ = shutdown.changed() => return,
                 result = self.issue(&domain, challenge) => result,
             };
+            if let Some(m) = crate::metrics::get() {
+                m.acme_order(renewing, result.is_ok());
+            }
             match result {
                 Ok(key) => {
                     failures = 0;

@@ -256,6 +256,32 @@ impl Tls {
             || self.store.single().is_some_and(|key| covers(&key, host))
     }
 
+    /// When each served certificate expires, for the metrics: ACME
+    /// certificates by domain; an own or local certificate (served for every
+    /// name) under each `TLS_DOMAIN`, or `*` without one.
+    pub fn certificate_expiries(&self) -> Vec<(String, SystemTime)> {
+        if let Some(key) = self.store.single() {
+            let Some((_, not_after)) = leaf_validity(&key) else {
+                return Vec::new();
+            };
+            if self.domains.is_empty() {
+                return vec![("*".to_string(), not_after)];
+            }
+            return self
+                .domains
+                .iter()
+                .map(|d| (d.clone(), not_after))
+                .collect();
+        }
+        self.domains
+            .iter()
+            .filter_map(|d| {
+                let key = self.store.get(d)?;
+                leaf_validity(&key).map(|(_, not_after)| (d.clone(), not_after))
+            })
+            .collect()
+    }
+
     /// The certificate source, for the start-up log line.
     pub fn describe(&self) -> &'static str {
         match self.source {

@@ -28,6 +28,7 @@ mod hit;
 pub mod key;
 pub mod store;
 pub mod tier;
+mod usage;
 
 use std::os::unix::ffi::OsStrExt;
 use std::pin::Pin;

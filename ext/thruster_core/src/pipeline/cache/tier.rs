@@ -73,6 +73,11 @@ pub struct Stored<'a> {
 }
 
 impl DiskTier {
+    /// What the store holds, as far as this process has indexed it.
+    pub fn usage(&self) -> (u64, u64) {
+        self.store.usage()
+    }
+
     /// The tier `config` asks for (`None` with `CACHE_DISK_PATH=none`).
     /// Touches no file: the directory is made by the first write, so
     /// start-up never waits for the disk and a disk that refuses writes
