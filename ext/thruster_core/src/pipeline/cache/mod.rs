@@ -14,6 +14,7 @@ pub mod disk;
 pub mod entry;
 mod hit;
 pub mod key;
+pub mod shared;
 pub mod store;
 
 use std::os::unix::ffi::OsStrExt;
