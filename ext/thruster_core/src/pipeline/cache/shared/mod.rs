@@ -597,31 +597,41 @@ impl Inner {
         };
         match tokio::time::timeout(bound, op(live.conn)).await {
             Ok(Ok(value)) => {
-                self.report(Ok(()), live.id, Source::Call);
+                self.report(Ok(()), Source::Call);
                 Ok(value)
             }
             Ok(Err(e)) => {
                 bump(&self.stats.errors);
                 if is_connection_error(&e) {
-                    self.report(Err(&e.to_string()), live.id, Source::Call);
                     self.mark_broken(live.id);
+                    self.report_call_failure(&e.to_string(), live.id);
                 } else {
                     // The server answered (with an error): it is up.
-                    self.report(Ok(()), live.id, Source::Call);
+                    self.report(Ok(()), Source::Call);
                 }
                 Err(SharedError::Redis(e.to_string()))
             }
             Err(_) => {
                 bump(&self.stats.timeouts);
-                self.report(Err("timed out"), live.id, Source::Call);
+                self.report_call_failure("timed out", live.id);
                 Err(SharedError::Timeout(bound))
             }
         }
     }
 
+    /// A call failed on connection `id`. Counts only while `id` is the
+    /// connection requests get (or none is up yet): late failures on a
+    /// connection already replaced say nothing about the new one.
+    fn report_call_failure(&self, why: &str, id: u64) {
+        let stale = lock(&self.slot).as_ref().is_some_and(|live| live.id != id);
+        if !stale {
+            self.report(Err(why), Source::Call);
+        }
+    }
+
     /// Feeds the breaker and logs its transitions: one warning when it
     /// opens, one info line when it closes.
-    fn report(&self, outcome: Result<(), &str>, id: u64, source: Source) {
+    fn report(&self, outcome: Result<(), &str>, source: Source) {
         let now = Instant::now();
         let (transition, failures) = {
             let mut breaker = lock(&self.breaker);
@@ -644,9 +654,11 @@ impl Inner {
                         ("retry_in_ms", Json::from(millis(cooldown))),
                     ],
                 );
-                // The next attempt is a fresh connection, made by the
-                // connector after the cool-down.
-                self.mark_broken(id);
+                // Whatever connection is up goes: the next attempt is a
+                // fresh one, made by the connector after the cool-down (a
+                // connection left in place would keep the connector
+                // waiting on it, and the circuit open for good).
+                self.drop_live();
             }
             Transition::Extended { cooldown } => log::debug(
                 "Shared cache (Redis) probe failed",
@@ -886,6 +898,14 @@ impl Inner {
 
     /// Makes `live` the connection requests use. The caller closes the
     /// breaker, then announces it with `connected`.
+    /// Drops the live connection, whichever it is, and wakes the connector.
+    fn drop_live(&self) {
+        if lock(&self.slot).take().is_some() {
+            self.connected.send_replace(false);
+            self.broken.notify_one();
+        }
+    }
+
     fn install(&self, live: Live) {
         *lock(&self.slot) = Some(live);
         bump(&self.stats.connects);
@@ -1053,7 +1073,7 @@ async fn run_connector(inner: Arc<Inner>, mut shutdown: watch::Receiver<bool>) {
         match outcome {
             Ok(Ok(conn)) => {
                 inner.install(Live { id, conn });
-                inner.report(Ok(()), id, Source::Connector);
+                inner.report(Ok(()), Source::Connector);
                 // Only now: `ready()` means a request would use it.
                 if inner.is_live(id) {
                     inner.connected.send_replace(true);
@@ -1070,8 +1090,8 @@ async fn run_connector(inner: Arc<Inner>, mut shutdown: watch::Receiver<bool>) {
                     }
                 }
             }
-            Ok(Err(e)) => inner.report(Err(&e), id, Source::Connector),
-            Err(_) => inner.report(Err("connecting timed out"), id, Source::Connector),
+            Ok(Err(e)) => inner.report(Err(&e), Source::Connector),
+            Err(_) => inner.report(Err("connecting timed out"), Source::Connector),
         }
     }
     // Dropping the last handle ends the connection's driver and closes the

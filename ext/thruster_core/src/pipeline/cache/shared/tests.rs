@@ -592,6 +592,29 @@ async fn shared_redis_stopped_every_lookup_within_timeout_breaker_opens_recovers
     assert_eq!(tier.stats().breaker_closes, 1);
 }
 
+/// However the circuit opens — here by failures reported for no particular
+/// connection, as late failures of a replaced connection would be — the
+/// live connection is dropped and the connector probes again: the circuit
+/// can never stay open over a connection nobody watches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_an_open_circuit_always_gets_probed_and_closes() {
+    let server = RedisServer::start();
+    let tier = ready_tier(&server).await;
+    for _ in 0..5 {
+        tier.inner.report(Err("injected"), Source::Call);
+    }
+    assert_eq!(tier.stats().breaker_opens, 1);
+    assert!(!tier.is_available());
+    assert!(tier.get("http://h/a").await.is_none());
+    assert!(
+        tier.ready(Duration::from_secs(3)).await,
+        "probed and reconnected"
+    );
+    assert!(tier.is_available());
+    assert_eq!(tier.stats().breaker_closes, 1);
+    assert_eq!(tier.stats().connects, 2);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shared_connect_while_down_returns_at_once_and_works_once_up() {
     let port = free_port();
