@@ -10,7 +10,12 @@
 //!   the registration lives inside the stream for as long as redis-rs keeps
 //!   it. A Puma worker forked at any moment closes it; there is no window.
 //!   (redis-rs' own connectors, and fred's, call `TcpStream::connect`
-//!   themselves, which would leave the connect wait unregistered.)
+//!   themselves, which would leave the connect wait unregistered.) What is
+//!   not ours to register: the descriptors glibc's `getaddrinfo` opens for
+//!   a moment while resolving a host name (`tokio::net::lookup_host`, on
+//!   the blocking pool; none for an IP address or `unix://`), and the CA
+//!   files read once by [`Target::new`] at start — the same residue as the
+//!   ACME client's.
 //! - **TLS.** `rediss://` uses our rustls with the `ring` provider, the
 //!   same roots as the rest of the proxy (system roots plus an optional CA
 //!   file), so redis-rs' TLS features — and any second crypto provider —

@@ -64,7 +64,11 @@
 //! a one-second margin for clock skew between hosts (an entry stored in the
 //! second after a purge is treated as purged: one extra miss, never a stale
 //! page). `FLUSHALL` drops the records in Redis; running instances keep
-//! their mirrors.
+//! their mirrors. The mirror holds every record within the retention
+//! (about 100 bytes each): an app that purges a million distinct keys a day
+//! should purge by prefix instead. Records name keys, not apps: instances of
+//! different apps must not share one Redis database (a `*` purge would
+//! reach them all); give each app its own `/db` or server.
 //!
 //! # Connection and fork safety
 //!
