@@ -26,6 +26,7 @@ pub mod disk;
 pub mod entry;
 mod hit;
 pub mod key;
+pub mod shared;
 pub mod store;
 pub mod tier;
 mod usage;
