@@ -320,16 +320,17 @@ fn ceil_log2(n: u64) -> u32 {
 /// told its size and sizes its window and tables to it: zstd 19 with an
 /// unknown size allocates 90 MiB and brotli 11 with a 4 MiB window 40 MiB,
 /// for a 100 KB stylesheet that needs 3 and 9 MiB (same output, ±0.1%).
+/// Those MiBs come from [`mapped`], not malloc.
 pub fn compress_stored(data: &[u8], coding: Coding, immutable: bool) -> std::io::Result<Vec<u8>> {
     // Brotli 11 costs ~20x level 5 in CPU; worth it for fingerprinted
     // (immutable) assets, which are cached for a year.
     const BROTLI_MAX_FOR: usize = 1 << 20;
-    let mut out = Vec::with_capacity(data.len() / 3 + 64);
-    match coding {
+    let mut out = match coding {
         Coding::Gzip => {
+            let out = Vec::with_capacity(data.len() / 3 + 64);
             let mut e = flate2::write::GzEncoder::new(out, flate2::Compression::best());
             e.write_all(data)?;
-            e.finish()
+            e.finish()?
         }
         Coding::Brotli => {
             let quality = if immutable && data.len() <= BROTLI_MAX_FOR {
@@ -337,26 +338,271 @@ pub fn compress_stored(data: &[u8], coding: Coding, immutable: bool) -> std::io:
             } else {
                 9
             };
-            let params = brotli::enc::BrotliEncoderParams {
+            let mut alloc = mapped::Alloc;
+            let buffer = brotli::Allocator::<u8>::alloc_cell(&mut alloc, 64 * 1024);
+            let out = Vec::with_capacity(data.len() / 3 + 64);
+            // The size hint is taken from the first write: the whole body.
+            let mut e = brotli::enc::writer::CompressorWriterCustomAlloc::new(
+                out,
+                buffer,
+                alloc,
                 quality,
-                lgwin: brotli_window(Some(data.len() as u64)) as i32,
-                size_hint: data.len(),
-                ..Default::default()
-            };
-            {
-                let mut e = brotli::CompressorWriter::with_params(&mut out, 64 * 1024, &params);
-                e.write_all(data)?;
-                e.flush()?;
-            }
-            Ok(out)
-        }
-        Coding::Zstd => {
-            let level = if immutable { 19 } else { 12 };
-            let mut e = zstd::stream::write::Encoder::new(out, level)?;
-            // Exact: the whole body is written below.
-            e.set_pledged_src_size(Some(data.len() as u64))?;
+                brotli_window(Some(data.len() as u64)),
+            );
             e.write_all(data)?;
-            e.finish()
+            e.flush()?;
+            e.into_inner()
+        }
+        Coding::Zstd => mapped::zstd(data, if immutable { 19 } else { 12 })?,
+    };
+    // Kept for the entry's life: no spare capacity.
+    out.shrink_to_fit();
+    Ok(out)
+}
+
+/// Memory for the encoders of stored variants, outside malloc.
+///
+/// They run once per cached entry on a blocking thread and need MiBs for a
+/// moment (brotli 11 on a 100 KB body 9 MiB in blocks up to 3 MiB, zstd 19
+/// 3 MiB). From glibc's malloc, such blocks stay in the blocking thread's
+/// arena once freed, and each free of a mapped block raises malloc's
+/// dynamic mmap threshold (up to 32 MiB) for the whole process, the Ruby VM
+/// included, so later blocks up to that size stay in arenas too: in the
+/// Puma master that kept 3-6 MiB of freed memory after the first requests
+/// for a stylesheet. Here every block of 64 KiB or more is an anonymous
+/// mapping of its own, unmapped when freed; smaller ones come from malloc.
+mod mapped {
+    use std::ffi::{c_void, CStr};
+    use std::mem::{align_of, size_of};
+    use std::ptr::{self, NonNull};
+
+    use zstd::zstd_safe::zstd_sys as sys;
+
+    /// Blocks at least this large are mapped.
+    pub const MIN_MAPPED: usize = 64 * 1024;
+
+    fn map(bytes: usize) -> Option<NonNull<u8>> {
+        // SAFETY: a fresh private anonymous mapping; no existing memory is
+        // touched.
+        let p = unsafe {
+            libc::mmap(
+                ptr::null_mut(),
+                bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            None
+        } else {
+            NonNull::new(p.cast())
+        }
+    }
+
+    /// `len` values of `T`: a mapping of its own (`mapped` bytes) or a boxed
+    /// slice (`mapped == 0`).
+    pub struct Block<T> {
+        ptr: NonNull<T>,
+        len: usize,
+        mapped: usize,
+    }
+
+    impl<T> Block<T> {
+        #[cfg(test)]
+        pub fn is_mapped(&self) -> bool {
+            self.mapped > 0
+        }
+    }
+
+    impl<T> Default for Block<T> {
+        fn default() -> Block<T> {
+            Block {
+                ptr: NonNull::dangling(),
+                len: 0,
+                mapped: 0,
+            }
+        }
+    }
+
+    impl<T> brotli::SliceWrapper<T> for Block<T> {
+        fn slice(&self) -> &[T] {
+            // SAFETY: `len` initialised values at `ptr` (dangling only when
+            // `len` is 0), owned by this block.
+            unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+        }
+    }
+
+    impl<T> brotli::SliceWrapperMut<T> for Block<T> {
+        fn slice_mut(&mut self) -> &mut [T] {
+            // SAFETY: as in `slice`, and `&mut self` makes it exclusive.
+            unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+        }
+    }
+
+    impl<T> Drop for Block<T> {
+        fn drop(&mut self) {
+            let values = ptr::slice_from_raw_parts_mut(self.ptr.as_ptr(), self.len);
+            // SAFETY: the block owns its values and their memory, made by
+            // `Alloc::alloc_cell` in the way `mapped` records.
+            unsafe {
+                if self.mapped > 0 {
+                    ptr::drop_in_place(values);
+                    libc::munmap(self.ptr.as_ptr().cast(), self.mapped);
+                } else if self.len > 0 {
+                    drop(Box::from_raw(values));
+                }
+            }
+        }
+    }
+
+    /// brotli's allocator: every cell holds `T::default()`, like brotli's
+    /// own `StandardAlloc`.
+    #[derive(Default, Clone, Copy)]
+    pub struct Alloc;
+
+    impl<T: Default> brotli::Allocator<T> for Alloc {
+        type AllocatedMemory = Block<T>;
+
+        fn alloc_cell(&mut self, len: usize) -> Block<T> {
+            if len == 0 {
+                return Block::default();
+            }
+            let bytes = len.saturating_mul(size_of::<T>());
+            if bytes >= MIN_MAPPED && align_of::<T>() <= 4096 {
+                if let Some(p) = map(bytes) {
+                    let ptr = p.cast::<T>();
+                    for i in 0..len {
+                        // SAFETY: `i < len` values fit in the `bytes`
+                        // mapped, page-aligned hence aligned for `T`.
+                        unsafe { ptr.as_ptr().add(i).write(T::default()) };
+                    }
+                    return Block {
+                        ptr,
+                        len,
+                        mapped: bytes,
+                    };
+                }
+            }
+            let values: Box<[T]> = (0..len).map(|_| T::default()).collect();
+            Block {
+                // SAFETY: Box::into_raw never returns null.
+                ptr: unsafe { NonNull::new_unchecked(Box::into_raw(values).cast::<T>()) },
+                len,
+                mapped: 0,
+            }
+        }
+
+        fn free_cell(&mut self, block: Block<T>) {
+            drop(block);
+        }
+    }
+
+    impl brotli::enc::BrotliAlloc for Alloc {}
+
+    /// zstd's allocations carry their length and origin in a header, as
+    /// its free function gets only the address. 16 bytes keep malloc's
+    /// alignment.
+    const HEADER: usize = 16;
+
+    unsafe extern "C" fn zstd_alloc(_: *mut c_void, size: usize) -> *mut c_void {
+        let Some(total) = size.checked_add(HEADER) else {
+            return ptr::null_mut();
+        };
+        let (base, mapped) = if total >= MIN_MAPPED {
+            match map(total) {
+                Some(p) => (p.as_ptr(), 1usize),
+                None => return ptr::null_mut(),
+            }
+        } else {
+            // SAFETY: plain malloc; null is handed on to zstd as failure.
+            let p = unsafe { libc::malloc(total) }.cast::<u8>();
+            if p.is_null() {
+                return ptr::null_mut();
+            }
+            (p, 0)
+        };
+        // SAFETY: `base` holds `total >= HEADER` bytes, aligned for usize.
+        unsafe {
+            base.cast::<usize>().write(total);
+            base.cast::<usize>().add(1).write(mapped);
+            base.add(HEADER).cast()
+        }
+    }
+
+    unsafe extern "C" fn zstd_free(_: *mut c_void, address: *mut c_void) {
+        if address.is_null() {
+            return;
+        }
+        // SAFETY: `address` came from `zstd_alloc`, whose header precedes it.
+        unsafe {
+            let base = address.cast::<u8>().sub(HEADER);
+            let total = base.cast::<usize>().read();
+            if base.cast::<usize>().add(1).read() == 1 {
+                libc::munmap(base.cast(), total);
+            } else {
+                libc::free(base.cast());
+            }
+        }
+    }
+
+    fn check(code: usize) -> std::io::Result<usize> {
+        // SAFETY: plain functions on a result code; the name is a static
+        // C string.
+        unsafe {
+            if sys::ZSTD_isError(code) == 0 {
+                Ok(code)
+            } else {
+                let name = CStr::from_ptr(sys::ZSTD_getErrorName(code));
+                Err(std::io::Error::other(format!(
+                    "zstd: {}",
+                    name.to_string_lossy()
+                )))
+            }
+        }
+    }
+
+    /// `data` as one zstd frame at `level`, with its size in the header
+    /// (zstd picks its window and tables for that size).
+    pub fn zstd(data: &[u8], level: i32) -> std::io::Result<Vec<u8>> {
+        struct Context(*mut sys::ZSTD_CCtx);
+        impl Drop for Context {
+            fn drop(&mut self) {
+                // SAFETY: made by ZSTD_createCCtx_advanced, freed once.
+                unsafe { sys::ZSTD_freeCCtx(self.0) };
+            }
+        }
+        let memory = sys::ZSTD_customMem {
+            customAlloc: Some(zstd_alloc),
+            customFree: Some(zstd_free),
+            opaque: ptr::null_mut(),
+        };
+        // SAFETY: both functions follow ZSTD_customMem's contract.
+        let context = Context(unsafe { sys::ZSTD_createCCtx_advanced(memory) });
+        if context.0.is_null() {
+            return Err(std::io::Error::other("zstd: no memory for a context"));
+        }
+        // SAFETY: a live context; the output block holds `bound` bytes and
+        // the input `data.len()`.
+        unsafe {
+            check(sys::ZSTD_CCtx_setParameter(
+                context.0,
+                sys::ZSTD_cParameter::ZSTD_c_compressionLevel,
+                level,
+            ))?;
+            let bound = zstd::zstd_safe::compress_bound(data.len());
+            let mut scratch = brotli::Allocator::<u8>::alloc_cell(&mut Alloc, bound);
+            let written = check(sys::ZSTD_compress2(
+                context.0,
+                brotli::SliceWrapperMut::slice_mut(&mut scratch)
+                    .as_mut_ptr()
+                    .cast(),
+                bound,
+                data.as_ptr().cast(),
+                data.len(),
+            ))?;
+            Ok(brotli::SliceWrapper::slice(&scratch)[..written].to_vec())
         }
     }
 }
@@ -1020,6 +1266,34 @@ mod tests {
         ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
             Poll::Ready(self.0.pop_front().map(|b| Ok(Frame::data(b))))
         }
+    }
+
+    #[test]
+    fn stored_encoders_map_their_large_blocks() {
+        use brotli::{Allocator, SliceWrapper, SliceWrapperMut};
+        let mut alloc = mapped::Alloc;
+        let mut big: mapped::Block<u32> = alloc.alloc_cell(1 << 18);
+        assert!(big.is_mapped(), "1 MiB is a mapping of its own");
+        assert!(big.slice().iter().all(|v| *v == 0));
+        big.slice_mut()[(1 << 18) - 1] = 7;
+        assert_eq!(big.slice().len(), 1 << 18);
+        alloc.free_cell(big);
+        let small: mapped::Block<u32> = alloc.alloc_cell(100);
+        assert!(!small.is_mapped());
+        assert_eq!(small.slice(), &[0; 100][..]);
+        let empty: mapped::Block<u64> = alloc.alloc_cell(0);
+        assert!(empty.slice().is_empty());
+        // Non-zero defaults are written, as brotli's own allocator does.
+        #[derive(Clone, Copy, PartialEq, Debug)]
+        struct Cost(f32);
+        impl Default for Cost {
+            fn default() -> Cost {
+                Cost(f32::INFINITY)
+            }
+        }
+        let costs: mapped::Block<Cost> = alloc.alloc_cell(1 << 16);
+        assert!(costs.is_mapped());
+        assert!(costs.slice().iter().all(|c| *c == Cost::default()));
     }
 
     #[test]
