@@ -338,7 +338,7 @@ pub fn compress_stored(data: &[u8], coding: Coding, immutable: bool) -> std::io:
             } else {
                 9
             };
-            let mut alloc = mapped::Alloc;
+            let mut alloc = mapped::Alloc::MAPPED;
             let buffer = brotli::Allocator::<u8>::alloc_cell(&mut alloc, 64 * 1024);
             let out = Vec::with_capacity(data.len() / 3 + 64);
             // The size hint is taken from the first write: the whole body.
@@ -371,6 +371,13 @@ pub fn compress_stored(data: &[u8], coding: Coding, immutable: bool) -> std::io:
 /// Puma master that kept 3-6 MiB of freed memory after the first requests
 /// for a stylesheet. Here every block of 64 KiB or more is an anonymous
 /// mapping of its own, unmapped when freed; smaller ones come from malloc.
+///
+/// Per-stream brotli encoders use the same allocator type with nothing
+/// mapped ([`Alloc::HEAP`]): their blocks are reused by the next response at
+/// once, and mapping them would cost a page fault per page per response
+/// (2-3x the CPU of a compressed 20 KB page). One allocator type also keeps
+/// one copy of brotli's encoder in the extension instead of two (~300 KiB
+/// of code, resident in the Puma master).
 mod mapped {
     use std::ffi::{c_void, CStr};
     use std::mem::{align_of, size_of};
@@ -408,6 +415,12 @@ mod mapped {
         len: usize,
         mapped: usize,
     }
+
+    // SAFETY: a block owns its values and their memory alone, as a
+    // `Box<[T]>` does.
+    unsafe impl<T: Send> Send for Block<T> {}
+    // SAFETY: shared access only reads, as with `Box<[T]>`.
+    unsafe impl<T: Sync> Sync for Block<T> {}
 
     impl<T> Block<T> {
         #[cfg(test)]
@@ -459,10 +472,24 @@ mod mapped {
 
     /// brotli's allocator: every cell holds `T::default()`, like brotli's
     /// own `StandardAlloc`.
-    #[derive(Default, Clone, Copy)]
-    pub struct Alloc;
+    #[derive(Clone, Copy)]
+    pub struct Alloc {
+        /// Blocks of at least this many bytes are mapped.
+        map_from: usize,
+    }
 
-    impl<T: Default> brotli::Allocator<T> for Alloc {
+    impl Alloc {
+        /// Everything from malloc, as brotli's `StandardAlloc` does.
+        pub const HEAP: Alloc = Alloc {
+            map_from: usize::MAX,
+        };
+        /// Blocks of [`MIN_MAPPED`] bytes and more mapped.
+        pub const MAPPED: Alloc = Alloc {
+            map_from: MIN_MAPPED,
+        };
+    }
+
+    impl<T: Clone + Default> brotli::Allocator<T> for Alloc {
         type AllocatedMemory = Block<T>;
 
         fn alloc_cell(&mut self, len: usize) -> Block<T> {
@@ -470,7 +497,7 @@ mod mapped {
                 return Block::default();
             }
             let bytes = len.saturating_mul(size_of::<T>());
-            if bytes >= MIN_MAPPED && align_of::<T>() <= 4096 {
+            if bytes >= self.map_from && align_of::<T>() <= 4096 {
                 if let Some(p) = map(bytes) {
                     let ptr = p.cast::<T>();
                     for i in 0..len {
@@ -485,7 +512,7 @@ mod mapped {
                     };
                 }
             }
-            let values: Box<[T]> = (0..len).map(|_| T::default()).collect();
+            let values: Box<[T]> = vec![T::default(); len].into_boxed_slice();
             Block {
                 // SAFETY: Box::into_raw never returns null.
                 ptr: unsafe { NonNull::new_unchecked(Box::into_raw(values).cast::<T>()) },
@@ -592,7 +619,8 @@ mod mapped {
                 level,
             ))?;
             let bound = zstd::zstd_safe::compress_bound(data.len());
-            let mut scratch = brotli::Allocator::<u8>::alloc_cell(&mut Alloc, bound);
+            let mut alloc = Alloc::MAPPED;
+            let mut scratch = brotli::Allocator::<u8>::alloc_cell(&mut alloc, bound);
             let written = check(sys::ZSTD_compress2(
                 context.0,
                 brotli::SliceWrapperMut::slice_mut(&mut scratch)
@@ -607,9 +635,12 @@ mod mapped {
     }
 }
 
+type BrotliWriter =
+    brotli::enc::writer::CompressorWriterCustomAlloc<Vec<u8>, mapped::Block<u8>, mapped::Alloc>;
+
 enum Encoder {
     Gzip(flate2::write::GzEncoder<Vec<u8>>),
-    Brotli(Box<brotli::CompressorWriter<Vec<u8>>>),
+    Brotli(Box<BrotliWriter>),
     Zstd(zstd::stream::write::Encoder<'static, Vec<u8>>, usize),
 }
 
@@ -631,12 +662,17 @@ impl Encoder {
                 Vec::new(),
                 flate2::Compression::new(6),
             )),
-            Coding::Brotli => Encoder::Brotli(Box::new(brotli::CompressorWriter::new(
-                Vec::new(),
-                4096,
-                5,
-                brotli_window(length),
-            ))),
+            Coding::Brotli => {
+                let mut alloc = mapped::Alloc::HEAP;
+                let buffer = brotli::Allocator::<u8>::alloc_cell(&mut alloc, 4096);
+                Encoder::Brotli(Box::new(BrotliWriter::new(
+                    Vec::new(),
+                    buffer,
+                    alloc,
+                    5,
+                    brotli_window(length),
+                )))
+            }
             Coding::Zstd => {
                 let mut e = zstd::stream::write::Encoder::new(Vec::new(), 3)?;
                 // With the size zstd picks its window and tables for it: a
@@ -1271,7 +1307,11 @@ mod tests {
     #[test]
     fn stored_encoders_map_their_large_blocks() {
         use brotli::{Allocator, SliceWrapper, SliceWrapperMut};
-        let mut alloc = mapped::Alloc;
+        let mut heap = mapped::Alloc::HEAP;
+        let not_mapped: mapped::Block<u32> = heap.alloc_cell(1 << 18);
+        assert!(!not_mapped.is_mapped(), "per-stream encoders map nothing");
+        assert!(not_mapped.slice().iter().all(|v| *v == 0));
+        let mut alloc = mapped::Alloc::MAPPED;
         let mut big: mapped::Block<u32> = alloc.alloc_cell(1 << 18);
         assert!(big.is_mapped(), "1 MiB is a mapping of its own");
         assert!(big.slice().iter().all(|v| *v == 0));
