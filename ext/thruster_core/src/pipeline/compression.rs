@@ -173,7 +173,12 @@ pub fn merge_vary(headers: &mut HeaderMap) {
 }
 
 /// The coding to apply to this response, if any.
-fn choose(facts: &RequestFacts, response: &Response<ResponseBody>) -> Option<Coding> {
+/// The coding and the body's length (`None`: unknown), which sizes the
+/// encoder's window.
+fn choose(
+    facts: &RequestFacts,
+    response: &Response<ResponseBody>,
+) -> (Option<Coding>, Option<u64>) {
     // The announced length (also on HEAD, whose body is empty), else the
     // body's own; unknown lengths (streams) are compressed.
     let length = response
@@ -182,7 +187,8 @@ fn choose(facts: &RequestFacts, response: &Response<ResponseBody>) -> Option<Cod
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok())
         .or_else(|| response.body().size_hint().exact());
-    coding_for(facts, response.status(), response.headers(), length)
+    let coding = coding_for(facts, response.status(), response.headers(), length);
+    (coding, length)
 }
 
 /// The coding for a response with this status, headers and body length
@@ -240,7 +246,7 @@ fn per_user(h: &HeaderMap) -> bool {
 /// Applies compression to a response per the request's facts. Adds
 /// `Vary: Accept-Encoding` to every response with a body that could vary.
 pub fn apply(facts: &RequestFacts, mut response: Response<ResponseBody>) -> Response<ResponseBody> {
-    let coding = choose(facts, &response);
+    let (coding, length) = choose(facts, &response);
     let status = response.status();
     if !status.is_informational() && status != StatusCode::SWITCHING_PROTOCOLS {
         merge_vary(response.headers_mut());
@@ -258,7 +264,7 @@ pub fn apply(facts: &RequestFacts, mut response: Response<ResponseBody>) -> Resp
         return response;
     }
     let padding = padding_len(facts.jitter);
-    response.map(|body| CompressBody::new(body, coding, padding).boxed_unsync())
+    response.map(|body| CompressBody::new(body, coding, padding, length).boxed_unsync())
 }
 
 /// Sets the headers of a representation encoded with `coding`: its
@@ -284,19 +290,47 @@ pub fn mark_encoded(headers: &mut HeaderMap, coding: Coding) {
     }
 }
 
+/// Brotli's window (lgwin) for a body of `length` bytes: the smallest that
+/// holds the whole body (a window of 2^lgwin holds 2^lgwin - 16 bytes), at
+/// least 17, at most 22 (4 MiB). An unknown length gets 19 (512 KiB).
+///
+/// The window sets most of an encoder's memory: its ring buffer is twice the
+/// window, so 8 MiB at 22 for every stream, where a 20 KB page needs 320 KiB
+/// at 17 and compresses to the same bytes. Not below 17: at quality 5-9 and
+/// lgwin 16 or less the brotli crate switches to a hasher (H40-H42) that
+/// allocates 32 MiB.
+pub fn brotli_window(length: Option<u64>) -> u32 {
+    const MIN: u32 = 17;
+    const MAX: u32 = 22;
+    const UNKNOWN: u32 = 19;
+    match length {
+        Some(n) => ceil_log2(n.saturating_add(16)).clamp(MIN, MAX),
+        None => UNKNOWN,
+    }
+}
+
+/// The smallest `k` with `2^k >= n`.
+fn ceil_log2(n: u64) -> u32 {
+    u64::BITS - n.saturating_sub(1).leading_zeros()
+}
+
 /// Whole-body compression for stored responses. It runs once per cached
 /// entry rather than per response, so it uses high levels: the bytes saved
-/// are paid back on every hit.
+/// are paid back on every hit. The whole body is at hand, so each encoder is
+/// told its size and sizes its window and tables to it: zstd 19 with an
+/// unknown size allocates 90 MiB and brotli 11 with a 4 MiB window 40 MiB,
+/// for a 100 KB stylesheet that needs 3 and 9 MiB (same output, ±0.1%).
+/// Those MiBs come from [`mapped`], not malloc.
 pub fn compress_stored(data: &[u8], coding: Coding, immutable: bool) -> std::io::Result<Vec<u8>> {
     // Brotli 11 costs ~20x level 5 in CPU; worth it for fingerprinted
     // (immutable) assets, which are cached for a year.
     const BROTLI_MAX_FOR: usize = 1 << 20;
-    let mut out = Vec::with_capacity(data.len() / 3 + 64);
-    match coding {
+    let mut out = match coding {
         Coding::Gzip => {
+            let out = Vec::with_capacity(data.len() / 3 + 64);
             let mut e = flate2::write::GzEncoder::new(out, flate2::Compression::best());
             e.write_all(data)?;
-            e.finish()
+            e.finish()?
         }
         Coding::Brotli => {
             let quality = if immutable && data.len() <= BROTLI_MAX_FOR {
@@ -304,31 +338,318 @@ pub fn compress_stored(data: &[u8], coding: Coding, immutable: bool) -> std::io:
             } else {
                 9
             };
-            {
-                let mut e = brotli::CompressorWriter::new(&mut out, 64 * 1024, quality, 22);
-                e.write_all(data)?;
-                e.flush()?;
-            }
-            Ok(out)
+            let mut alloc = mapped::Alloc::MAPPED;
+            let buffer = brotli::Allocator::<u8>::alloc_cell(&mut alloc, 64 * 1024);
+            let out = Vec::with_capacity(data.len() / 3 + 64);
+            // The size hint is taken from the first write: the whole body.
+            let mut e = brotli::enc::writer::CompressorWriterCustomAlloc::new(
+                out,
+                buffer,
+                alloc,
+                quality,
+                brotli_window(Some(data.len() as u64)),
+            );
+            e.write_all(data)?;
+            e.flush()?;
+            e.into_inner()
         }
-        Coding::Zstd => {
-            let level = if immutable { 19 } else { 12 };
-            zstd::stream::copy_encode(data, &mut out, level)?;
-            Ok(out)
+        Coding::Zstd => mapped::zstd(data, if immutable { 19 } else { 12 })?,
+    };
+    // Kept for the entry's life: no spare capacity.
+    out.shrink_to_fit();
+    Ok(out)
+}
+
+/// Memory for the encoders of stored variants, outside malloc.
+///
+/// They run once per cached entry on a blocking thread and need MiBs for a
+/// moment (brotli 11 on a 100 KB body 9 MiB in blocks up to 3 MiB, zstd 19
+/// 3 MiB). From glibc's malloc, such blocks stay in the blocking thread's
+/// arena once freed, and each free of a mapped block raises malloc's
+/// dynamic mmap threshold (up to 32 MiB) for the whole process, the Ruby VM
+/// included, so later blocks up to that size stay in arenas too: in the
+/// Puma master that kept 3-6 MiB of freed memory after the first requests
+/// for a stylesheet. Here every block of 64 KiB or more is an anonymous
+/// mapping of its own, unmapped when freed; smaller ones come from malloc.
+///
+/// Per-stream brotli encoders use the same allocator type with nothing
+/// mapped ([`Alloc::HEAP`]): their blocks are reused by the next response at
+/// once, and mapping them would cost a page fault per page per response
+/// (2-3x the CPU of a compressed 20 KB page). One allocator type also keeps
+/// one copy of brotli's encoder in the extension instead of two (~300 KiB
+/// of code, resident in the Puma master).
+mod mapped {
+    use std::ffi::{c_void, CStr};
+    use std::mem::{align_of, size_of};
+    use std::ptr::{self, NonNull};
+
+    use zstd::zstd_safe::zstd_sys as sys;
+
+    /// Blocks at least this large are mapped.
+    pub const MIN_MAPPED: usize = 64 * 1024;
+
+    fn map(bytes: usize) -> Option<NonNull<u8>> {
+        // SAFETY: a fresh private anonymous mapping; no existing memory is
+        // touched.
+        let p = unsafe {
+            libc::mmap(
+                ptr::null_mut(),
+                bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            None
+        } else {
+            NonNull::new(p.cast())
+        }
+    }
+
+    /// `len` values of `T`: a mapping of its own (`mapped` bytes) or a boxed
+    /// slice (`mapped == 0`).
+    pub struct Block<T> {
+        ptr: NonNull<T>,
+        len: usize,
+        mapped: usize,
+    }
+
+    // SAFETY: a block owns its values and their memory alone, as a
+    // `Box<[T]>` does.
+    unsafe impl<T: Send> Send for Block<T> {}
+    // SAFETY: shared access only reads, as with `Box<[T]>`.
+    unsafe impl<T: Sync> Sync for Block<T> {}
+
+    impl<T> Block<T> {
+        #[cfg(test)]
+        pub fn is_mapped(&self) -> bool {
+            self.mapped > 0
+        }
+    }
+
+    impl<T> Default for Block<T> {
+        fn default() -> Block<T> {
+            Block {
+                ptr: NonNull::dangling(),
+                len: 0,
+                mapped: 0,
+            }
+        }
+    }
+
+    impl<T> brotli::SliceWrapper<T> for Block<T> {
+        fn slice(&self) -> &[T] {
+            // SAFETY: `len` initialised values at `ptr` (dangling only when
+            // `len` is 0), owned by this block.
+            unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+        }
+    }
+
+    impl<T> brotli::SliceWrapperMut<T> for Block<T> {
+        fn slice_mut(&mut self) -> &mut [T] {
+            // SAFETY: as in `slice`, and `&mut self` makes it exclusive.
+            unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+        }
+    }
+
+    impl<T> Drop for Block<T> {
+        fn drop(&mut self) {
+            let values = ptr::slice_from_raw_parts_mut(self.ptr.as_ptr(), self.len);
+            // SAFETY: the block owns its values and their memory, made by
+            // `Alloc::alloc_cell` in the way `mapped` records.
+            unsafe {
+                if self.mapped > 0 {
+                    ptr::drop_in_place(values);
+                    libc::munmap(self.ptr.as_ptr().cast(), self.mapped);
+                } else if self.len > 0 {
+                    drop(Box::from_raw(values));
+                }
+            }
+        }
+    }
+
+    /// brotli's allocator: every cell holds `T::default()`, like brotli's
+    /// own `StandardAlloc`.
+    #[derive(Clone, Copy)]
+    pub struct Alloc {
+        /// Blocks of at least this many bytes are mapped.
+        map_from: usize,
+    }
+
+    impl Alloc {
+        /// Everything from malloc, as brotli's `StandardAlloc` does.
+        pub const HEAP: Alloc = Alloc {
+            map_from: usize::MAX,
+        };
+        /// Blocks of [`MIN_MAPPED`] bytes and more mapped.
+        pub const MAPPED: Alloc = Alloc {
+            map_from: MIN_MAPPED,
+        };
+    }
+
+    impl<T: Clone + Default> brotli::Allocator<T> for Alloc {
+        type AllocatedMemory = Block<T>;
+
+        fn alloc_cell(&mut self, len: usize) -> Block<T> {
+            if len == 0 {
+                return Block::default();
+            }
+            let bytes = len.saturating_mul(size_of::<T>());
+            if bytes >= self.map_from && align_of::<T>() <= 4096 {
+                if let Some(p) = map(bytes) {
+                    let ptr = p.cast::<T>();
+                    for i in 0..len {
+                        // SAFETY: `i < len` values fit in the `bytes`
+                        // mapped, page-aligned hence aligned for `T`.
+                        unsafe { ptr.as_ptr().add(i).write(T::default()) };
+                    }
+                    return Block {
+                        ptr,
+                        len,
+                        mapped: bytes,
+                    };
+                }
+            }
+            let values: Box<[T]> = vec![T::default(); len].into_boxed_slice();
+            Block {
+                // SAFETY: Box::into_raw never returns null.
+                ptr: unsafe { NonNull::new_unchecked(Box::into_raw(values).cast::<T>()) },
+                len,
+                mapped: 0,
+            }
+        }
+
+        fn free_cell(&mut self, block: Block<T>) {
+            drop(block);
+        }
+    }
+
+    impl brotli::enc::BrotliAlloc for Alloc {}
+
+    /// zstd's allocations carry their length and origin in a header, as
+    /// its free function gets only the address. 16 bytes keep malloc's
+    /// alignment.
+    const HEADER: usize = 16;
+
+    unsafe extern "C" fn zstd_alloc(_: *mut c_void, size: usize) -> *mut c_void {
+        let Some(total) = size.checked_add(HEADER) else {
+            return ptr::null_mut();
+        };
+        let (base, mapped) = if total >= MIN_MAPPED {
+            match map(total) {
+                Some(p) => (p.as_ptr(), 1usize),
+                None => return ptr::null_mut(),
+            }
+        } else {
+            // SAFETY: plain malloc; null is handed on to zstd as failure.
+            let p = unsafe { libc::malloc(total) }.cast::<u8>();
+            if p.is_null() {
+                return ptr::null_mut();
+            }
+            (p, 0)
+        };
+        // SAFETY: `base` holds `total >= HEADER` bytes, aligned for usize.
+        unsafe {
+            base.cast::<usize>().write(total);
+            base.cast::<usize>().add(1).write(mapped);
+            base.add(HEADER).cast()
+        }
+    }
+
+    unsafe extern "C" fn zstd_free(_: *mut c_void, address: *mut c_void) {
+        if address.is_null() {
+            return;
+        }
+        // SAFETY: `address` came from `zstd_alloc`, whose header precedes it.
+        unsafe {
+            let base = address.cast::<u8>().sub(HEADER);
+            let total = base.cast::<usize>().read();
+            if base.cast::<usize>().add(1).read() == 1 {
+                libc::munmap(base.cast(), total);
+            } else {
+                libc::free(base.cast());
+            }
+        }
+    }
+
+    fn check(code: usize) -> std::io::Result<usize> {
+        // SAFETY: plain functions on a result code; the name is a static
+        // C string.
+        unsafe {
+            if sys::ZSTD_isError(code) == 0 {
+                Ok(code)
+            } else {
+                let name = CStr::from_ptr(sys::ZSTD_getErrorName(code));
+                Err(std::io::Error::other(format!(
+                    "zstd: {}",
+                    name.to_string_lossy()
+                )))
+            }
+        }
+    }
+
+    /// `data` as one zstd frame at `level`, with its size in the header
+    /// (zstd picks its window and tables for that size).
+    pub fn zstd(data: &[u8], level: i32) -> std::io::Result<Vec<u8>> {
+        struct Context(*mut sys::ZSTD_CCtx);
+        impl Drop for Context {
+            fn drop(&mut self) {
+                // SAFETY: made by ZSTD_createCCtx_advanced, freed once.
+                unsafe { sys::ZSTD_freeCCtx(self.0) };
+            }
+        }
+        let memory = sys::ZSTD_customMem {
+            customAlloc: Some(zstd_alloc),
+            customFree: Some(zstd_free),
+            opaque: ptr::null_mut(),
+        };
+        // SAFETY: both functions follow ZSTD_customMem's contract.
+        let context = Context(unsafe { sys::ZSTD_createCCtx_advanced(memory) });
+        if context.0.is_null() {
+            return Err(std::io::Error::other("zstd: no memory for a context"));
+        }
+        // SAFETY: a live context; the output block holds `bound` bytes and
+        // the input `data.len()`.
+        unsafe {
+            check(sys::ZSTD_CCtx_setParameter(
+                context.0,
+                sys::ZSTD_cParameter::ZSTD_c_compressionLevel,
+                level,
+            ))?;
+            let bound = zstd::zstd_safe::compress_bound(data.len());
+            let mut alloc = Alloc::MAPPED;
+            let mut scratch = brotli::Allocator::<u8>::alloc_cell(&mut alloc, bound);
+            let written = check(sys::ZSTD_compress2(
+                context.0,
+                brotli::SliceWrapperMut::slice_mut(&mut scratch)
+                    .as_mut_ptr()
+                    .cast(),
+                bound,
+                data.as_ptr().cast(),
+                data.len(),
+            ))?;
+            Ok(brotli::SliceWrapper::slice(&scratch)[..written].to_vec())
         }
     }
 }
 
+type BrotliWriter =
+    brotli::enc::writer::CompressorWriterCustomAlloc<Vec<u8>, mapped::Block<u8>, mapped::Alloc>;
+
 enum Encoder {
     Gzip(flate2::write::GzEncoder<Vec<u8>>),
-    Brotli(Box<brotli::CompressorWriter<Vec<u8>>>),
+    Brotli(Box<BrotliWriter>),
     Zstd(zstd::stream::write::Encoder<'static, Vec<u8>>, usize),
 }
 
 impl Encoder {
     /// `padding`: BREACH padding bytes, carried in the gzip header's comment
-    /// or a zstd skippable frame (brotli has no place for it).
-    fn new(coding: Coding, padding: usize) -> std::io::Result<Encoder> {
+    /// or a zstd skippable frame (brotli has no place for it). `length`: the
+    /// body's announced length, if known; it sizes brotli's window and zstd's
+    /// tables (a hint only: a body of another length still encodes).
+    fn new(coding: Coding, padding: usize, length: Option<u64>) -> std::io::Result<Encoder> {
         Ok(match coding {
             // Levels tuned for on-the-fly work: most of the gain, a fraction
             // of the CPU of the maximum levels.
@@ -341,14 +662,28 @@ impl Encoder {
                 Vec::new(),
                 flate2::Compression::new(6),
             )),
-            Coding::Brotli => Encoder::Brotli(Box::new(brotli::CompressorWriter::new(
-                Vec::new(),
-                4096,
-                5,
-                22,
-            ))),
+            Coding::Brotli => {
+                let mut alloc = mapped::Alloc::HEAP;
+                let buffer = brotli::Allocator::<u8>::alloc_cell(&mut alloc, 4096);
+                Encoder::Brotli(Box::new(BrotliWriter::new(
+                    Vec::new(),
+                    buffer,
+                    alloc,
+                    5,
+                    brotli_window(length),
+                )))
+            }
             Coding::Zstd => {
-                Encoder::Zstd(zstd::stream::write::Encoder::new(Vec::new(), 3)?, padding)
+                let mut e = zstd::stream::write::Encoder::new(Vec::new(), 3)?;
+                // With the size zstd picks its window and tables for it: a
+                // 20 KB page then needs 0.6 MiB instead of the 3.5 MiB of
+                // level 3's 2 MiB window and tables to match. A hint, not a
+                // pledge: a body longer or shorter than announced still
+                // encodes.
+                if let Some(n) = length.and_then(|n| u32::try_from(n).ok()) {
+                    e.set_parameter(zstd::zstd_safe::CParameter::SrcSizeHint(n))?;
+                }
+                Encoder::Zstd(e, padding)
             }
         })
     }
@@ -400,8 +735,13 @@ struct CompressBody {
 }
 
 impl CompressBody {
-    fn new(inner: ResponseBody, coding: Coding, padding: usize) -> CompressBody {
-        match Encoder::new(coding, padding) {
+    fn new(
+        inner: ResponseBody,
+        coding: Coding,
+        padding: usize,
+        length: Option<u64>,
+    ) -> CompressBody {
+        match Encoder::new(coding, padding, length) {
             Ok(encoder) => CompressBody {
                 inner,
                 encoder: Some(encoder),
@@ -770,5 +1110,267 @@ mod tests {
         let r = apply(&f, r);
         assert_eq!(r.headers()[header::CONTENT_ENCODING], "gzip");
         assert!(!r.headers().contains_key(header::CONTENT_LENGTH));
+    }
+
+    /// bench/app.ru's `/page`: 128 table rows, 20158 bytes.
+    fn bench_page() -> Vec<u8> {
+        let words = [
+            "lorem",
+            "ipsum",
+            "dolor",
+            "sit",
+            "amet",
+            "consectetur",
+            "adipiscing",
+            "elit",
+            "sed",
+            "do",
+            "eiusmod",
+            "tempor",
+        ];
+        let mut page = String::from(
+            "<!doctype html><html><head><title>page</title><link rel=\"stylesheet\" \
+             href=\"/assets/app.css\"></head><body><table>\n",
+        );
+        for i in 0..128 {
+            let mut row = words.to_vec();
+            row.rotate_left(i % 12);
+            page.push_str(&format!(
+                "<tr><td class=\"n\">{i}</td><td>{}</td><td><a href=\"/items/{i}\">item {i}</a></td></tr>\n",
+                row.join(" ")
+            ));
+        }
+        page.push_str("</table></body></html>\n");
+        assert_eq!(page.len(), 20158, "the page of bench/app.ru");
+        page.into_bytes()
+    }
+
+    /// The window a brotli stream declares (RFC 7932 §9.1, WBITS).
+    fn brotli_wbits(data: &[u8]) -> u32 {
+        let bits = u32::from(data[0]) | (u32::from(data[1]) << 8);
+        if bits & 1 == 0 {
+            return 16;
+        }
+        match (bits >> 1) & 7 {
+            0 => match (bits >> 4) & 7 {
+                0 => 17,
+                m => 8 + m,
+            },
+            n => 17 + n,
+        }
+    }
+
+    /// The window a zstd frame declares (RFC 8878 §3.1.1.1): its content
+    /// size when it is a single segment, else its window descriptor.
+    fn zstd_window(data: &[u8]) -> u64 {
+        assert_eq!(data[..4], 0xFD2F_B528u32.to_le_bytes());
+        let descriptor = data[4];
+        if descriptor & 0x20 != 0 {
+            let size_len = [1, 2, 4, 8][usize::from(descriptor >> 6)];
+            let dict_len = [0, 1, 2, 4][usize::from(descriptor & 3)];
+            let mut size = [0u8; 8];
+            size[..size_len].copy_from_slice(&data[5 + dict_len..5 + dict_len + size_len]);
+            let size = u64::from_le_bytes(size);
+            return if size_len == 2 { size + 256 } else { size };
+        }
+        let exponent = u64::from(data[5] >> 3);
+        let mantissa = u64::from(data[5] & 7);
+        let base = 1u64 << (10 + exponent);
+        base + base / 8 * mantissa
+    }
+
+    /// What the encoders produced before they were sized to the body:
+    /// brotli 5 with a 4 MiB window, zstd 3 with no size, gzip 6.
+    fn unsized_stream(coding: Coding, data: &[u8]) -> Vec<u8> {
+        match coding {
+            Coding::Gzip => {
+                let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(6));
+                e.write_all(data).unwrap();
+                e.flush().unwrap();
+                e.finish().unwrap()
+            }
+            Coding::Brotli => {
+                let mut e = brotli::CompressorWriter::new(Vec::new(), 4096, 5, 22);
+                e.write_all(data).unwrap();
+                e.flush().unwrap();
+                e.into_inner()
+            }
+            Coding::Zstd => {
+                let mut e = zstd::stream::write::Encoder::new(Vec::new(), 3).unwrap();
+                e.write_all(data).unwrap();
+                e.flush().unwrap();
+                e.finish().unwrap()
+            }
+        }
+    }
+
+    fn within_one_percent(now: usize, before: usize) -> bool {
+        now.abs_diff(before) * 100 <= before
+    }
+
+    #[test]
+    fn brotli_window_fits_the_body() {
+        assert_eq!(brotli_window(Some(0)), 17);
+        assert_eq!(brotli_window(Some(1024)), 17);
+        assert_eq!(brotli_window(Some(20_158)), 17);
+        assert_eq!(brotli_window(Some((1 << 17) - 16)), 17);
+        assert_eq!(brotli_window(Some((1 << 17) - 15)), 18);
+        assert_eq!(brotli_window(Some(100_890)), 17);
+        assert_eq!(brotli_window(Some(300_000)), 19);
+        assert_eq!(brotli_window(Some((1 << 22) - 16)), 22);
+        assert_eq!(brotli_window(Some(1 << 30)), 22);
+        assert_eq!(brotli_window(Some(u64::MAX)), 22);
+        assert_eq!(brotli_window(None), 19);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn the_bench_page_streams_in_a_small_window_to_the_same_size() {
+        let page = Bytes::from(bench_page());
+        for coding in [Coding::Gzip, Coding::Brotli, Coding::Zstd] {
+            let r = Response::builder()
+                .header(header::CONTENT_TYPE, "text/html; charset=utf-8")
+                .header(header::CONTENT_LENGTH, page.len())
+                .body(full_body(page.clone()))
+                .unwrap();
+            let encoded = body_bytes(apply(&facts(Some(coding)), r)).await;
+            assert_eq!(decode(coding, &encoded), page, "{coding:?} round trip");
+            let before = unsized_stream(coding, &page);
+            assert!(
+                within_one_percent(encoded.len(), before.len()),
+                "{coding:?}: {} bytes, {} before",
+                encoded.len(),
+                before.len()
+            );
+            match coding {
+                Coding::Brotli => {
+                    assert_eq!(brotli_wbits(&before), 22);
+                    assert_eq!(brotli_wbits(&encoded), 17, "128 KiB, not 4 MiB");
+                }
+                Coding::Zstd => {
+                    assert_eq!(zstd_window(&before), 2 << 20);
+                    assert!(
+                        zstd_window(&encoded) <= 32 << 10,
+                        "{}",
+                        zstd_window(&encoded)
+                    );
+                }
+                Coding::Gzip => {}
+            }
+        }
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_length_is_a_hint_a_longer_or_unknown_body_still_encodes() {
+        let page = Bytes::from(bench_page());
+        for coding in [Coding::Gzip, Coding::Brotli, Coding::Zstd] {
+            // Announced 2 KiB, 20 KB sent (the header is what sizes the
+            // encoder; hyper would catch the mismatch, the encoder must not).
+            for announced in [Some(2048), Some(1 << 20), None] {
+                let mut r = Response::builder().header(header::CONTENT_TYPE, "text/html");
+                if let Some(n) = announced {
+                    r = r.header(header::CONTENT_LENGTH, n);
+                }
+                let body =
+                    Frames(page.chunks(4096).map(Bytes::copy_from_slice).collect()).boxed_unsync();
+                let encoded = body_bytes(apply(&facts(Some(coding)), r.body(body).unwrap())).await;
+                assert_eq!(
+                    decode(coding, &encoded),
+                    page,
+                    "{coding:?}, announced {announced:?}"
+                );
+                if coding == Coding::Brotli {
+                    assert_eq!(
+                        brotli_wbits(&encoded),
+                        brotli_window(announced),
+                        "{announced:?}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// A body of data frames with no size hint (a stream).
+    struct Frames(std::collections::VecDeque<Bytes>);
+
+    impl Body for Frames {
+        type Data = Bytes;
+        type Error = BoxError;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+            Poll::Ready(self.0.pop_front().map(|b| Ok(Frame::data(b))))
+        }
+    }
+
+    #[test]
+    fn stored_encoders_map_their_large_blocks() {
+        use brotli::{Allocator, SliceWrapper, SliceWrapperMut};
+        let mut heap = mapped::Alloc::HEAP;
+        let not_mapped: mapped::Block<u32> = heap.alloc_cell(1 << 18);
+        assert!(!not_mapped.is_mapped(), "per-stream encoders map nothing");
+        assert!(not_mapped.slice().iter().all(|v| *v == 0));
+        let mut alloc = mapped::Alloc::MAPPED;
+        let mut big: mapped::Block<u32> = alloc.alloc_cell(1 << 18);
+        assert!(big.is_mapped(), "1 MiB is a mapping of its own");
+        assert!(big.slice().iter().all(|v| *v == 0));
+        big.slice_mut()[(1 << 18) - 1] = 7;
+        assert_eq!(big.slice().len(), 1 << 18);
+        alloc.free_cell(big);
+        let small: mapped::Block<u32> = alloc.alloc_cell(100);
+        assert!(!small.is_mapped());
+        assert_eq!(small.slice(), &[0; 100][..]);
+        let empty: mapped::Block<u64> = alloc.alloc_cell(0);
+        assert!(empty.slice().is_empty());
+        // Non-zero defaults are written, as brotli's own allocator does.
+        #[derive(Clone, Copy, PartialEq, Debug)]
+        struct Cost(f32);
+        impl Default for Cost {
+            fn default() -> Cost {
+                Cost(f32::INFINITY)
+            }
+        }
+        let costs: mapped::Block<Cost> = alloc.alloc_cell(1 << 16);
+        assert!(costs.is_mapped());
+        assert!(costs.slice().iter().all(|c| *c == Cost::default()));
+    }
+
+    #[test]
+    fn stored_variants_are_sized_to_the_body_and_as_small_as_before() {
+        let page = bench_page();
+        for immutable in [true, false] {
+            for coding in [Coding::Gzip, Coding::Brotli, Coding::Zstd] {
+                let encoded = compress_stored(&page, coding, immutable).unwrap();
+                assert_eq!(decode(coding, &encoded), page, "{coding:?} round trip");
+                // The parameters used before sizing.
+                let before = match coding {
+                    Coding::Gzip => continue,
+                    Coding::Brotli => {
+                        let q = if immutable { 11 } else { 9 };
+                        let mut out = Vec::new();
+                        let mut e = brotli::CompressorWriter::new(&mut out, 64 * 1024, q, 22);
+                        e.write_all(&page).unwrap();
+                        e.flush().unwrap();
+                        drop(e);
+                        assert_eq!(brotli_wbits(&encoded), 17);
+                        out
+                    }
+                    Coding::Zstd => {
+                        let level = if immutable { 19 } else { 12 };
+                        let mut out = Vec::new();
+                        zstd::stream::copy_encode(&page[..], &mut out, level).unwrap();
+                        assert_eq!(zstd_window(&encoded), page.len() as u64, "single segment");
+                        out
+                    }
+                };
+                assert!(
+                    within_one_percent(encoded.len(), before.len()),
+                    "{coding:?} immutable {immutable}: {} bytes, {} before",
+                    encoded.len(),
+                    before.len()
+                );
+            }
+        }
     }
 }
