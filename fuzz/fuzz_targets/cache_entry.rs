@@ -43,7 +43,9 @@ fn build(spec: &[u8]) -> (EntryMeta, Vec<u8>) {
     };
     let mut pieces = spec.get(40..).unwrap_or_default().split(|&b| b == 0);
     let key = String::from_utf8_lossy(pieces.next().unwrap_or_default()).into_owned();
-    let release = pieces.next().map(|r| String::from_utf8_lossy(r).into_owned());
+    let release = pieces
+        .next()
+        .map(|r| String::from_utf8_lossy(r).into_owned());
     let path = pieces.next().map(|p| PathBuf::from(OsStr::from_bytes(p)));
     let mut headers = HeaderMap::new();
     while let (Some(name), Some(value)) = (pieces.next(), pieces.next()) {
@@ -51,8 +53,10 @@ fn build(spec: &[u8]) -> (EntryMeta, Vec<u8>) {
             .iter()
             .map(|b| b"abcdefghijklmnopqrstuvwxyz0123456789-"[usize::from(*b) % 37])
             .collect();
-        let (Ok(name), Ok(value)) = (HeaderName::from_bytes(&name), HeaderValue::from_bytes(value))
-        else {
+        let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(&name),
+            HeaderValue::from_bytes(value),
+        ) else {
             continue;
         };
         headers.append(name, value);
@@ -75,7 +79,12 @@ fn build(spec: &[u8]) -> (EntryMeta, Vec<u8>) {
         body_len,
     };
     let body = (0..body_len)
-        .map(|i| spec.get(i as usize % spec.len().max(1)).copied().unwrap_or(0) ^ (i >> 8) as u8)
+        .map(|i| {
+            spec.get(i as usize % spec.len().max(1))
+                .copied()
+                .unwrap_or(0)
+                ^ (i >> 8) as u8
+        })
         .collect();
     (meta, body)
 }
@@ -108,7 +117,11 @@ fuzz_target!(|data: &[u8]| {
     // Arbitrary bytes: no panic; anything accepted is canonical.
     if let Ok(meta) = decode_meta(data) {
         let head = encode_meta(&meta).expect("a decoded meta encodes");
-        assert_eq!(data.get(..head.len()), Some(&head[..]), "meta not canonical");
+        assert_eq!(
+            data.get(..head.len()),
+            Some(&head[..]),
+            "meta not canonical"
+        );
         let whole = Bytes::copy_from_slice(data);
         if let Ok((meta, body)) = decode_whole(&whole, &meta.key) {
             assert_eq!(encode_whole(&meta, &body).expect("encodes"), data);
