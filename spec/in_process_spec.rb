@@ -53,26 +53,6 @@ RSpec.describe "in-process mode (Puma plugin)" do
     [-> { (stop = true) && thread.join && results }, results]
   end
 
-  # Inodes of the TCP sockets on `port` (listener and accepted connections).
-  def tcp_inodes(port)
-    hex = format("%04X", port)
-    inodes = %w[/proc/net/tcp /proc/net/tcp6].flat_map do |table|
-      File.readlines(table).drop(1).filter_map do |line|
-        fields = line.split
-        fields[9] if fields[1].end_with?(":#{hex}")
-      end
-    end
-    inodes - ["0"]
-  end
-
-  def socket_inodes_of(pid)
-    Dir.glob("/proc/#{pid}/fd/*").filter_map do |fd|
-      File.readlink(fd)[/\Asocket:\[(\d+)\]\z/, 1]
-    rescue Errno::ENOENT
-      nil
-    end
-  end
-
   it "serves through the proxy in single mode, with Puma moved to a private Unix socket" do
     puma, port = start_puma
     seen = JSON.parse(http_get(port, "/h").body)

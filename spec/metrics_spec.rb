@@ -165,23 +165,6 @@ RSpec.describe "metrics" do
     let(:app_dir) { Dir.mktmpdir("thruster-metrics-inproc") }
 
     # Inodes of the TCP sockets on `port` (listener and accepted connections).
-    def tcp_inodes(port)
-      hex = format("%04X", port)
-      %w[/proc/net/tcp /proc/net/tcp6].flat_map do |table|
-        File.readlines(table).drop(1).filter_map do |line|
-          fields = line.split
-          fields[9] if fields[1].end_with?(":#{hex}")
-        end
-      end - ["0"]
-    end
-
-    def socket_inodes_of(pid)
-      Dir.glob("/proc/#{pid}/fd/*").filter_map do |fd|
-        File.readlink(fd)[/\Asocket:\[(\d+)\]\z/, 1]
-      rescue Errno::ENOENT
-        nil
-      end
-    end
 
     it "serves metrics from the Puma master; workers hold no copy of its sockets" do
       port = free_port

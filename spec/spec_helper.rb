@@ -20,6 +20,27 @@ ENV.delete("THRUSTER_STORAGE_PATH")
 at_exit { FileUtils.rm_rf(SUITE_STORAGE) }
 
 module SpecHelpers
+  # Inodes of the TCP sockets on `port` (listener and accepted connections).
+  def tcp_inodes(port)
+    hex = format("%04X", port)
+    inodes = %w[/proc/net/tcp /proc/net/tcp6].flat_map do |table|
+      File.readlines(table).drop(1).filter_map do |line|
+        fields = line.split
+        fields[9] if fields[1].end_with?(":#{hex}")
+      end
+    end
+    inodes - ["0"]
+  end
+
+  # Inodes of the sockets a process holds open.
+  def socket_inodes_of(pid)
+    Dir.glob("/proc/#{pid}/fd/*").filter_map do |fd|
+      File.readlink(fd)[/\Asocket:\[(\d+)\]\z/, 1]
+    rescue Errno::ENOENT
+      nil
+    end
+  end
+
   def free_port
     server = TCPServer.new("127.0.0.1", 0)
     server.addr[1]
