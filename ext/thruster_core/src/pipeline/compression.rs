@@ -367,9 +367,9 @@ pub fn compress_stored(data: &[u8], coding: Coding, immutable: bool) -> std::io:
 /// 3 MiB). From glibc's malloc, such blocks stay in the blocking thread's
 /// arena once freed, and each free of a mapped block raises malloc's
 /// dynamic mmap threshold (up to 32 MiB) for the whole process, the Ruby VM
-/// included, so later blocks up to that size stay in arenas too: in the
-/// Puma master that kept 3-6 MiB of freed memory after the first requests
-/// for a stylesheet. Here every block of 64 KiB or more is an anonymous
+/// included, so later blocks up to that size stay in arenas too (in the
+/// Puma master, MiBs of freed memory after the first requests for a
+/// stylesheet). Here every block of 64 KiB or more is an anonymous
 /// mapping of its own, unmapped when freed; smaller ones come from malloc.
 ///
 /// Per-stream brotli encoders use the same allocator ([`Alloc::STREAM`]).
