@@ -19,9 +19,14 @@
 #
 # "proxy's own" is the proxy's share: in-process, the Puma master's PSS less
 # the master's of Puma alone (the proxy runs in the master only; workers
-# never touch their copy); under thrust, the thrust process's PSS. Target:
-# at most 4 MiB for the in-process proxy, idle and after warm-up; the script
-# exits 1 when the median misses it.
+# never touch their copy); under thrust, the thrust process's PSS. The
+# masters are compared without the files Puma alone maps too (libruby,
+# libc, Ruby's extensions): the same pages in both setups, whose PSS moves
+# with every other Ruby process on the machine that shares them. What is
+# left is the master's anonymous memory (malloc arenas, stacks), the
+# extension (thruster_rs.so) and any library only it loads. Target: at most
+# 4 MiB for the in-process proxy, idle and after warm-up; the script exits
+# 1 when the median misses it.
 #
 #   ruby bench/memory.rb            # prints a markdown table, writes bench/results/memory.md
 #   REPEAT=5 ruby bench/memory.rb
@@ -32,6 +37,7 @@ require "socket"
 require "tmpdir"
 require "fileutils"
 require "rbconfig"
+require "set"
 require_relative "support"
 
 ROOT = File.expand_path("..", __dir__)
@@ -96,12 +102,31 @@ def warm_up(port)
   abort "bench/memory: warm-up failed: #{errors.pop}" unless errors.empty?
 end
 
-# PSS in KiB of the tree, of the Puma master and of thrust (nil without).
+# PSS in KiB of each file a process maps, and of its anonymous memory
+# (heap, stacks, other mappings without a file) under nil.
+def pss_by_file(pid)
+  files = Hash.new(0)
+  file = nil
+  File.foreach("/proc/#{pid}/smaps") do |line|
+    if (mapping = line.match(/\A\h+-\h+ \S+ \S+ \S+ \d+\s*(.*)$/))
+      path = mapping[1]
+      file = path.start_with?("/") ? path : nil
+    elsif (pss = line[/\APss:\s+(\d+)/, 1])
+      files[file] += pss.to_i
+    end
+  end
+  files
+rescue Errno::ENOENT, Errno::ESRCH
+  {}
+end
+
+# PSS in KiB of the tree, of the Puma master (in all and by file) and of
+# thrust (nil without).
 def sample(pid, name)
   tree = BenchSupport.tree(pid)
   thrust = name == "puma under thrust" ? pid : nil
   master = thrust ? BenchSupport.children(pid).first : pid
-  { tree: BenchSupport.pss_kib(tree), master: BenchSupport.pss_kib([master]),
+  { tree: BenchSupport.pss_kib(tree), master: BenchSupport.pss_kib([master]), master_files: pss_by_file(master),
     thrust: thrust && BenchSupport.pss_kib([thrust]) }
 end
 
@@ -139,12 +164,27 @@ def median(values) = values.sort[values.size / 2]
 def mib(kib) = kib / 1024.0
 def stat(samples, name, phase, key) = median(samples[name].map { |s| s[phase][key] })
 
+# Files the master of Puma alone maps: counted in neither master.
+PUMA_FILES = samples["puma alone"].flat_map { |s| %i[idle after].flat_map { |p| s[p][:master_files].keys.compact } }.to_set
+
+# The master's PSS in KiB without the files of PUMA_FILES, median.
+def master_own(samples, name, phase)
+  median(samples[name].map { |s| s[phase][:master_files].sum { |file, kib| PUMA_FILES.include?(file) ? 0 : kib } })
+end
+
 # The proxy's own PSS in KiB in one phase.
 def own(samples, name, phase)
   case name
-  when "puma + in-process proxy" then stat(samples, name, phase, :master) - stat(samples, "puma alone", phase, :master)
+  when "puma + in-process proxy" then master_own(samples, name, phase) - master_own(samples, "puma alone", phase)
   when "puma under thrust" then stat(samples, name, phase, :thrust)
   end
+end
+
+# PSS in KiB of the extension's pages in the in-process master, median.
+def extension(samples, phase)
+  median(samples["puma + in-process proxy"].map do |s|
+    s[phase][:master_files].sum { |file, kib| file&.end_with?("/thruster_rs.so") ? kib : 0 }
+  end)
 end
 
 rows = SETUPS.map do |name|
@@ -170,15 +210,17 @@ table = <<~MD
   interleaved runs, #{Time.now.utc.strftime('%Y-%m-%d')}, #{RUBY_DESCRIPTION.split(' [').first}. "After warm-up": after
   #{WARMUP} mixed requests on 4 connections (cached CSS in gzip/br/zstd/identity, the compressed page, 13-byte
   responses) and #{DOWNLOADS} downloads of 16 MiB. "Proxy's own": in-process, the Puma master's PSS less Puma
-  alone's master; under thrust, the thrust process. "Added": the tree's PSS less Puma alone's (whose workers
-  stream the downloads themselves: behind the proxy they are X-Sendfile).#{environment}
+  alone's master, both without the files Puma alone maps too (libruby, libc: the same pages in both, shared with
+  other processes on the machine); under thrust, the thrust process. "Added": the tree's PSS less Puma alone's (whose
+  workers stream the downloads themselves: behind the proxy they are X-Sendfile).#{environment}
 
   | setup                   | idle MiB | spread | added | proxy's own | after warm-up MiB | spread | added | proxy's own |
   |-------------------------|---------:|-------:|------:|------------:|------------------:|-------:|------:|------------:|
   #{rows.join("\n")}
 
   In-process proxy's own PSS: #{format('%.1f', inproc[:idle])} MiB idle, #{format('%.1f', inproc[:after])} MiB after warm-up
-  (target ≤ #{TARGET_MIB.round} MiB: #{met ? 'met' : 'NOT met'}).
+  (target ≤ #{TARGET_MIB.round} MiB: #{met ? 'met' : 'NOT met'}); of it, the extension's pages (thruster_rs.so):
+  #{format('%.1f', mib(extension(samples, :idle)))} MiB idle, #{format('%.1f', mib(extension(samples, :after)))} MiB after warm-up.
 MD
 puts table
 FileUtils.mkdir_p(File.join(ROOT, "bench", "results"))

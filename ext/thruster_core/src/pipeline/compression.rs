@@ -367,17 +367,23 @@ pub fn compress_stored(data: &[u8], coding: Coding, immutable: bool) -> std::io:
 /// 3 MiB). From glibc's malloc, such blocks stay in the blocking thread's
 /// arena once freed, and each free of a mapped block raises malloc's
 /// dynamic mmap threshold (up to 32 MiB) for the whole process, the Ruby VM
-/// included, so later blocks up to that size stay in arenas too: in the
-/// Puma master that kept 3-6 MiB of freed memory after the first requests
-/// for a stylesheet. Here every block of 64 KiB or more is an anonymous
+/// included, so later blocks up to that size stay in arenas too (in the
+/// Puma master, MiBs of freed memory after the first requests for a
+/// stylesheet). Here every block of 64 KiB or more is an anonymous
 /// mapping of its own, unmapped when freed; smaller ones come from malloc.
 ///
-/// Per-stream brotli encoders use the same allocator type with nothing
-/// mapped ([`Alloc::HEAP`]): their blocks are reused by the next response at
-/// once, and mapping them would cost a page fault per page per response
-/// (2-3x the CPU of a compressed 20 KB page). One allocator type also keeps
-/// one copy of brotli's encoder in the extension instead of two (~300 KiB
-/// of code, resident in the Puma master).
+/// Per-stream brotli encoders use the same allocator ([`Alloc::STREAM`]).
+/// Their large blocks (a 1 MiB hash table and a ring buffer of 320 KiB up to
+/// 8 MiB at quality 5) are needed again by the next response at once:
+/// mapping each afresh would cost a page fault per page per response (2-3x
+/// the CPU of a compressed 20 KB page), and from malloc the first free
+/// raises the dynamic mmap threshold to 1 MiB and the arena trim threshold
+/// to 2 MiB, so each tokio worker's arena kept up to 2 MiB after a burst of
+/// compressed responses. So blocks of 128 KiB and more are mapped once and
+/// kept in a pool for the next stream, and the pool is unmapped after a
+/// second without compression. One allocator type also keeps one copy of
+/// brotli's encoder in the extension instead of two (~250 KiB of code,
+/// resident in the Puma master).
 mod mapped {
     use std::ffi::{c_void, CStr};
     use std::mem::{align_of, size_of};
@@ -385,10 +391,13 @@ mod mapped {
 
     use zstd::zstd_safe::zstd_sys as sys;
 
-    /// Blocks at least this large are mapped.
+    /// Stored-variant blocks at least this large are mapped.
     pub const MIN_MAPPED: usize = 64 * 1024;
+    /// Per-stream blocks at least this large are mapped and pooled (glibc's
+    /// default mmap threshold: smaller ones never raise it).
+    pub const MIN_POOLED: usize = 128 * 1024;
 
-    fn map(bytes: usize) -> Option<NonNull<u8>> {
+    pub(super) fn map(bytes: usize) -> Option<NonNull<u8>> {
         // SAFETY: a fresh private anonymous mapping; no existing memory is
         // touched.
         let p = unsafe {
@@ -408,12 +417,13 @@ mod mapped {
         }
     }
 
-    /// `len` values of `T`: a mapping of its own (`mapped` bytes) or a boxed
-    /// slice (`mapped == 0`).
+    /// `len` values of `T`: a mapping of its own (`mapped` bytes; back to
+    /// the pool when `pooled`) or a boxed slice (`mapped == 0`).
     pub struct Block<T> {
         ptr: NonNull<T>,
         len: usize,
         mapped: usize,
+        pooled: bool,
     }
 
     // SAFETY: a block owns its values and their memory alone, as a
@@ -435,6 +445,7 @@ mod mapped {
                 ptr: NonNull::dangling(),
                 len: 0,
                 mapped: 0,
+                pooled: false,
             }
         }
     }
@@ -462,7 +473,11 @@ mod mapped {
             unsafe {
                 if self.mapped > 0 {
                     ptr::drop_in_place(values);
-                    libc::munmap(self.ptr.as_ptr().cast(), self.mapped);
+                    if self.pooled {
+                        pool::STREAMS.put(self.ptr.cast(), self.mapped);
+                    } else {
+                        libc::munmap(self.ptr.as_ptr().cast(), self.mapped);
+                    }
                 } else if self.len > 0 {
                     drop(Box::from_raw(values));
                 }
@@ -476,16 +491,22 @@ mod mapped {
     pub struct Alloc {
         /// Blocks of at least this many bytes are mapped.
         map_from: usize,
+        /// Mapped blocks come from and go back to the pool.
+        pooled: bool,
     }
 
     impl Alloc {
-        /// Everything from malloc, as brotli's `StandardAlloc` does.
-        pub const HEAP: Alloc = Alloc {
-            map_from: usize::MAX,
+        /// Per-stream encoders: blocks of [`MIN_POOLED`] bytes and more
+        /// from the pool.
+        pub const STREAM: Alloc = Alloc {
+            map_from: MIN_POOLED,
+            pooled: true,
         };
-        /// Blocks of [`MIN_MAPPED`] bytes and more mapped.
+        /// Stored variants: blocks of [`MIN_MAPPED`] bytes and more mapped,
+        /// unmapped when freed.
         pub const MAPPED: Alloc = Alloc {
             map_from: MIN_MAPPED,
+            pooled: false,
         };
     }
 
@@ -498,7 +519,12 @@ mod mapped {
             }
             let bytes = len.saturating_mul(size_of::<T>());
             if bytes >= self.map_from && align_of::<T>() <= 4096 {
-                if let Some(p) = map(bytes) {
+                let reused = if self.pooled {
+                    pool::STREAMS.take(bytes)
+                } else {
+                    None
+                };
+                if let Some(p) = reused.or_else(|| map(bytes)) {
                     let ptr = p.cast::<T>();
                     for i in 0..len {
                         // SAFETY: `i < len` values fit in the `bytes`
@@ -509,6 +535,7 @@ mod mapped {
                         ptr,
                         len,
                         mapped: bytes,
+                        pooled: self.pooled,
                     };
                 }
             }
@@ -518,6 +545,7 @@ mod mapped {
                 ptr: unsafe { NonNull::new_unchecked(Box::into_raw(values).cast::<T>()) },
                 len,
                 mapped: 0,
+                pooled: false,
             }
         }
 
@@ -527,6 +555,129 @@ mod mapped {
     }
 
     impl brotli::enc::BrotliAlloc for Alloc {}
+
+    /// Mappings of per-stream encoders waiting for the next stream. A sweep
+    /// task unmaps them all once none has been taken or returned for
+    /// [`pool::IDLE`]; without a runtime to run it, blocks are unmapped when
+    /// freed.
+    pub mod pool {
+        use std::ptr::NonNull;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::{Mutex, MutexGuard};
+        use std::time::Duration;
+
+        use tokio::time::Instant;
+
+        /// How long a pool stays unused before it is unmapped.
+        pub const IDLE: Duration = Duration::from_secs(1);
+        /// Bytes kept at most; blocks beyond are unmapped when freed.
+        const MAX_BYTES: usize = 16 << 20;
+
+        /// The pool of the per-stream encoders.
+        pub static STREAMS: Pool = Pool::new();
+
+        pub struct Pool {
+            state: Mutex<State>,
+            /// A sweep task is scheduled.
+            sweeping: AtomicBool,
+        }
+
+        struct State {
+            /// (address, bytes) of each mapping.
+            blocks: Vec<(usize, usize)>,
+            bytes: usize,
+            used: Option<Instant>,
+        }
+
+        fn unmap(blocks: Vec<(usize, usize)>) {
+            for (address, bytes) in blocks {
+                // SAFETY: a mapping of `bytes` made by `map`, owned by the
+                // pool alone.
+                unsafe { libc::munmap(address as *mut libc::c_void, bytes) };
+            }
+        }
+
+        impl Pool {
+            pub const fn new() -> Pool {
+                Pool {
+                    state: Mutex::new(State {
+                        blocks: Vec::new(),
+                        bytes: 0,
+                        used: None,
+                    }),
+                    sweeping: AtomicBool::new(false),
+                }
+            }
+
+            fn lock(&self) -> MutexGuard<'_, State> {
+                self.state.lock().unwrap_or_else(|e| e.into_inner())
+            }
+
+            /// A pooled mapping of exactly `bytes`, if any.
+            pub fn take(&'static self, bytes: usize) -> Option<NonNull<u8>> {
+                let mut state = self.lock();
+                let i = state.blocks.iter().position(|&(_, n)| n == bytes)?;
+                let (address, _) = state.blocks.swap_remove(i);
+                state.bytes -= bytes;
+                state.used = Some(Instant::now());
+                NonNull::new(address as *mut u8)
+            }
+
+            /// Gives a mapping of `bytes` to the pool (or unmaps it).
+            pub fn put(&'static self, ptr: NonNull<u8>, bytes: usize) {
+                let block = vec![(ptr.as_ptr() as usize, bytes)];
+                let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+                    return unmap(block);
+                };
+                {
+                    let mut state = self.lock();
+                    if state.bytes + bytes > MAX_BYTES {
+                        drop(state);
+                        return unmap(block);
+                    }
+                    state.blocks.extend(block);
+                    state.bytes += bytes;
+                    state.used = Some(Instant::now());
+                }
+                if !self.sweeping.swap(true, Ordering::AcqRel) {
+                    runtime.spawn(self.sweep());
+                }
+            }
+
+            async fn sweep(&'static self) {
+                let _empty = Empty(self);
+                loop {
+                    tokio::time::sleep(IDLE).await;
+                    if self.lock().used.is_none_or(|used| used.elapsed() >= IDLE) {
+                        return;
+                    }
+                }
+            }
+
+            #[cfg(test)]
+            pub fn bytes(&self) -> usize {
+                self.lock().bytes
+            }
+        }
+
+        /// Empties the pool when dropped: when it has been idle, or when the
+        /// runtime shuts down with the sweep task pending.
+        struct Empty(&'static Pool);
+
+        impl Drop for Empty {
+            fn drop(&mut self) {
+                let blocks = {
+                    let mut state = self.0.lock();
+                    state.bytes = 0;
+                    // Under the lock: a block put after this schedules a
+                    // sweep of its own.
+                    self.0.sweeping.store(false, Ordering::Release);
+                    std::mem::take(&mut state.blocks)
+                };
+                unmap(blocks);
+            }
+        }
+    }
 
     /// zstd's allocations carry their length and origin in a header, as
     /// its free function gets only the address. 16 bytes keep malloc's
@@ -663,7 +814,7 @@ impl Encoder {
                 flate2::Compression::new(6),
             )),
             Coding::Brotli => {
-                let mut alloc = mapped::Alloc::HEAP;
+                let mut alloc = mapped::Alloc::STREAM;
                 let buffer = brotli::Allocator::<u8>::alloc_cell(&mut alloc, 4096);
                 Encoder::Brotli(Box::new(BrotliWriter::new(
                     Vec::new(),
@@ -1307,10 +1458,12 @@ mod tests {
     #[test]
     fn stored_encoders_map_their_large_blocks() {
         use brotli::{Allocator, SliceWrapper, SliceWrapperMut};
-        let mut heap = mapped::Alloc::HEAP;
-        let not_mapped: mapped::Block<u32> = heap.alloc_cell(1 << 18);
-        assert!(!not_mapped.is_mapped(), "per-stream encoders map nothing");
-        assert!(not_mapped.slice().iter().all(|v| *v == 0));
+        let mut stream = mapped::Alloc::STREAM;
+        let pooled: mapped::Block<u32> = stream.alloc_cell(1 << 18);
+        assert!(pooled.is_mapped());
+        assert!(pooled.slice().iter().all(|v| *v == 0));
+        let below: mapped::Block<u32> = stream.alloc_cell(1 << 14);
+        assert!(!below.is_mapped(), "64 KiB: from malloc");
         let mut alloc = mapped::Alloc::MAPPED;
         let mut big: mapped::Block<u32> = alloc.alloc_cell(1 << 18);
         assert!(big.is_mapped(), "1 MiB is a mapping of its own");
@@ -1334,6 +1487,33 @@ mod tests {
         let costs: mapped::Block<Cost> = alloc.alloc_cell(1 << 16);
         assert!(costs.is_mapped());
         assert!(costs.slice().iter().all(|c| *c == Cost::default()));
+    }
+
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn the_stream_pool_reuses_mappings_and_unmaps_them_when_idle() {
+        use mapped::pool::{Pool, IDLE};
+        let pool: &'static Pool = Box::leak(Box::new(Pool::new()));
+        let bytes = 1 << 20;
+        let block = mapped::map(bytes).unwrap();
+        pool.put(block, bytes);
+        assert_eq!(pool.bytes(), bytes);
+        assert_eq!(pool.take(bytes / 2), None, "only the same size");
+        assert_eq!(pool.take(bytes), Some(block), "the same mapping again");
+        assert_eq!(pool.bytes(), 0);
+        pool.put(block, bytes);
+        // Still in use within IDLE: kept.
+        tokio::time::sleep(IDLE / 2).await;
+        assert_eq!(pool.take(bytes), Some(block));
+        pool.put(block, bytes);
+        tokio::time::sleep(IDLE * 3).await;
+        tokio::task::yield_now().await;
+        assert_eq!(pool.bytes(), 0, "unmapped after a second unused");
+        assert_eq!(pool.take(bytes), None);
+        // Without a runtime nothing could sweep: unmapped at once.
+        std::thread::spawn(move || pool.put(mapped::map(bytes).unwrap(), bytes))
+            .join()
+            .unwrap();
+        assert_eq!(pool.bytes(), 0);
     }
 
     #[test]
