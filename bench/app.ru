@@ -15,6 +15,24 @@ CSS = (0...1700).map do |i|
     "padding: 0 #{i % 7}px; }\n"
 end.join.b.freeze # ~100 KB
 
+# bench/cache_tiers.rb's routes. It counts the requests for /assets/* that
+# reach the app (GET /bench/asset-requests) to tell a cache hit from a
+# request the proxy passed on, and restarts a proxy warm with many distinct
+# cacheable assets: /assets/n/<i>.css, each ~8 KB and different.
+asset_requests = 0
+count_lock = Thread::Mutex.new
+cache_tiers = lambda do |path|
+  count_lock.synchronize { asset_requests += 1 } if path.start_with?("/assets/")
+  if path == "/bench/asset-requests"
+    count = asset_requests.to_s
+    [200, { "content-type" => "text/plain", "content-length" => count.bytesize.to_s }, [count]]
+  elsif (i = path[%r{\A/assets/n/(\d+)\.css\z}, 1])
+    body = "/* asset #{i} */\n#{CSS.byteslice(0, 8192)}".b
+    [200, { "content-type" => "text/css", "cache-control" => "public, max-age=31536000, immutable",
+            "content-length" => body.bytesize.to_s }, [body]]
+  end
+end
+
 # Streams a file in 256 KiB chunks (what Puma does without X-Sendfile).
 class FileBody
   def initialize(path)
@@ -33,6 +51,9 @@ class FileBody
 end
 
 run lambda { |env|
+  routed = cache_tiers.call(env["PATH_INFO"])
+  return routed if routed
+
   case env["PATH_INFO"]
   when "/hello", "/up"
     [200, { "content-type" => "text/plain", "content-length" => "13" }, [HELLO]]

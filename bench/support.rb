@@ -1,9 +1,10 @@
 # frozen_string_literal: true
 
 require "net/http"
+require "open3"
 require "socket"
 
-# Helpers shared by the benchmark scripts: ports and process-tree memory.
+# Helpers shared by the benchmark scripts: ports, process-tree memory, wrk.
 module BenchSupport
   module_function
 
@@ -62,4 +63,33 @@ module BenchSupport
     end
     ticks / 100.0 # USER_HZ
   end
+
+  # Milliseconds from one of wrk's latency figures ("812.00us", "1.20ms", "2.01s").
+  def ms(text)
+    value = text.to_f
+    return value / 1000 if text.end_with?("us")
+    return value * 1000 if text.end_with?("s") && !text.end_with?("ms")
+
+    value
+  end
+
+  # One wrk run against url (2 threads, 1 for 1 connection), optionally pinned to `cpu` (a
+  # taskset list): req/s, p50/p99 in ms, requests and errors (non-2xx/3xx plus socket errors).
+  def wrk(url, conns:, duration:, headers: {}, cpu: nil)
+    args = ["wrk", "-t#{[2, conns].min}", "-c#{conns}", "-d#{duration}s", "--latency"]
+    headers.each { |name, value| args += ["-H", "#{name}: #{value}"] }
+    args = ["taskset", "-c", cpu, *args] if cpu
+    out, = Open3.capture2e(*args, url)
+    errors = out.scan(/Non-2xx or 3xx responses: (\d+)/).flatten.sum(&:to_i) +
+             out[/Socket errors: (.*)/, 1].to_s.scan(/\d+/).sum(&:to_i)
+    { rps: out[%r{Requests/sec:\s+([\d.]+)}, 1].to_f, p50: ms(out[/^\s+50%\s+(\S+)/, 1].to_s),
+      p99: ms(out[/^\s+99%\s+(\S+)/, 1].to_s), requests: out[/(\d+) requests in/, 1].to_i, errors: }
+  end
+
+  # The upper median (of an even count, the higher middle value), nils dropped.
+  def median(values) = values.compact.sort[values.compact.size / 2]
+
+  # Waits for a child to exit: true once it has, false after `timeout` s
+  # (it is still reaped when it exits later).
+  def wait_exit(pid, timeout) = !Process.detach(pid).join(timeout).nil?
 end
