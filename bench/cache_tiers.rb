@@ -293,8 +293,11 @@ def measure(peer)
   plain = BenchSupport.wrk(url, conns: CONNS, duration: DURATION, headers: { "Accept-Encoding" => "identity" },
                                 cpu: CLIENT_CPU)
   one = BenchSupport.wrk(url, conns: 1, duration: LAT_DURATION, headers: gzip, cpu: CLIENT_CPU)
-  runs = [load, plain, one]
+  one_plain = BenchSupport.wrk(url, conns: 1, duration: LAT_DURATION, headers: { "Accept-Encoding" => "identity" },
+                                    cpu: CLIENT_CPU)
+  runs = [load, plain, one, one_plain]
   { rps: load[:rps], identity_rps: plain[:rps], loaded_p99: load[:p99], p50: one[:p50], p99: one[:p99],
+    identity_p50: one_plain[:p50], identity_p99: one_plain[:p99],
     errors: runs.sum { |r| r[:errors] }, requests: runs.sum { |r| r[:requests] } }
 end
 
@@ -362,7 +365,8 @@ rows = PEERS.map do |peer|
   nginx = samples[NGINX.name]
   "| #{peer.tier} | #{peer.setup} | #{fmt(stat(s, :rps))} | #{ratio(s, nginx)} | #{fmt(stat(s, :identity_rps))} | " \
     "#{ratio(s, nginx, :identity_rps)} | " \
-    "#{fmt(stat(s, :p50), 3)} | #{fmt(stat(s, :p99), 3)} | #{fmt(stat(s, :loaded_p99), 2)} | " \
+    "#{fmt(stat(s, :p50), 3)} / #{fmt(stat(s, :p99), 2)} | " \
+    "#{fmt(stat(s, :identity_p50), 3)} / #{fmt(stat(s, :identity_p99), 2)} | #{fmt(stat(s, :loaded_p99), 2)} | " \
     "#{peer.equal?(NGINX) ? '–' : s.sum { |x| x[:app_requests] }} |"
 end
 rows.insert(2, "| redis | skipped: #{REDIS_SKIP} |#{' – |' * 8}") if REDIS_SKIP
@@ -383,11 +387,12 @@ section = <<~MD
   median of #{REPEAT} interleaved repetitions (±: half the spread). The 100 KB CSS with `Accept-Encoding: gzip`:
   req/s with wrk, #{CONNS} connections, #{DURATION} s (×: median of the per-repetition ratios to nginx);
   identity: the same without compression (nginx sends app.css itself with sendfile);
-  hit latency with wrk on 1 connection, #{LAT_DURATION} s (loaded p99: the #{CONNS}-connection run's).
+  hit latency p50 / p99 with wrk on 1 connection, #{LAT_DURATION} s each, gzip and identity (loaded p99: the
+  #{CONNS}-connection gzip run's).
   Servers on CPU #{SERVER_CPU} (with Puma), wrk on CPU #{CLIENT_CPU}; #{machine} at the end.
   Versions: #{`nginx -v 2>&1`.strip}, thruster-rs #{`#{THRUST} --version`.split.last}.
 
-  | tier | setup | css gzip req/s | ×gzip_static | css identity req/s | ×nginx | hit p50 ms | hit p99 ms | loaded p99 ms | app requests |
+  | tier | setup | css gzip req/s | ×gzip_static | css identity req/s | ×nginx | gzip hit ms p50 / p99 | identity hit ms p50 / p99 | loaded p99 ms | app requests |
   |---|---|---|---|---|---|---|---|---|---|
   #{rows.join("\n")}
 
@@ -397,7 +402,7 @@ MD
 puts section
 latest = File.join(RESULTS, "latest.md")
 previous = File.exist?(latest) ? File.read(latest).sub(/\n## Cache tiers\n.*\z/m, "") : ""
-File.write(latest, previous.chomp + section)
+File.write(latest, previous.empty? ? section.lstrip : previous.chomp + section)
 File.write(File.join(RESULTS, "cache_tiers.json"),
            JSON.pretty_generate(samples.merge("redis_skipped" => REDIS_SKIP, "problems" => problems)))
 unless problems.empty?
