@@ -26,8 +26,10 @@ module Thruster
     def start(upstream:, bind: nil, https_bind: nil, **options)
       check_options!(options)
       share_sendfile_token
-      Native.start(stringify(options), upstream.to_s, Array(bind).map(&:to_s), Array(https_bind).map(&:to_s),
-                   take_inherited_fds)
+      addresses = Native.start(stringify(options), upstream.to_s, Array(bind).map(&:to_s),
+                               Array(https_bind).map(&:to_s), take_inherited_fds)
+      share_admin_endpoint
+      addresses
     end
 
     # Stops accepting, lets in-flight requests finish for up to `timeout`
@@ -102,6 +104,17 @@ module Thruster
       return unless ENV.fetch(SENDFILE_TOKEN_ENV, "").empty?
 
       ENV[SENDFILE_TOKEN_ENV] = SecureRandom.hex(32)
+    end
+
+    # Where Thruster.purge finds the admin listener: set in the master before
+    # Puma forks its workers, so they inherit it (and, across a hot restart,
+    # the next image keeps the same port and token).
+    def share_admin_endpoint
+      url, token = Native.admin_endpoint
+      return unless url
+
+      ENV[ADMIN_URL_ENV] = url
+      ENV[ADMIN_TOKEN_ENV] = token
     end
 
     def stringify(options)

@@ -35,6 +35,7 @@
 //!   keeps: a Redis hit promotes through the same function. X-Sendfile
 //!   references are host-local and must not go there.
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -61,6 +62,8 @@ const INLINE_CRC: usize = 64 * 1024;
 pub struct DiskTier {
     store: DiskStore,
     max_item: u64,
+    /// `CACHE_RELEASE`, written into every record and compared on reads.
+    release: Option<Arc<str>>,
 }
 
 /// A response about to be stored, as every record of it describes it.
@@ -87,7 +90,13 @@ impl DiskTier {
         Some(DiskTier {
             store: DiskStore::open(dir, config.cache_disk_size, config.cache_disk_max_item_size),
             max_item: config.cache_disk_max_item_size.min(config.cache_disk_size),
+            release: config.cache_release.as_deref().map(Arc::from),
         })
+    }
+
+    /// `CACHE_RELEASE`, if set.
+    pub fn release(&self) -> Option<&str> {
+        self.release.as_deref()
     }
 
     pub fn engine(&self) -> &DiskStore {
@@ -103,13 +112,14 @@ impl DiskTier {
     /// when there is none (nothing of it is stored here).
     pub async fn vary_names(&self, base: &BaseKey) -> Option<Vec<HeaderName>> {
         let record = self.store.get(&base.vary_record_text()).await?;
-        servable(record.meta(), now_unix_ms()).then(|| key::vary_names(&record.meta().headers))
+        servable(record.meta(), now_unix_ms(), self.release())
+            .then(|| key::vary_names(&record.meta().headers))
     }
 
     /// The entry stored under `key`, if it may answer now.
     pub async fn get(&self, key: &CacheKey) -> Option<DiskEntry> {
         let found = self.store.get(&key.text()).await?;
-        servable(found.meta(), now_unix_ms()).then_some(found)
+        servable(found.meta(), now_unix_ms(), self.release()).then_some(found)
     }
 
     /// Starts writing the entry for `key`; push the body, then `finish`.
@@ -121,7 +131,7 @@ impl DiskTier {
         stored: &Stored<'_>,
         declared_len: Option<u64>,
     ) -> Option<DiskWriter> {
-        let meta = meta_for(key.text(), stored)?;
+        let meta = meta_for(key.text(), stored, self.release())?;
         self.store.writer(meta, declared_len)
     }
 
@@ -148,7 +158,7 @@ impl DiskTier {
             freshness,
             file: None,
         };
-        if let Some(writer) = meta_for(base.vary_record_text(), &record)
+        if let Some(writer) = meta_for(base.vary_record_text(), &record, self.release())
             .and_then(|meta| self.store.writer(meta, Some(0)))
         {
             // Committed in the background; `flush` waits for it.
@@ -206,8 +216,8 @@ impl DiskTier {
             file: None,
         };
         let body = encoded.cloned().unwrap_or_default();
-        let Some(mut writer) =
-            meta_for(text, &record).and_then(|m| self.store.writer(m, Some(body.len() as u64)))
+        let Some(mut writer) = meta_for(text, &record, self.release())
+            .and_then(|m| self.store.writer(m, Some(body.len() as u64)))
         else {
             return;
         };
@@ -234,17 +244,29 @@ impl DiskTier {
     }
 }
 
-/// Whether a stored record may answer now: fresh. Expired entries are not
-/// served from disk (stale-if-error is the memory tier's alone).
-/// `CACHE_RELEASE` and purge checks belong here (module docs).
-pub fn servable(meta: &EntryMeta, now_unix_ms: u64) -> bool {
-    now_unix_ms < meta.fresh_until_unix_ms()
+/// Whether a stored record (disk or shared tier) may answer now: fresh,
+/// and — with `CACHE_RELEASE` set — stored under this release or
+/// `immutable` (fingerprinted assets are the same bytes in every release;
+/// anything else from another release may be the old release's page).
+/// Expired entries are not served from disk (stale-if-error is the memory
+/// tier's alone). Purges are checked by the caller, which knows the
+/// request target (`purges.rs`).
+pub fn servable(meta: &EntryMeta, now_unix_ms: u64, release: Option<&str>) -> bool {
+    now_unix_ms < meta.fresh_until_unix_ms() && same_release(meta, release)
+}
+
+/// The `CACHE_RELEASE` rule alone (see [`servable`]).
+pub fn same_release(meta: &EntryMeta, release: Option<&str>) -> bool {
+    match release {
+        None => true,
+        Some(current) => meta.immutable || meta.release.as_deref() == Some(current),
+    }
 }
 
 /// The stored form of a response under `key` (body length filled in by
 /// the writer). `None` for a file whose modification time cannot be
 /// written (before 1970).
-pub fn meta_for(key: String, stored: &Stored<'_>) -> Option<EntryMeta> {
+pub fn meta_for(key: String, stored: &Stored<'_>, release: Option<&str>) -> Option<EntryMeta> {
     let file = match stored.file {
         None => None,
         Some(file) => Some(StoredFile {
@@ -266,8 +288,7 @@ pub fn meta_for(key: String, stored: &Stored<'_>) -> Option<EntryMeta> {
         lifetime_secs: f.lifetime.as_secs(),
         stale_if_error_secs: f.stale_if_error.as_secs(),
         immutable: f.immutable,
-        // CACHE_RELEASE is not tracked yet.
-        release: None,
+        release: release.map(str::to_owned),
         file,
         body_len: 0,
     })
@@ -322,6 +343,7 @@ mod tests {
         DiskTier {
             store: DiskStore::open(dir, 64 << 20, 16 << 20),
             max_item: 16 << 20,
+            release: None,
         }
     }
 
@@ -508,6 +530,44 @@ mod tests {
     }
 
     #[test]
+    fn another_release_is_servable_only_when_immutable() {
+        let headers = HeaderMap::new();
+        let stored_at = now_unix_ms();
+        let meta = |immutable: bool, release: Option<&str>| {
+            let mut f = freshness(60);
+            f.immutable = immutable;
+            meta_for(
+                "k".into(),
+                &Stored {
+                    status: StatusCode::OK,
+                    headers: &headers,
+                    stored_at_unix_ms: stored_at,
+                    freshness: &f,
+                    file: None,
+                },
+                release,
+            )
+            .unwrap()
+        };
+        let now = stored_at + 1;
+        // Not tracked: everything fresh is servable.
+        assert!(servable(&meta(false, None), now, None));
+        assert!(servable(&meta(false, Some("v1")), now, None));
+        // Tracked: the same release, or immutable.
+        assert!(servable(&meta(false, Some("v2")), now, Some("v2")));
+        assert!(!servable(&meta(false, Some("v1")), now, Some("v2")));
+        assert!(!servable(&meta(false, None), now, Some("v2")));
+        assert!(servable(&meta(true, Some("v1")), now, Some("v2")));
+        assert!(servable(&meta(true, None), now, Some("v2")));
+        // Expired is never servable.
+        assert!(!servable(
+            &meta(true, Some("v2")),
+            stored_at + 61_000,
+            Some("v2")
+        ));
+    }
+
+    #[test]
     fn x_sendfile_references_round_trip() {
         let file = FileRef {
             path: "/srv/app/public/a.pdf".into(),
@@ -525,6 +585,7 @@ mod tests {
                 freshness: &f,
                 file: Some(&file),
             },
+            None,
         )
         .unwrap();
         let entry = entry_from_meta(&meta, Bytes::new(), now_unix_ms());
