@@ -50,6 +50,9 @@ RESTART_TARGET = 0.9
 THRUST = File.join(ROOT, "lib", "thruster", "thrust")
 PUMA = Gem.bin_path("puma", "puma")
 CSS_PATH = "/assets/app.css"
+# Every request names one site: the cache key includes the Host header, port and all, and
+# instances on other ports (a restart, a second instance sharing Redis) serve the same site.
+HOST = "assets.bench.test"
 
 def fail!(message)
   warn "bench/cache_tiers: #{message}"
@@ -115,7 +118,8 @@ BenchSupport.wait_for(PUMA_PORT, what: "puma (see #{WORK}/logs)")
 # Requests for /assets/* that reached the app: a hit must not add one.
 def app_requests = Net::HTTP.get(URI("http://127.0.0.1:#{PUMA_PORT}/bench/asset-requests")).to_i
 
-Peer = Struct.new(:name, :port, :pid, :tier, :setup, keyword_init: true)
+# redis: the port of the redis-server behind the Redis peer.
+Peer = Struct.new(:name, :port, :pid, :tier, :setup, :redis, keyword_init: true)
 
 # `thrust` in front of the shared Puma (its child is a placeholder), with its own STORAGE_PATH:
 # a disk cache shared by two peers, or left by an earlier run, would turn misses into hits.
@@ -133,6 +137,7 @@ def storage(name) = File.join(WORK, "storage", name)
 # GET with Accept-Encoding (so Net::HTTP leaves the body encoded): [status, response, decoded body].
 def get(http, path, encoding = "gzip")
   request = Net::HTTP::Get.new(path)
+  request["host"] = HOST
   request["accept-encoding"] = encoding
   response = http.request(request)
   body = response.body.to_s.b
@@ -142,34 +147,44 @@ end
 
 def connect(port, &) = Net::HTTP.start("127.0.0.1", port, read_timeout: 10, &)
 
-# ---- redis hook ----------------------------------------------------------------------------
-# REDIS ROW (issue 16, to be finished with the tier): untested until a build lists
-# CACHE_REDIS_URL. A private redis-server; one `thrust` stores the CSS there, then a fresh one
-# (memory a few bytes, no disk tier) is measured: its hits can only come from Redis.
-def redis_ready?(port)
-  TCPSocket.open("127.0.0.1", port) { |s| s.write("PING\r\n") && s.gets&.start_with?("+PONG") }
+# ---- redis tier ----------------------------------------------------------------------------
+# A private redis-server. One `thrust` (memory on: what memory stores is what goes to Redis; no
+# disk tier) stores the CSS there; then a fresh one, with memory a few bytes and no disk tier, is
+# measured: its hits can only come from Redis.
+def redis_call(port, *words)
+  TCPSocket.open("127.0.0.1", port) { |s| s.write("#{words.join(' ')}\r\n") && s.gets.to_s.chomp }
 rescue SystemCallError
-  false
+  nil
+end
+
+# Entries stored in Redis (not vary records or purge sets).
+def redis_entries(port)
+  redis_call(port, "EVAL", '"return #redis.call(\'KEYS\', ARGV[1])"', "0", "thruster:v1:[0-9a-f]*").to_s[1..].to_i
+end
+
+# Polls the block until it is true (a readiness probe), failing after `timeout` s.
+def wait_until(what, timeout = 10)
+  deadline = Time.now + timeout
+  until yield
+    fail!("#{what} within #{timeout} s (see #{WORK}/logs)") if Time.now > deadline
+    sleep 0.05
+  end
 end
 
 def start_redis_peer
   redis_port = BenchSupport.free_port
   spawn_server("redis", {}, ["redis-server", "--port", redis_port.to_s, "--bind", "127.0.0.1", "--save", "",
                              "--appendonly", "no"])
-  deadline = Time.now + 10
-  sleep 0.05 until redis_ready?(redis_port) || Time.now > deadline
-  fail!("redis-server did not answer PING on #{redis_port}") unless redis_ready?(redis_port)
-  settings = { "CACHE_SIZE" => DISK_ONLY_CACHE_SIZE, "CACHE_DISK_PATH" => "none",
-               "CACHE_REDIS_URL" => "redis://127.0.0.1:#{redis_port}" }
-  filler = start_thrust("thrust-redis-filler", storage("redis-filler"), settings)
-  # Its writes to Redis follow the response: its own second request is a hit once stored.
-  deadline = Time.now + 10
-  until connect(filler.port) { |http| get(http, CSS_PATH)[1]["x-cache"] } == "hit"
-    fail!("the Redis filler never served a hit (see #{WORK}/logs)") if Time.now > deadline
-  end
+  wait_until("redis-server did not answer PING") { redis_call(redis_port, "PING") == "+PONG" }
+  shared = { "CACHE_DISK_PATH" => "none", "CACHE_REDIS_URL" => "redis://127.0.0.1:#{redis_port}" }
+  filler = start_thrust("thrust-redis-filler", storage("redis-filler"), shared)
+  connect(filler.port) { |http| get(http, CSS_PATH) }
+  # Redis is written once the response is complete, in the background.
+  wait_until("the Redis filler stored nothing") { redis_entries(redis_port).positive? }
   stop(filler.pid)
   setup = "fresh `thrust`, CACHE_SIZE=#{DISK_ONLY_CACHE_SIZE}, CACHE_DISK_PATH=none, CACHE_REDIS_URL"
-  start_thrust("thrust-redis", storage("redis"), settings, tier: "redis", setup:)
+  start_thrust("thrust-redis", storage("redis"), shared.merge("CACHE_SIZE" => DISK_ONLY_CACHE_SIZE),
+               tier: "redis", setup:).tap { |peer| peer.redis = redis_port }
 end
 
 # ---- peers ---------------------------------------------------------------------------------
@@ -214,8 +229,11 @@ THRUSTS = PEERS.reject { |p| p.equal?(NGINX) }.freeze
 problems = []
 PEERS.each do |peer|
   connect(peer.port) do |http|
-    # The first request fills the cache (a miss); the next ones must be hits.
-    2.times { get(http, CSS_PATH) }
+    # The first request fills the cache (a miss); the next ones must be hits. The Redis peer's
+    # first is a hit already: another instance stored the CSS.
+    first = get(http, CSS_PATH)[1]["x-cache"]
+    problems << "#{peer.name}: first request X-Cache #{first.inspect}, expected hit" if peer.redis && first != "hit"
+    get(http, CSS_PATH)
     before = app_requests
     status, response, body = get(http, CSS_PATH)
     problems << "#{peer.name}: #{CSS_PATH} status #{status}" unless status == 200
@@ -241,7 +259,7 @@ def restart_warm(rep, problems)
   dir = storage("restart-#{rep}")
   paths = Array.new(URLS) { |i| "/assets/n/#{i}.css" }
   expected = app_bodies(paths)
-  # The same port, as a restart has: the cache key includes the Host header, port and all.
+  # The same port, as a restart has.
   port = fill(dir, paths, rep)
   before = app_requests
   peer = start_thrust("thrust-restart-#{rep}b", dir, { "HTTP_PORT" => port.to_s })
@@ -288,13 +306,12 @@ end
 # gzip (what browsers get) and identity (the tier's own cost, no encoding chosen per request).
 def measure(peer)
   url = "http://127.0.0.1:#{peer.port}#{CSS_PATH}"
-  gzip = { "Accept-Encoding" => "gzip" }
+  gzip = { "Host" => HOST, "Accept-Encoding" => "gzip" }
+  identity = { "Host" => HOST, "Accept-Encoding" => "identity" }
   load = BenchSupport.wrk(url, conns: CONNS, duration: DURATION, headers: gzip, cpu: CLIENT_CPU)
-  plain = BenchSupport.wrk(url, conns: CONNS, duration: DURATION, headers: { "Accept-Encoding" => "identity" },
-                                cpu: CLIENT_CPU)
+  plain = BenchSupport.wrk(url, conns: CONNS, duration: DURATION, headers: identity, cpu: CLIENT_CPU)
   one = BenchSupport.wrk(url, conns: 1, duration: LAT_DURATION, headers: gzip, cpu: CLIENT_CPU)
-  one_plain = BenchSupport.wrk(url, conns: 1, duration: LAT_DURATION, headers: { "Accept-Encoding" => "identity" },
-                                    cpu: CLIENT_CPU)
+  one_plain = BenchSupport.wrk(url, conns: 1, duration: LAT_DURATION, headers: identity, cpu: CLIENT_CPU)
   runs = [load, plain, one, one_plain]
   { rps: load[:rps], identity_rps: plain[:rps], loaded_p99: load[:p99], p50: one[:p50], p99: one[:p99],
     identity_p50: one_plain[:p50], identity_p99: one_plain[:p99],
@@ -312,7 +329,9 @@ REPEAT.times do |rep|
     problems << "#{peer.name}: #{sample[:errors]} errors (non-2xx or socket)" if sample[:errors].positive?
     if sample[:requests].zero?
       problems << "#{peer.name}: wrk made no request"
-    elsif !peer.equal?(NGINX) && sample[:app_requests].positive?
+    # A Redis lookup slower than CACHE_REDIS_TIMEOUT_MS is a miss by design (its count is in the
+    # table); a memory or disk hit has no such way out.
+    elsif !peer.equal?(NGINX) && !peer.redis && sample[:app_requests].positive?
       problems << "#{peer.name}: #{sample[:app_requests]} of its hits reached the app"
     end
   end
@@ -321,20 +340,23 @@ REPEAT.times do |rep|
 end
 
 # The disk peer's hits came from disk: with its entry files gone the CSS is a miss (the memory
-# peer, which keeps it in memory, still hits).
+# peer, which keeps it in memory, still hits); the Redis peer's from Redis: flushed, a miss.
 THRUSTS.each do |peer|
-  next if peer.tier == "redis"
-
-  cache = File.join(storage(peer.tier), "cache")
-  Dir.glob(File.join(cache, "**", "*")).each { |f| File.delete(f) if File.file?(f) }
+  if peer.redis
+    redis_call(peer.redis, "FLUSHALL") == "+OK" or problems << "#{peer.name}: FLUSHALL failed"
+  else
+    cache = File.join(storage(peer.tier), "cache")
+    Dir.glob(File.join(cache, "**", "*")).each { |f| File.delete(f) if File.file?(f) }
+  end
   before = app_requests
   label = connect(peer.port) { |http| get(http, CSS_PATH)[1]["x-cache"] }
   contacted = app_requests - before
-  expected = peer.tier == "disk" ? ["miss", 1] : ["hit", 0]
+  expected = peer.tier == "memory" ? ["hit", 0] : ["miss", 1]
   next if expected == [label, contacted]
 
-  problems << "#{peer.name}: with its disk entries deleted: X-Cache #{label.inspect}, #{contacted} app " \
-              "requests (expected #{expected.first}, #{expected.last})"
+  emptied = peer.redis ? "Redis flushed" : "disk entries deleted"
+  problems << "#{peer.name}: with its #{emptied}: X-Cache #{label.inspect}, #{contacted} app requests " \
+              "(expected #{expected.first}, #{expected.last})"
 end
 
 # ---- report --------------------------------------------------------------------------------
