@@ -315,7 +315,8 @@ def measure(peer)
   runs = [load, plain, one, one_plain]
   { rps: load[:rps], identity_rps: plain[:rps], loaded_p99: load[:p99], p50: one[:p50], p99: one[:p99],
     identity_p50: one_plain[:p50], identity_p99: one_plain[:p99],
-    errors: runs.sum { |r| r[:errors] }, requests: runs.sum { |r| r[:requests] } }
+    non2xx: runs.sum { |r| r[:non2xx] }, socket_errors: runs.sum { |r| r[:socket_errors] },
+    requests: runs.sum { |r| r[:requests] } }
 end
 
 samples = Hash.new { |h, k| h[k] = [] }
@@ -326,7 +327,7 @@ REPEAT.times do |rep|
     sample = measure(peer)
     sample[:app_requests] = app_requests - before
     samples[peer.name] << sample
-    problems << "#{peer.name}: #{sample[:errors]} errors (non-2xx or socket)" if sample[:errors].positive?
+    problems << "#{peer.name}: #{sample[:non2xx]} answers not 2xx/3xx" if sample[:non2xx].positive?
     if sample[:requests].zero?
       problems << "#{peer.name}: wrk made no request"
     # A Redis lookup slower than CACHE_REDIS_TIMEOUT_MS is a miss by design (its count is in the
@@ -368,12 +369,14 @@ def stat(list, field)
   [m, m.to_f.positive? ? (values.max - values.min) / 2.0 / m * 100 : 0]
 end
 
-def fmt(pair, digits = 0)
+# The spread only for req/s: a latency median of 0.1 ms next to one repetition's 50 ms (another
+# process took the CPU) gives a "±" that says nothing.
+def fmt(pair, digits = 0, spread: digits.zero?)
   return "–" unless pair
 
-  value, spread = pair
+  value, half = pair
   text = format("%.#{digits}f", value)
-  spread >= 1 && REPEAT > 1 ? "#{text} ±#{spread.round}%" : text
+  spread && half >= 1 && REPEAT > 1 ? "#{text} ±#{half.round}%" : text
 end
 
 # Against nginx per repetition (the two ran close together), then the median.
@@ -400,6 +403,11 @@ warm_line = "Restart-warm: #{URLS} distinct ~8 KB assets (gzip) through a fresh 
             "repetition #{warm.map { |w| "#{w[:hits]}/#{w[:urls]}" }.join(', ')}; target ≥ " \
             "#{(RESTART_TARGET * 100).round}%), the #{URLS} requests after the restart in " \
             "#{warm.map { |w| format('%.2f s', w[:seconds]) }.join(', ')} on one connection."
+slow = PEERS.map { |peer| [peer.name, samples[peer.name].sum { |x| x[:socket_errors] }] }.reject { |_, n| n.zero? }
+slow_line = if slow.any?
+              "wrk socket errors (connect/read/write/its 2 s timeout: slow answers, not wrong ones): " \
+                "#{slow.map { |name, n| "#{name} #{n}" }.join(', ')}."
+            end
 machine = "#{Etc.nprocessors} CPUs, #{File.read('/proc/loadavg').split.first} load"
 section = <<~MD
 
@@ -414,11 +422,12 @@ section = <<~MD
   Servers on CPU #{SERVER_CPU} (with Puma), wrk on CPU #{CLIENT_CPU}; #{machine} at the end.
   Versions: #{`nginx -v 2>&1`.strip}, thruster-rs #{`#{THRUST} --version`.split.last}.
 
-  | tier | setup | css gzip req/s | ×gzip_static | css identity req/s | ×nginx | gzip hit ms p50 / p99 | identity hit ms p50 / p99 | loaded p99 ms | app requests |
+  | tier | setup | css gzip req/s | ×gzip_static | css identity req/s | ×nginx | gzip hit ms p50 / p99 | identity hit ms p50 / p99 | loaded p99 ms | app requests (all runs) |
   |---|---|---|---|---|---|---|---|---|---|
   #{rows.join("\n")}
 
   #{warm_line}
+  #{slow_line}
   #{problems.empty? ? '' : "\nProblems:\n#{problems.map { |p| "- #{p}" }.join("\n")}\n"}
 MD
 puts section
