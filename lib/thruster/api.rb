@@ -73,12 +73,16 @@ module Thruster
     # exec and pass the list in ENV[INHERIT_ENV] (see `export_handoff`);
     # call `stop` right before exec.
     def begin_handoff
+      # The admin listener's URL and token go with its socket, so the next
+      # image listens where the app's Thruster.purge already calls.
+      @handoff_env = ENV.to_h.slice(ADMIN_URL_ENV, ADMIN_TOKEN_ENV)
       Native.handoff_begin
     end
 
     # Puts handed-over sockets where `start` in the next process image finds
     # them; returns their fds.
     def export_handoff(pairs)
+      ENV.update(@handoff_env || {}) unless pairs.empty?
       ENV[INHERIT_ENV] = pairs.join(",") unless pairs.empty?
       pairs.map { |pair| Integer(pair.split(":", 2).first) }
     end

@@ -14,7 +14,7 @@
 //! key; a process without a memory rule for the resource reads its vary
 //! record first). A disk hit that fits `MAX_CACHE_ITEM_SIZE` is promoted
 //! into memory and served from there; a larger one is streamed from its
-//! file (Range requests for it go to the app). Every storable response up
+//! file (a Range request reads only the chunks it needs). Every storable response up
 //! to `CACHE_DISK_MAX_ITEM_SIZE` is written to disk as it streams to the
 //! client, whatever memory admits; encodings made for memory hits are
 //! written there too. The shared tier (Redis, `shared/`) goes between disk
@@ -52,7 +52,7 @@ use http::{Method, Request, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 
-use super::compression::RequestFacts;
+use super::compression::{self, RequestFacts};
 use super::forward::Forwarder;
 use super::ConnInfo;
 use crate::http::{BoxError, RequestBody, ResponseBody, X_CACHE};
@@ -293,6 +293,7 @@ impl HttpCache {
                 h.remove(header::IF_MODIFIED_SINCE);
             }
             let request_headers = req.headers().clone();
+            let stale_missing = stale.is_none();
             let response = self.next.fetch(req, conn).await;
             if let Some(stale) = stale.filter(|_| is_error(response.status())) {
                 if stale.usable_on_error(std::time::Instant::now()) {
@@ -320,8 +321,90 @@ impl HttpCache {
                     .await;
                 }
             }
+            if stale_missing && is_error(response.status()) {
+                if let Some(stale) = self.stale_below(&base, &key, known, &request_headers).await {
+                    log::info(
+                        "Serving a stale cached response instead of an upstream error",
+                        &[
+                            ("url", base.describe().into()),
+                            ("status", response.status().as_u16().into()),
+                        ],
+                    );
+                    drop(response);
+                    return hit::respond(
+                        &self.store,
+                        self.disk.as_ref(),
+                        &stale,
+                        &method,
+                        &request_headers,
+                        facts,
+                        &base,
+                        "stale",
+                    )
+                    .await;
+                }
+            }
             return labelled(self.capture(base, request_headers, response, guard), "miss");
         }
+    }
+
+    /// An expired entry from the disk or shared tier that `stale-if-error`
+    /// lets stand in for the app's error (memory had none): after a
+    /// restart, or on an instance that never stored it. Bodies that do not
+    /// fit memory are not read for this.
+    async fn stale_below(
+        &self,
+        base: &BaseKey,
+        key: &key::CacheKey,
+        known: Known,
+        request: &HeaderMap,
+    ) -> Option<Arc<Entry>> {
+        let usable = |entry: &Entry| {
+            entry.file.is_none()
+                && entry.usable_on_error(std::time::Instant::now())
+                && !self.purged(base, entry.stored_at_unix_ms)
+        };
+        let known_key = match known {
+            Known::Stored => Some(key),
+            Known::Passed => return None,
+            Known::Nothing => None,
+        };
+        if let Some(disk) = &self.disk {
+            if let Some((_, found)) = disk.get_for_error(base, known_key, request).await {
+                let meta = found.meta();
+                if meta.file.is_none()
+                    && meta.body_len <= self.store.max_item_size
+                    && self.purges_known(meta.stored_at_unix_ms).await
+                {
+                    if let Some(body) = found.read_all().await {
+                        let entry = tier::entry_from_meta(found.meta(), body, now_unix_ms());
+                        if usable(&entry) {
+                            return Some(Arc::new(entry));
+                        }
+                    }
+                }
+            }
+        }
+        let shared = self.shared.as_ref().filter(|s| s.is_available())?;
+        let lookup = async {
+            let key = match known_key {
+                Some(key) => key.clone(),
+                None => {
+                    let names = shared.vary(&base.text()).await?;
+                    key::CacheKey::new(base.clone(), &names, request)
+                }
+            };
+            shared.get(&key.text()).await
+        };
+        let (meta, body) = tokio::time::timeout(self.shared_timeout, lookup)
+            .await
+            .ok()
+            .flatten()?;
+        if !tier::same_release(&meta, self.release.as_deref()) {
+            return None;
+        }
+        let entry = tier::entry_from_meta(&meta, body, now_unix_ms());
+        usable(&entry).then(|| Arc::new(entry))
     }
 
     /// Looks for `key` in the disk tier, then the shared tier.
@@ -495,10 +578,37 @@ impl HttpCache {
                 .await
             }
             FromDisk::Stream(found) if hit::acceptable(&found.meta().headers, req.headers()) => {
-                if req.headers().contains_key(header::RANGE) {
-                    // The stored body can only be read from the start;
-                    // the app answers ranges of it, as for a Range miss.
-                    return labelled(self.next.fetch(req, conn).await, "bypass");
+                // A whole-body request from a client that takes a coding
+                // gets the stored encoding (made once, in the background,
+                // on the first such hit; until then compressed on the way
+                // out, as a miss would be).
+                let wants_range = req.headers().contains_key(header::RANGE);
+                let meta = found.meta();
+                let coding = facts.filter(|_| !wants_range).and_then(|f| {
+                    compression::coding_for(f, meta.status, &meta.headers, Some(meta.body_len))
+                });
+                if let (Some(disk), Some(coding)) = (&self.disk, coding) {
+                    let key = key::CacheKey::new(
+                        base.clone(),
+                        &key::vary_names(&meta.headers),
+                        req.headers(),
+                    );
+                    match disk.stream_encoding(&key, &found, coding).await {
+                        tier::StreamEncoding::Ready(encoded) => {
+                            return hit::stream_encoded(
+                                &found,
+                                *encoded,
+                                coding,
+                                &method,
+                                req.headers(),
+                                "hit",
+                            );
+                        }
+                        tier::StreamEncoding::NotSmaller => {}
+                        tier::StreamEncoding::Missing => {
+                            disk.make_stream_encoding(&key, found.meta(), coding)
+                        }
+                    }
                 }
                 hit::stream(*found, &method, req.headers(), "hit")
             }

@@ -56,12 +56,30 @@ const ENCODING_OF: HeaderName = HeaderName::from_static("thruster-encoding-of");
 /// Bodies up to this size are checksummed on the runtime thread; larger
 /// ones on the blocking pool.
 const INLINE_CRC: usize = 64 * 1024;
+/// Entries streamed from disk (over `MAX_CACHE_ITEM_SIZE`) up to this size
+/// get stored encodings; larger ones (media, archives: rarely compressible)
+/// are encoded on the fly if at all, since making one reads the whole body
+/// into memory once.
+const STREAM_ENCODE_MAX: u64 = 8 << 20;
+
+/// What the disk holds of an encoding of an entry streamed from disk.
+pub enum StreamEncoding {
+    /// The encoded body, to stream as it is.
+    Ready(Box<DiskEntry>),
+    /// Encoding does not make it smaller: send identity.
+    NotSmaller,
+    /// Not made yet (or made for an older body).
+    Missing,
+}
 
 /// A handle on the disk tier (cheap to clone).
 #[derive(Clone)]
 pub struct DiskTier {
     store: DiskStore,
     max_item: u64,
+    /// Encodings of streamed entries being made now (by record key), so
+    /// concurrent hits start one each.
+    making: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
     /// `CACHE_RELEASE`, written into every record and compared on reads.
     release: Option<Arc<str>>,
 }
@@ -91,6 +109,7 @@ impl DiskTier {
             store: DiskStore::open(dir, config.cache_disk_size, config.cache_disk_max_item_size),
             max_item: config.cache_disk_max_item_size.min(config.cache_disk_size),
             release: config.cache_release.as_deref().map(Arc::from),
+            making: Arc::default(),
         })
     }
 
@@ -120,6 +139,38 @@ impl DiskTier {
     pub async fn get(&self, key: &CacheKey) -> Option<DiskEntry> {
         let found = self.store.get(&key.text()).await?;
         servable(found.meta(), now_unix_ms(), self.release()).then_some(found)
+    }
+
+    /// The entry stored under `key` even if expired, while `stale-if-error`
+    /// still lets it stand in for an error (and of this release, or
+    /// immutable). For the error path only; the vary record is read the same
+    /// way (it expires with the response that wrote it).
+    pub async fn get_for_error(
+        &self,
+        base: &BaseKey,
+        key: Option<&CacheKey>,
+        request: &HeaderMap,
+    ) -> Option<(CacheKey, DiskEntry)> {
+        let now = now_unix_ms();
+        let usable = |meta: &EntryMeta| {
+            now < meta.usable_until_unix_ms() && same_release(meta, self.release())
+        };
+        let key = match key {
+            Some(key) => key.clone(),
+            None => {
+                let record = self.store.get(&base.vary_record_text()).await?;
+                if !usable(record.meta()) {
+                    return None;
+                }
+                CacheKey::new(
+                    base.clone(),
+                    &key::vary_names(&record.meta().headers),
+                    request,
+                )
+            }
+        };
+        let found = self.store.get(&key.text()).await?;
+        usable(found.meta()).then_some((key, found))
     }
 
     /// Starts writing the entry for `key`; push the body, then `finish`.
@@ -190,6 +241,69 @@ impl DiskTier {
         let made = store::encode(entry, coding).await;
         self.put_encoding(text, entry, coding, tag, made.as_ref());
         made
+    }
+
+    /// The stored `coding` encoding of `found`, an entry too large for
+    /// memory, streamed from disk like the entry itself. Named by the
+    /// entry's receive time and length (reading the body for a checksum,
+    /// as memory-sized encodings are named, would cost what the stored
+    /// encoding saves): a re-stored entry has another receive time.
+    pub async fn stream_encoding(
+        &self,
+        key: &CacheKey,
+        found: &DiskEntry,
+        coding: Coding,
+    ) -> StreamEncoding {
+        let Some(tag) = stream_tag(found.meta()) else {
+            return StreamEncoding::Missing;
+        };
+        match self.store.get(&key.encoded_text(coding.token())).await {
+            Some(record) if record.meta().headers.get(&ENCODING_OF) == Some(&tag) => {
+                if record.meta().headers.contains_key(header::CONTENT_ENCODING) {
+                    StreamEncoding::Ready(Box::new(record))
+                } else {
+                    StreamEncoding::NotSmaller
+                }
+            }
+            _ => StreamEncoding::Missing,
+        }
+    }
+
+    /// Makes and stores the `coding` encoding of the entry under `key` (too
+    /// large for memory) in the background: read once, encoded at the
+    /// level cached variants get, written as an encoding record. At most
+    /// one at a time per record; nothing over 8 MiB.
+    pub fn make_stream_encoding(&self, key: &CacheKey, meta: &EntryMeta, coding: Coding) {
+        let Some(tag) = stream_tag(meta) else {
+            return;
+        };
+        if meta.body_len > STREAM_ENCODE_MAX || meta.file.is_some() {
+            return;
+        }
+        let text = key.encoded_text(coding.token());
+        if !lock_set(&self.making).insert(text.clone()) {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            lock_set(&self.making).remove(&text);
+            return;
+        };
+        let (tier, entry_text) = (self.clone(), key.text());
+        runtime.spawn(async move {
+            let made = async {
+                let found = tier.store.get(&entry_text).await?;
+                if stream_tag(found.meta()).as_ref() != Some(&tag) {
+                    return None; // replaced meanwhile
+                }
+                let body = found.read_all().await?;
+                let entry = entry_from_meta(found.meta(), body, now_unix_ms());
+                let encoded = store::encode(&entry, coding).await;
+                tier.put_encoding(text.clone(), &entry, coding, tag, encoded.as_ref());
+                Some(())
+            };
+            made.await;
+            lock_set(&tier.making).remove(&text);
+        });
     }
 
     fn put_encoding(
@@ -316,6 +430,21 @@ pub fn entry_from_meta(meta: &EntryMeta, body: Bytes, now_unix_ms: u64) -> Entry
     }
 }
 
+fn lock_set(
+    set: &std::sync::Mutex<std::collections::HashSet<String>>,
+) -> std::sync::MutexGuard<'_, std::collections::HashSet<String>> {
+    set.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Names the body of an entry streamed from disk (see `stream_encoding`).
+fn stream_tag(meta: &EntryMeta) -> Option<HeaderValue> {
+    HeaderValue::from_str(&format!(
+        "{}:{}:stream",
+        meta.stored_at_unix_ms, meta.body_len
+    ))
+    .ok()
+}
+
 /// Names an entry's body: receive time, length and CRC-32. `None` if the
 /// checksum task could not run (the runtime is shutting down).
 async fn body_tag(entry: &Entry) -> Option<HeaderValue> {
@@ -344,6 +473,7 @@ mod tests {
             store: DiskStore::open(dir, 64 << 20, 16 << 20),
             max_item: 16 << 20,
             release: None,
+            making: Arc::default(),
         }
     }
 
