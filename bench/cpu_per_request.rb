@@ -11,6 +11,7 @@
 #   bench/cpu_per_request.rb NAME=path/to/thrust[:VAR=VALUE,...] [NAME=... ...]
 #   REPEAT=5 DURATION=8 CONNS=64 bench/cpu_per_request.rb before=/tmp/thrust-old after=lib/thruster/thrust
 #   bench/cpu_per_request.rb off=lib/thruster/thrust on=lib/thruster/thrust:METRICS_PORT=free
+#   WORKLOADS="hello,page gzip,page br" bench/cpu_per_request.rb before=/tmp/thrust-old after=lib/thruster/thrust
 #
 # Settings after a `:` go to that binary only (`free` = a free port), so one
 # binary can be compared with itself under two configurations.
@@ -41,10 +42,18 @@ if binaries.empty? || binaries.any? { |_, p, _| p.nil? }
 end
 binaries.each { |name, path, _| abort "#{name}: #{path} is not executable" unless File.executable?(path) }
 
-WORKLOADS = {
+# The default workloads; WORKLOADS=name,... picks others from ALL_WORKLOADS
+# (the page is compressed per request: an encoder's state is allocated and
+# freed for each, which is what an allocator change moves).
+ALL_WORKLOADS = {
   "hello" => ["/hello", []],
-  "cached css gzip" => ["/assets/app.css", ["-H", "Accept-Encoding: gzip"]]
+  "cached css gzip" => ["/assets/app.css", ["-H", "Accept-Encoding: gzip"]],
+  "page gzip" => ["/page", ["-H", "Accept-Encoding: gzip"]],
+  "page br" => ["/page", ["-H", "Accept-Encoding: br"]],
+  "page zstd" => ["/page", ["-H", "Accept-Encoding: zstd"]]
 }.freeze
+WORKLOADS = ALL_WORKLOADS.slice(*ENV.fetch("WORKLOADS", "hello,cached css gzip").split(",")).freeze
+abort "WORKLOADS: one or more of #{ALL_WORKLOADS.keys.join(', ')}" if WORKLOADS.empty?
 
 def start(name, path, settings, dir)
   port = BenchSupport.free_port
