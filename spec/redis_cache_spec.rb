@@ -103,6 +103,22 @@ RSpec.describe "shared cache tier (Redis) and purge" do
     [a, b3].each { |t| stop(t) }
   end
 
+  it "reports the shared tier in the metrics" do
+    redis, redis_port = start_redis
+    metrics = free_port
+    thrust, port = start(redis_port, "METRICS_PORT" => metrics.to_s)
+    get(port, "/cache/m.css?#{public_cc}")
+    wait_until(message: "the entry in Redis") { redis_entries(redis_port) == 1 }
+    scrape = -> { Net::HTTP.get(URI("http://127.0.0.1:#{metrics}/metrics")) }
+    text = scrape.call
+    expect(text).to match(/^thruster_cache_redis_up 1$/)
+    expect(text).to match(/^thruster_cache_redis_operations_total\{result="stored"\} 1$/)
+    redis.signal("KILL")
+    redis.wait(timeout: 10)
+    wait_until(message: "the tier to report down") { scrape.call.match?(/^thruster_cache_redis_up 0$/) }
+    stop(thrust)
+  end
+
   it "answers every request while Redis is stopped (SIGSTOP) or killed mid-traffic, none slower than the " \
      "timeout plus the app" do
     redis, redis_port = start_redis

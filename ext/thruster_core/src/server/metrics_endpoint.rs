@@ -39,6 +39,23 @@ impl Scrape {
         if let Some((bytes, entries)) = self.pipeline.memory_cache_usage() {
             m.set_cache_usage("memory", bytes, entries);
         }
+        if let Some(shared) = self.pipeline.cache().and_then(|c| c.shared()) {
+            let st = shared.stats();
+            m.set_redis(
+                &[
+                    ("hit", st.hits),
+                    ("miss", st.misses),
+                    ("rejected", st.rejected),
+                    ("unavailable", st.unavailable),
+                    ("timeout", st.timeouts),
+                    ("error", st.errors),
+                    ("stored", st.stored),
+                    ("write_failed", st.write_failures),
+                    ("breaker_open", st.breaker_opens),
+                ],
+                shared.is_available(),
+            );
+        }
         m.set_connections_waiting(self.listener_fds.iter().map(|&fd| accept_queue(fd)).sum());
         if let Some(tls) = &self.tls {
             for (domain, not_after) in tls.certificate_expiries() {

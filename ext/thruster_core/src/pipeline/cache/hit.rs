@@ -58,7 +58,7 @@ pub async fn respond(
     // request for the whole body gets an encoded variant.
     let wants_range = method == Method::GET && request.contains_key(header::RANGE);
     let coding = facts.filter(|_| !wants_range).and_then(|f| {
-        compression::coding_for(
+        compression::stored_coding_for(
             f,
             entry.status,
             &entry.headers,

@@ -170,6 +170,22 @@ impl HttpCache {
         {
             return true;
         }
+        self.shared_ready(shared).await
+    }
+
+    /// Whether the shared tier can be asked now. Right after start its
+    /// first connection may still be under way: until it is made or has
+    /// clearly failed (the breaker opened), a lookup waits for it, at most
+    /// `CACHE_REDIS_TIMEOUT_MS`, so a fresh instance's first requests are
+    /// hits. Later outages never wait.
+    async fn shared_ready(&self, shared: &SharedTier) -> bool {
+        if shared.is_available() {
+            self.shared_seen.store(true, Ordering::Relaxed);
+            return true;
+        }
+        if self.shared_seen.load(Ordering::Relaxed) || shared.stats().breaker_opens > 0 {
+            return false;
+        }
         if shared.ready(self.shared_timeout).await {
             self.shared_seen.store(true, Ordering::Relaxed);
             return true;
@@ -443,7 +459,7 @@ impl HttpCache {
         known: Known,
         request: &HeaderMap,
     ) -> Option<FromDisk> {
-        if !shared.is_available() {
+        if !self.shared_ready(shared).await {
             return None;
         }
         let key = match known {
