@@ -13,15 +13,18 @@ or {"connected": false, "error": "..."} when no QUIC handshake completes.
 REQUEST_JSON: {"method": "GET", "path": "/", "headers": {...},
                "body_file": "/path"}  (method, headers, body_file optional)
 
---flood N opens N request streams whose bodies never come, ignoring the
-server's stream limit (a protocol violation), and reports how the server
-ended the connection: {"connected": true, "closed": true, "error_code": 4}.
+--flood N opens request streams whose bodies never come: as many as the
+server allows, then (after printing {"holding": LIMIT} and waiting --hold
+seconds) the rest of N beyond the limit, a protocol violation; it reports
+how the server ended the connection:
+{"connected": true, "closed": true, "error_code": 4}.
 """
 
 import argparse
 import asyncio
 import base64
 import json
+import signal
 import ssl
 import sys
 
@@ -116,10 +119,26 @@ async def run(args):
         out = {"connected": True,
                "max_streams_bidi": client._quic._remote_max_streams_bidi}
         if args.flood:
-            # Past the server's limit: a peer that does this is in breach of
-            # RFC 9000 §4.6 and gets STREAM_LIMIT_ERROR (0x4).
+            # Up to the server's limit: requests whose bodies never come, each
+            # holding a stream (and the proxy's request buffering) open.
+            limit = client._quic._remote_max_streams_bidi
+            for _ in range(min(limit, args.flood)):
+                client.request(authority, {"method": "POST", "path": "/digest"}, end_stream=False)
+            # SIGUSR1 ends the hold early (the spec sends it once it has
+            # seen other clients served meanwhile).
+            hold_over = asyncio.Event()
+            asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, hold_over.set)
+            print(json.dumps({"holding": limit}))
+            sys.stdout.flush()
+            try:
+                async with asyncio.timeout(args.hold):
+                    await hold_over.wait()
+            except TimeoutError:
+                pass
+            # Past it: a peer that does this is in breach of RFC 9000 §4.6
+            # and gets STREAM_LIMIT_ERROR (0x4).
             client._quic._remote_max_streams_bidi = 1 << 40
-            for _ in range(args.flood):
+            for _ in range(max(0, args.flood - limit)):
                 client.request(authority, {"method": "POST", "path": "/digest"}, end_stream=False)
             try:
                 async with asyncio.timeout(args.timeout):
@@ -156,6 +175,7 @@ def main():
     parser.add_argument("--cafile")
     parser.add_argument("--timeout", type=float, default=10.0)
     parser.add_argument("--flood", type=int, default=0)
+    parser.add_argument("--hold", type=float, default=0.0)
     parser.add_argument("requests", nargs="*", type=json.loads)
     args = parser.parse_args()
     print(json.dumps(asyncio.run(run(args))))
