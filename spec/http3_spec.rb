@@ -107,6 +107,18 @@ RSpec.describe "HTTP/3" do
       expect(Zlib.gunzip(body_of(miss))).to eq(original)
     end
 
+    it "serves an X-Sendfile response by reading the file (no sendfile(2) on UDP)" do
+      _thrust, port = start_thrust
+      file = File.join(File.realpath(storage), "data.bin")
+      data = Random.new(11).bytes(300_000)
+      File.binwrite(file, data)
+      response, = h3(port, { path: "/sendfile?path=#{URI.encode_www_form_component(file)}" })["responses"]
+      expect(response["status"]).to eq(200)
+      expect(header(response, "content-length")).to eq(data.bytesize.to_s)
+      expect(header(response, "x-sendfile")).to be_nil
+      expect(body_of(response).b).to eq(data)
+    end
+
     it "answers 20 concurrent streams on one connection" do
       _thrust, port = start_thrust
       requests = Array.new(20) { |i| { path: "/cache/c#{i}.css?size=#{1000 + i}" } }

@@ -642,13 +642,14 @@ impl Body for StreamBody {
     }
 }
 
-/// The UDP socket under quinn, which treats any send error as fatal to the
-/// connection that sent (and a receive error as fatal to the endpoint). A
-/// datagram that cannot be sent is a datagram lost, which QUIC recovers
-/// from: so a send error other than "would block" is logged and the
-/// datagram dropped. Where UDP GSO fails (`EIO`/`EINVAL` on NICs and
-/// kernels without it), quinn-udp has already turned segmentation off for
-/// the next sends; only the batch that failed is lost.
+/// The UDP socket under quinn, holding its fork registration for as long as
+/// quinn holds the socket. quinn ends a connection on any error its socket
+/// returns from a send; quinn-udp 0.5 already turns a failing send into a
+/// logged, dropped datagram (and on `EIO`/`EINVAL`, where UDP GSO fails on
+/// some NICs and kernels, stops segmenting for later sends). This keeps
+/// that guarantee whatever the socket layer underneath: a send error other
+/// than "would block" is logged once and the datagram dropped, which QUIC
+/// recovers from by retransmitting.
 struct LossySocket {
     // Declared first so the fd leaves the fork registry before it closes.
     registration: Registration,
@@ -714,5 +715,58 @@ impl AsyncUdpSocket for LossySocket {
 
     fn may_fragment(&self) -> bool {
         self.inner.may_fragment()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn writable(poller: &mut Pin<Box<dyn UdpPoller>>) {
+        // tokio sends only once it has seen the socket writable.
+        std::future::poll_fn(|cx| poller.as_mut().poll_writable(cx))
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_send_the_kernel_refuses_costs_a_datagram_not_the_socket() {
+        // What a NIC without GSO does to a segmented batch (EIO/EINVAL), a
+        // datagram to an address family the socket cannot reach does too:
+        // the send fails. It must come back as sent (QUIC retransmits),
+        // and the socket must go on sending.
+        let std_socket = Registered::open(|| std::net::UdpSocket::bind("127.0.0.1:0")).unwrap();
+        std_socket.set_nonblocking(true).unwrap();
+        let (registration, std_socket) = std_socket.into_parts();
+        let inner = quinn::Runtime::wrap_udp_socket(&quinn::TokioRuntime, std_socket).unwrap();
+        let socket = Arc::new(LossySocket {
+            registration,
+            inner,
+            failures: AtomicU64::new(0),
+        });
+        let mut poller = socket.clone().create_io_poller();
+        let peer = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let unreachable = Transmit {
+            destination: "[2001:db8::1]:443".parse().unwrap(),
+            ecn: None,
+            contents: b"lost",
+            segment_size: None,
+            src_ip: None,
+        };
+        writable(&mut poller).await;
+        socket
+            .try_send(&unreachable)
+            .expect("dropped, not an error");
+        let ok = Transmit {
+            destination: peer.local_addr().unwrap(),
+            contents: b"still here",
+            ..unreachable
+        };
+        writable(&mut poller).await;
+        socket.try_send(&ok).unwrap();
+        let mut buf = [0u8; 32];
+        peer.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let (n, _) = peer.recv_from(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"still here");
     }
 }
