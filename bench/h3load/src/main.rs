@@ -168,6 +168,9 @@ impl Tally {
 
 type Sender = h3::client::SendRequest<h3_quinn::OpenStreams, Bytes>;
 
+/// Longest wait for one response, a failure past it.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// One request, start to end; the body length, or why it failed.
 async fn one_request(send: &mut Sender, args: &Args) -> Result<u64, String> {
     let mut req = Request::get(args.url.clone())
@@ -215,7 +218,11 @@ async fn stream_loop(
     let mut tally = Tally::default();
     while Instant::now() < deadline {
         let started = Instant::now();
-        match one_request(&mut send, &args).await {
+        // A request the server never finishes must not hang the run.
+        let result = tokio::time::timeout(REQUEST_TIMEOUT, one_request(&mut send, &args))
+            .await
+            .unwrap_or_else(|_| Err(format!("no response within {REQUEST_TIMEOUT:?}")));
+        match result {
             Ok(bytes) => {
                 tally.ok += 1;
                 tally.bytes += bytes;
@@ -314,7 +321,7 @@ async fn run(args: Args) -> Result<String, LoadError> {
         }
     }
     let seconds = started.elapsed().as_secs_f64();
-    endpoint.wait_idle().await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
     tally.latencies.sort_unstable();
     Ok(format!(
         "{{\"requests\":{},\"failed\":{},\"seconds\":{:.3},\"rps\":{:.1},\"bytes\":{},\"p50_ms\":{:.3},\"p99_ms\":{:.3},\"error\":{}}}",

@@ -91,7 +91,6 @@ impl Http3 {
         let socket = Arc::new(LossySocket {
             registration,
             inner,
-            failures: AtomicU64::new(0),
         });
         let endpoint = quinn::Endpoint::new_with_abstract_socket(
             quinn::EndpointConfig::default(),
@@ -654,7 +653,6 @@ struct LossySocket {
     // Declared first so the fd leaves the fork registry before it closes.
     registration: Registration,
     inner: Arc<dyn AsyncUdpSocket>,
-    failures: AtomicU64,
 }
 
 impl fmt::Debug for LossySocket {
@@ -665,7 +663,7 @@ impl fmt::Debug for LossySocket {
     }
 }
 
-/// Logged once: the first send error (later ones are counted only).
+/// Logged once: the first send error (a failing NIC fails every batch).
 static SEND_ERROR_LOGGED: AtomicBool = AtomicBool::new(false);
 
 impl AsyncUdpSocket for LossySocket {
@@ -676,7 +674,6 @@ impl AsyncUdpSocket for LossySocket {
     fn try_send(&self, transmit: &Transmit) -> io::Result<()> {
         match self.inner.try_send(transmit) {
             Err(err) if err.kind() != io::ErrorKind::WouldBlock => {
-                self.failures.fetch_add(1, Ordering::Relaxed);
                 if !SEND_ERROR_LOGGED.swap(true, Ordering::Relaxed) {
                     log::warn(
                         "QUIC send failed; dropping the datagram (QUIC retransmits)",
@@ -742,7 +739,6 @@ mod tests {
         let socket = Arc::new(LossySocket {
             registration,
             inner,
-            failures: AtomicU64::new(0),
         });
         let mut poller = socket.clone().create_io_poller();
         let peer = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
