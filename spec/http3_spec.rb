@@ -162,10 +162,11 @@ RSpec.describe "HTTP/3" do
   end
 
   describe "in-process (Puma plugin)" do
-    def start_puma(https, workers:)
+    def start_puma(https, workers:, options: {})
       port = free_port
       app_dir = Dir.mktmpdir("thruster-h3-inproc")
       options = { tls_local: true, https_port: https, https_bind: "127.0.0.1:#{https}", storage_path: storage }
+                .merge(options)
       env = { "APP_DIR" => app_dir, "PORT" => port.to_s, "WORKERS" => workers.to_s,
               "RUBYLIB" => File.join(ROOT, "lib"), "THRUSTER_OPTIONS" => JSON.generate(options),
               # As in in_process_spec: Puma 5.6 hot-restarts only without Bundler.
@@ -198,6 +199,14 @@ RSpec.describe "HTTP/3" do
       end
       # The same socket, handed over across exec rather than bound anew.
       expect(udp_inodes(https)).to eq(udp)
+    end
+
+    it "with http3_enabled: false opens no UDP socket and sends no Alt-Svc" do
+      https = free_port
+      start_puma(https, workers: 0, options: { http3_enabled: false })
+      expect(curl_alt_svc(https, "--http2")).to eq(["2", ""])
+      expect(udp_inodes(https)).to be_empty
+      expect(h3(https, { path: "/up" }, timeout: 2)).to include("connected" => false)
     end
   end
 end
