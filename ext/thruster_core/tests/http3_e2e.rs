@@ -286,3 +286,22 @@ fn no_zero_rtt_even_on_a_resumed_session() {
     });
     server.stop(Duration::from_secs(1));
 }
+
+#[test]
+fn max_connections_per_ip_refuses_a_second_quic_connection_from_the_same_address() {
+    let rt = runtime();
+    let _context = rt.enter();
+    let storage = TempDir::new("h3-per-ip");
+    let (server, port, ca) = proxy(&rt, &storage, &[("MAX_CONNECTIONS_PER_IP", "1")]);
+    let mut first = rt.block_on(connect(port, &ca)).expect("first connection");
+    let err = match rt.block_on(connect(port, &ca)) {
+        Err(err) => err,
+        Ok(_) => panic!("a second connection from 127.0.0.1 was accepted"),
+    };
+    assert!(
+        matches!(err, quinn::ConnectionError::ConnectionClosed(ref c) if c.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED),
+        "{err}"
+    );
+    assert_eq!(rt.block_on(get(&mut first.send, port, "/")).unwrap().0, 200);
+    server.stop(Duration::from_secs(1));
+}

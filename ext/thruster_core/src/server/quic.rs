@@ -127,16 +127,28 @@ impl Http3 {
             let peer = incoming.remote_address();
             // No backlog to wait in, unlike TCP: at a cap, refuse at once
             // (the client falls back to TCP, where it waits).
-            let Some(slot) = conn_limits
-                .try_reserve()
-                .and_then(|permit| conn_limits.admit(peer.ip(), permit))
-            else {
-                log::debug(
-                    "QUIC connection refused: connection cap reached",
-                    &[("remote_addr", peer.to_string().into())],
-                );
-                incoming.refuse();
-                continue;
+            let slot = match conn_limits.try_reserve() {
+                Some(permit) => conn_limits
+                    .admit(peer.ip(), permit)
+                    .ok_or("MAX_CONNECTIONS_PER_IP"),
+                None => Err("MAX_CONNECTIONS"),
+            };
+            let slot = match slot {
+                Ok(slot) => slot,
+                Err(cap) => {
+                    if let (Some(m), "MAX_CONNECTIONS_PER_IP") = (metrics::get(), cap) {
+                        m.connection_closed_per_ip();
+                    }
+                    log::debug(
+                        "QUIC connection refused: connection cap reached",
+                        &[
+                            ("remote_addr", peer.to_string().into()),
+                            ("cap", cap.into()),
+                        ],
+                    );
+                    incoming.refuse();
+                    continue;
+                }
             };
             let conn = QuicConnection {
                 _slot: slot,
