@@ -165,7 +165,11 @@ def mib(kib) = kib / 1024.0
 def stat(samples, name, phase, key) = median(samples[name].map { |s| s[phase][key] })
 
 # Files the master of Puma alone maps: counted in neither master.
-PUMA_FILES = samples["puma alone"].flat_map { |s| %i[idle after].flat_map { |p| s[p][:master_files].keys.compact } }.to_set
+PUMA_FILES = samples["puma alone"].flat_map do |s|
+  %i[idle after].flat_map do |p|
+    s[p][:master_files].keys.compact
+  end
+end.to_set
 
 # The master's PSS in KiB without the files of PUMA_FILES, median.
 def master_own(samples, name, phase)

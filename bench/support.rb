@@ -1,6 +1,7 @@
 # frozen_string_literal: true
 
 require "net/http"
+require "openssl"
 require "socket"
 
 # Helpers shared by the benchmark scripts: ports and process-tree memory.
@@ -61,5 +62,65 @@ module BenchSupport
       0
     end
     ticks / 100.0 # USER_HZ
+  end
+
+  def rss_kib(pids) = sum_kib(pids, "status", "VmRSS")
+
+  # Opens `count` connections to 127.0.0.1:port, each sending one GET /hello
+  # (mode :h1 cleartext HTTP/1.1, :tls HTTP/1.1 over TLS, :h2 HTTP/2 over
+  # TLS), then reads every answer, yields while they are all open and idle,
+  # and closes them. As the peer bench (../shared/bench/peers) does: all
+  # requests are sent before any answer is read.
+  def idle_connections(port, count, mode)
+    sockets = Array.new(count) { send_request(port, mode) }
+    sockets.each { |s| await_answer(s) }
+    yield
+  ensure
+    sockets&.each { |s| s.close rescue nil } # rubocop:disable Style/RescueModifier
+  end
+
+  def send_request(port, mode)
+    tcp = TCPSocket.new("127.0.0.1", port)
+    return tcp.tap { |s| s.write("GET /hello HTTP/1.1\r\nHost: bench\r\n\r\n") } if mode == :h1
+
+    context = OpenSSL::SSL::SSLContext.new
+    context.verify_mode = OpenSSL::SSL::VERIFY_NONE
+    context.alpn_protocols = [mode == :h2 ? "h2" : "http/1.1"]
+    tls = OpenSSL::SSL::SSLSocket.new(tcp, context)
+    tls.sync_close = true
+    tls.hostname = "localhost"
+    tls.connect
+    return tls.tap { |s| s.write("GET /hello HTTP/1.1\r\nHost: localhost\r\n\r\n") } if mode == :tls
+
+    raise "no h2 from port #{port} (ALPN #{tls.alpn_protocol.inspect})" unless tls.alpn_protocol == "h2"
+
+    tls.tap { |s| s.write(H2_REQUEST) }
+  end
+
+  # An HTTP/2 GET /hello: the preface, empty SETTINGS, then HEADERS on stream 1
+  # (END_STREAM | END_HEADERS) with HPACK indexed :method GET, :scheme https,
+  # and literal :path and :authority; plus a SETTINGS ack for the server's.
+  def h2_frame(type, flags, stream, payload)
+    [payload.bytesize >> 8, payload.bytesize & 0xff, type, flags, stream].pack("nCCCN") + payload
+  end
+
+  H2_HEADERS = ([0x82, 0x87, 0x04, 6].pack("C*") + "/hello".b + [0x01, 9].pack("CC") + "localhost".b).freeze
+  H2_REQUEST = ("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".b + h2_frame(4, 0, 0, "".b) + h2_frame(4, 1, 0, "".b) +
+                h2_frame(1, 5, 1, H2_HEADERS)).freeze
+
+  # Reads until the answer to /hello arrived.
+  def await_answer(socket)
+    deadline = Time.now + 30
+    received = +""
+    until received.include?("Hello, world!")
+      raise Errno::ETIMEDOUT, "no answer within 30 s" if Time.now > deadline
+
+      begin
+        received << socket.read_nonblock(16_384)
+      rescue IO::WaitReadable
+        socket.to_io.wait_readable(1)
+      end
+    end
+    socket
   end
 end

@@ -38,5 +38,6 @@ end
 Thruster::Conflict.warn_if_present
 Thruster.load_native
 require_relative "thruster/api"
+require_relative "thruster/purge"
 # The Railtie, now if Rails is loaded, else when the app class is defined.
 require_relative "thruster/railtie_hook"

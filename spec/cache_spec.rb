@@ -205,6 +205,22 @@ RSpec.describe "cache" do
     expect(hits(port, "/cache/big.css")).to eq(1)
   end
 
+  it "serves a browser the smallest stored coding, while an uncached response gets the cheapest" do
+    _thrust, port = start_thrust_with_puma
+    browser = "gzip, deflate, br, zstd"
+    path = "/cache/browser.css?#{public_cc}&size=20000"
+    identity_request(port, path)
+    headers, body = curl(port, path, accept: browser)
+    expect(headers["x-cache"]).to eq("hit")
+    expect(headers["content-encoding"]).to eq("br")
+    expect(body).to eq(css("/cache/browser.css", 20_000))
+    # Not stored (private): compressed on every request, in zstd.
+    headers, body = curl(port, "/cache/browser.css?cc=private&size=20000", accept: browser)
+    expect(headers["x-cache"]).not_to eq("hit")
+    expect(headers["content-encoding"]).to eq("zstd")
+    expect(body).to eq(css("/cache/browser.css", 20_000))
+  end
+
   it "serves a stale entry instead of a 502 while the app is down, within stale-if-error" do
     target = free_port
     puma = ChildProcess.start({ "PORT" => target.to_s }, "puma", "-C", File.join(FIXTURES, "puma.rb"),

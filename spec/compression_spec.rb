@@ -22,8 +22,11 @@ RSpec.describe "compression" do
 
   it "negotiates br, zstd and gzip, merging Vary and weakening the ETag" do
     _thrust, port = start_thrust_with_puma
-    { "br" => "br", "zstd" => "zstd", "gzip" => "gzip", "gzip, deflate, br, zstd" => "br",
-      "gzip, zstd" => "zstd", "br;q=0.1, gzip" => "gzip" }.each do |accept, coding|
+    # Compressed per response: ties go to the cheapest (zstd, gzip, br); the
+    # client's q-values come first.
+    { "br" => "br", "zstd" => "zstd", "gzip" => "gzip", "gzip, deflate, br, zstd" => "zstd",
+      "gzip, deflate, br" => "gzip", "gzip, zstd" => "zstd", "br;q=0.1, gzip" => "gzip",
+      "br, zstd;q=0.9, gzip;q=0.8" => "br" }.each do |accept, coding|
       headers, body = curl(port, "/page", accept:)
       expect(headers["content-encoding"]).to eq(coding), accept
       expect(body).to eq(page)

@@ -299,10 +299,33 @@ RSpec.describe "disk cache tier" do
     head = get(port, path, method: Net::HTTP::Head)
     expect([head.code, head["content-length"], head["x-cache"]]).to eq(["200", size.to_s, "hit"])
     expect(hits(port, "/cache/large.css")).to eq(1)
-    # A range of it is the app's to answer (the file is read from the start).
-    ranged = get(port, path, { "Range" => "bytes=0-9" })
-    expect(ranged["x-cache"]).to eq("bypass")
-    expect(hits(port, "/cache/large.css")).to eq(2)
+    # Ranges are answered from the file too, reading only the chunks they
+    # need (one across a chunk boundary, one at the very end).
+    ranged = get(port, path, { "Range" => "bytes=262140-262149" })
+    expect([ranged.code, ranged["x-cache"]]).to eq(%w[206 hit])
+    expect(ranged["content-range"]).to eq("bytes 262140-262149/#{size}")
+    expect(ranged.body).to eq(first.body.byteslice(262_140, 10))
+    tail = get(port, path, { "Range" => "bytes=-7" })
+    expect([tail.code, tail.body]).to eq(["206", first.body.byteslice(size - 7, 7)])
+    # Several ranges: the whole body (each part would read the file again).
+    several = get(port, path, { "Range" => "bytes=0-1,5-6" })
+    expect([several.code, several.body.bytesize]).to eq(["200", size])
+    expect(hits(port, "/cache/large.css")).to eq(1)
+
+    # A client taking gzip: compressed on the way out on the first hit
+    # (chunked), while the encoding is made once in the background and
+    # stored; later hits stream the stored encoding (with its length).
+    gzip = get(port, path, { "Accept-Encoding" => "gzip" })
+    expect([gzip["x-cache"], gzip["content-encoding"]]).to eq(%w[hit gzip])
+    expect(Zlib.gunzip(gzip.body)).to eq(first.body)
+    stored = wait_until(message: "the stored gzip encoding") do
+      again = get(port, path, { "Accept-Encoding" => "gzip" })
+      again if again["content-length"]
+    end
+    expect([stored["x-cache"], stored["content-encoding"]]).to eq(%w[hit gzip])
+    expect(Integer(stored["content-length"])).to eq(stored.body.bytesize)
+    expect(Zlib.gunzip(stored.body)).to eq(first.body)
+    expect(hits(port, "/cache/large.css")).to eq(1)
 
     # Damage the last chunk: the response ends as an error, never as a
     # complete wrong body, and the entry is removed.
@@ -316,7 +339,7 @@ RSpec.describe "disk cache tier" do
     wait_until(message: "the damaged entry removed") { !File.exist?(file) }
     fresh = get(port, path)
     expect([fresh.code, fresh["x-cache"], fresh.body == first.body]).to eq(["200", "miss", true])
-    expect(hits(port, "/cache/large.css")).to eq(3)
+    expect(hits(port, "/cache/large.css")).to eq(2)
 
     # And it survives a restart like any entry.
     stop(thrust)
@@ -324,6 +347,27 @@ RSpec.describe "disk cache tier" do
     after = get(port, path)
     expect([after["x-cache"], after.body == first.body]).to eq(["hit", true])
     expect(hits(port, "/cache/large.css")).to eq(0)
+  end
+
+  it "serves an expired entry from disk in place of an app error within stale-if-error, after a restart" do
+    # max-age=1 with a 60 s stale-if-error window; then the app fails.
+    path = "/cache/flaky.css?cc=public,+max-age%3D1,+stale-if-error%3D60"
+    strict = "/cache/flaky.css?cc=public,+max-age%3D1,+must-revalidate"
+    thrust, port = start(@storage)
+    stored_at = monotonic
+    first = get(port, path)
+    expect([first["x-cache"], get(port, strict)["x-cache"]]).to eq(%w[miss miss])
+    stop(thrust)
+    # The next process has nothing in memory, and its app answers 503 for
+    # that path. Its first request for the entry must come after the entry
+    # expired (a fresh one would be promoted into memory and go stale
+    # there): waiting for the clock, not for the proxy.
+    _thrust, port = start(@storage, "CACHE_FAIL_PATHS" => "/cache/flaky.css")
+    sleep([stored_at + 2.5 - monotonic, 0].max)
+    stale = get(port, path)
+    expect([stale.code, stale["x-cache"], stale.body]).to eq(["200", "stale", first.body])
+    # must-revalidate forbids it: the error goes through.
+    expect(get(port, strict).code).to eq("503")
   end
 
   it "keeps X-Sendfile responses as references to their file across a restart, re-checked on a hit" do

@@ -140,6 +140,13 @@ RSpec.describe "in-process mode (Puma plugin)" do
     codes = finish.call
     expect(puma.output).to include("handing the proxy's listeners over")
     expect(codes.uniq).to eq(["200"])
+    # The admin listener was handed over too: the new workers' Thruster.purge
+    # reaches it at the same URL, with the same token.
+    admins = puma.output.scan(/"msg":"Server started".*"admin":"(127\.0\.0\.1:\d+)"/).flatten
+    expect(admins.size).to eq(2)
+    expect(admins.uniq.size).to eq(1), puma.output.lines.grep(/handing|Server started/).join
+    purged = http_get(port, "/purge?target=/after-restart")
+    expect([purged.code, JSON.parse(purged.body)["purged"]]).to eq(["200", "/after-restart"])
   end
 
   it "works with fork_worker: workers forked from worker 0 serve and hold no proxy socket" do
@@ -152,6 +159,12 @@ RSpec.describe "in-process mode (Puma plugin)" do
     expect(File.read("/proc/#{worker1}/stat").split(")").last.split[1].to_i).to eq(worker0)
     expect(Array.new(10) { http_get(port, "/h").code }.uniq).to eq(["200"])
     expect(socket_inodes_of(worker1) & tcp_inodes(port)).to be_empty
+    # Nor the admin listener, which Thruster.purge in a worker reaches.
+    admin = Integer(puma.output[/"msg":"Server started".*"admin":"127\.0\.0\.1:(\d+)"/, 1])
+    expect(tcp_inodes(admin)).not_to be_empty
+    expect((socket_inodes_of(worker0) + socket_inodes_of(worker1)) & tcp_inodes(admin)).to be_empty
+    purged = http_get(port, "/purge?target=/cache/*")
+    expect([purged.code, JSON.parse(purged.body)]).to eq(["200", { "purged" => "/cache/*", "shared" => nil }])
   end
 
   it "survives kill -9 of a worker" do

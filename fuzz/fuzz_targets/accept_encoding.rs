@@ -1,17 +1,19 @@
-//! Accept-Encoding: the compression choice (`http::coding::negotiate`), the
+//! Accept-Encoding: the compression choices (`http::coding::negotiate_for`,
+//! for stored variants and per response), the
 //! cache's reading of the same field (`http::coding::accepts`, `CacheKey`), plus
 //! `vary_names` and `normalise_host` over the same bytes.
 //!
 //! Invariants: no panic; the coding compression picks is one the cache
 //! considers accepted, and compression picks nothing only when the cache
-//! sees none of br/zstd/gzip accepted; requests with the same accepted set
+//! sees none of br/zstd/gzip accepted; the per-response and the stored
+//! choices differ only between codings of the same weight; requests with the same accepted set
 //! share a cache key; Vary names come out sorted, deduplicated, lower case.
 #![no_main]
 
 use http::header::{self, HeaderMap, HeaderValue};
 use http::Request;
 use libfuzzer_sys::fuzz_target;
-use thruster_core::http::coding::{accepts, negotiate, Coding};
+use thruster_core::http::coding::{accepts, negotiate, negotiate_for, weight, Coding, Use};
 use thruster_core::pipeline::cache::key::{normalise_host, vary_names, BaseKey, CacheKey};
 use thruster_core_fuzz::{fields, headers, value};
 
@@ -40,6 +42,16 @@ fuzz_target!(|data: &[u8]| {
             accepted.is_empty(),
             "compression picks identity, the cache says {accepted:?} are accepted"
         ),
+    }
+
+    let per_response = negotiate_for(&req, Use::PerResponse);
+    assert_eq!(per_response.is_some(), chosen.is_some());
+    if let (Some(a), Some(b)) = (chosen, per_response) {
+        assert_eq!(
+            weight(&req, a.token()),
+            weight(&req, b.token()),
+            "stored {a:?} and per-response {b:?} differ in weight"
+        );
     }
 
     // Same accepted set (deflate included), same variant key.

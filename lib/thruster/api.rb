@@ -26,8 +26,10 @@ module Thruster
     def start(upstream:, bind: nil, https_bind: nil, **options)
       check_options!(options)
       share_sendfile_token
-      Native.start(stringify(options), upstream.to_s, Array(bind).map(&:to_s), Array(https_bind).map(&:to_s),
-                   take_inherited_fds)
+      addresses = Native.start(stringify(options), upstream.to_s, Array(bind).map(&:to_s),
+                               Array(https_bind).map(&:to_s), take_inherited_fds)
+      share_admin_endpoint
+      addresses
     end
 
     # Stops accepting, lets in-flight requests finish for up to `timeout`
@@ -71,12 +73,16 @@ module Thruster
     # exec and pass the list in ENV[INHERIT_ENV] (see `export_handoff`);
     # call `stop` right before exec.
     def begin_handoff
+      # The admin listener's URL and token go with its socket, so the next
+      # image listens where the app's Thruster.purge already calls.
+      @handoff_env = ENV.to_h.slice(ADMIN_URL_ENV, ADMIN_TOKEN_ENV)
       Native.handoff_begin
     end
 
     # Puts handed-over sockets where `start` in the next process image finds
     # them; returns their fds.
     def export_handoff(pairs)
+      ENV.update(@handoff_env || {}) unless pairs.empty?
       ENV[INHERIT_ENV] = pairs.join(",") unless pairs.empty?
       pairs.map { |pair| Integer(pair.split(":", 2).first) }
     end
@@ -102,6 +108,17 @@ module Thruster
       return unless ENV.fetch(SENDFILE_TOKEN_ENV, "").empty?
 
       ENV[SENDFILE_TOKEN_ENV] = SecureRandom.hex(32)
+    end
+
+    # Where Thruster.purge finds the admin listener: set in the master before
+    # Puma forks its workers, so they inherit it (and, across a hot restart,
+    # the next image keeps the same port and token).
+    def share_admin_endpoint
+      url, token = Native.admin_endpoint
+      return unless url
+
+      ENV[ADMIN_URL_ENV] = url
+      ENV[ADMIN_TOKEN_ENV] = token
     end
 
     def stringify(options)

@@ -109,6 +109,10 @@ fn main() -> ExitCode {
             eprintln!("thrust: {err}");
             return ExitCode::from(2);
         }
+        Err(ServerError::SharedCache(err)) => {
+            eprintln!("thrust: {err}");
+            return ExitCode::from(2);
+        }
         Err(err) => {
             let msg = match &err {
                 ServerError::Bind {
@@ -132,7 +136,10 @@ fn main() -> ExitCode {
         .env(
             thruster_core::pipeline::sendfile::TOKEN_ENV,
             &sendfile_token,
-        );
+        )
+        // Thruster.purge in the app calls the admin listener with these.
+        .env(thruster_core::server::ADMIN_URL_ENV, server.admin_url())
+        .env(thruster_core::server::ADMIN_TOKEN_ENV, server.admin_token());
     // If thrust itself is killed outright, the app server is told to stop
     // rather than left running without its proxy.
     // SAFETY: prctl is async-signal-safe and touches no shared state.

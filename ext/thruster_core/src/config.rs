@@ -485,6 +485,45 @@ pub const SETTINGS: &[Setting] = &[
          are served from disk without being read into memory.",
     ),
     row(
+        "CACHE_REDIS_URL",
+        Unset,
+        ACCEPT_REDIS_URL,
+        "The [shared tier](#shared-tier-redis--valkey) on Redis, Valkey or any RESP3 server \
+         (Redis 7.0 or later): `redis://[user:password@]host:port[/db]`, `rediss://…` for TLS, \
+         `unix:///path/to/redis.sock[?db=N]`. Unset = no shared tier. In-process: \
+         `cache_redis_url:`.",
+    ),
+    row(
+        "CACHE_REDIS_TIMEOUT_MS",
+        Value("100"),
+        ACCEPT_MILLISECONDS,
+        "The longest a lookup in the shared tier waits, in milliseconds; one that takes longer is \
+         a miss. Repeated failures open a circuit breaker that stops calling Redis for 1 to 30 s.",
+    ),
+    row(
+        "CACHE_REDIS_CA_FILE",
+        Unset,
+        ACCEPT_PEM_FILE,
+        "Extra CA certificates (PEM) trusted for `rediss://`, on top of the system's.",
+    ),
+    row(
+        "CACHE_RELEASE",
+        Unset,
+        ACCEPT_RELEASE,
+        "The running release (e.g. `$KAMAL_VERSION` or the git SHA). An entry in the disk or \
+         shared tier stored under another release is served only if its response said \
+         `immutable`; any other is a miss. Unset = releases are not tracked. See \
+         [Deploys and purge](#deploys-and-purge).",
+    ),
+    row(
+        "ADMIN_PORT",
+        Value("0"),
+        ACCEPT_PORT,
+        "Port of the loopback-only (127.0.0.1) admin listener `Thruster.purge` calls; the app \
+         finds it in `THRUSTER_RS_ADMIN_URL`, with a per-boot token in `THRUSTER_RS_ADMIN_TOKEN`. \
+         `0` (the default) = a free port. See [Deploys and purge](#deploys-and-purge).",
+    ),
+    row(
         "CACHE_STALE_IF_ERROR",
         Value("300"),
         ACCEPT_STALE_SECONDS,
@@ -534,6 +573,12 @@ const ACCEPT_DISK_PATH: &str = "a directory path, or none";
 const ACCEPT_LOG_EXCLUDE: &str =
     "a comma-separated list of paths, each starting with /, a trailing * making a prefix (/up,/assets/*)";
 const ACCEPT_BOOL: &str = "a boolean: 1, t, T, TRUE, true, True, 0, f, F, FALSE, false or False";
+const ACCEPT_REDIS_URL: &str =
+    "a redis://, rediss:// or unix:// URL (user and password in the URL)";
+const ACCEPT_MILLISECONDS: &str =
+    "a whole number of milliseconds (digits only, no unit), 1 or more";
+const ACCEPT_RELEASE: &str =
+    "a release name: printable ASCII without spaces, at most 200 characters";
 const ACCEPT_PORT: &str = "a TCP port number from 0 to 65535";
 const ACCEPT_TARGET_PORT: &str = "a TCP port number from 1 to 65535";
 const ACCEPT_PATH: &str = "a file system path";
@@ -588,6 +633,15 @@ pub struct Config {
     pub cache_disk_size: u64,
     /// Largest body the disk tier stores, in bytes.
     pub cache_disk_max_item_size: u64,
+    /// `CACHE_REDIS_URL` as given (checked when the tier starts, where the
+    /// URL parser lives).
+    pub cache_redis_url: Option<String>,
+    pub cache_redis_timeout: Duration,
+    pub cache_redis_ca_file: Option<PathBuf>,
+    /// `CACHE_RELEASE`; `None` = releases are not tracked.
+    pub cache_release: Option<String>,
+    /// Port of the loopback admin listener; 0 = a free one.
+    pub admin_port: u16,
     pub x_sendfile_enabled: bool,
     /// Canonical directories X-Sendfile may serve files from.
     pub x_sendfile_roots: Vec<PathBuf>,
@@ -745,6 +799,18 @@ impl Config {
             cache_disk_path,
             cache_disk_size,
             cache_disk_max_item_size: r.unsigned("CACHE_DISK_MAX_ITEM_SIZE")?,
+            cache_redis_url: r.parsed("CACHE_REDIS_URL", parse_redis_url)?,
+            cache_redis_timeout: Duration::from_millis(r.with_default(
+                "CACHE_REDIS_TIMEOUT_MS",
+                |v| {
+                    parse_int(v)
+                        .filter(|n| *n >= 1)
+                        .and_then(|n| u64::try_from(n).ok())
+                },
+            )?),
+            cache_redis_ca_file: r.parsed("CACHE_REDIS_CA_FILE", |v| Some(PathBuf::from(v)))?,
+            cache_release: r.parsed("CACHE_RELEASE", parse_release)?,
+            admin_port: r.port("ADMIN_PORT", 0)?,
             x_sendfile_enabled: r.bool("X_SENDFILE_ENABLED")?,
             x_sendfile_roots: r
                 .parsed("X_SENDFILE_ROOTS", |v| parse_roots(v).ok())?
@@ -993,6 +1059,30 @@ impl Reader<'_> {
             _ => None,
         })
     }
+}
+
+/// A Redis URL's scheme; the rest is checked by the shared tier when it
+/// starts (its parser knows every form).
+fn parse_redis_url(value: &str) -> Option<String> {
+    let lower = value.trim().to_ascii_lowercase();
+    [
+        "redis://",
+        "rediss://",
+        "valkey://",
+        "valkeys://",
+        "unix://",
+        "redis+unix://",
+        "valkey+unix://",
+    ]
+    .iter()
+    .any(|scheme| lower.starts_with(scheme) && lower.len() > scheme.len())
+    .then(|| value.trim().to_string())
+}
+
+/// A release name goes into every stored entry and is compared as is.
+fn parse_release(value: &str) -> Option<String> {
+    (!value.is_empty() && value.len() <= 200 && value.bytes().all(|b| b.is_ascii_graphic()))
+        .then(|| value.to_string())
 }
 
 /// A comma-separated list of domain names, normalised, first occurrence

@@ -133,6 +133,15 @@ impl ConnState {
     pub(crate) fn upgraded(&self) -> bool {
         self.upgraded.load(Ordering::Acquire)
     }
+
+    /// No request in flight, not upgraded, and nothing queued for the
+    /// socket (file regions, informational responses).
+    pub(crate) fn idle_io(&self) -> bool {
+        !self.busy()
+            && !self.upgraded()
+            && self.zero_copy.lock().is_ok_and(|q| q.is_empty())
+            && self.informational.lock().is_ok_and(|q| q.is_empty())
+    }
 }
 
 /// Held while a request is in flight.

@@ -172,6 +172,8 @@ pub struct Metrics {
     cache_requests: [IntCounter; 4],
     cache_bytes: IntGaugeVec,
     cache_entries: IntGaugeVec,
+    redis_operations: IntCounterVec,
+    redis_up: IntGauge,
     upstream_errors: [IntCounter; 7],
     upstream_retries: IntCounter,
     upstream_duration: Histogram,
@@ -263,6 +265,18 @@ impl Metrics {
             "Entries held by each cache tier.",
             "tier",
         );
+        let redis_operations = counter_vec(
+            "thruster_cache_redis_operations_total",
+            "Calls of the shared cache tier by outcome: hit, miss, rejected (a value that was \
+             not a valid entry for its key), unavailable (not made: no connection or the \
+             circuit open), timeout, error, stored, write_failed, breaker_open.",
+            "result",
+        );
+        let redis_up = gauge(
+            "thruster_cache_redis_up",
+            "1 while the shared cache tier is connected with its circuit closed, else 0 \
+             (always 0 without CACHE_REDIS_URL).",
+        );
         let errors = counter_vec(
             "thruster_upstream_errors_total",
             "Requests the proxy could not forward to the app, by kind: refused, reset, timeout, \
@@ -351,6 +365,8 @@ impl Metrics {
             cache_requests,
             cache_bytes,
             cache_entries,
+            redis_operations,
+            redis_up,
             upstream_errors,
             upstream_retries,
             upstream_duration,
@@ -439,6 +455,17 @@ impl Metrics {
         self.cache_entries
             .with_label_values(&[tier])
             .set(clamp(entries));
+    }
+
+    /// The shared tier's counters since start (`outcomes`: label and total)
+    /// and whether it is usable now.
+    pub fn set_redis(&self, outcomes: &[(&str, u64)], up: bool) {
+        for &(result, total) in outcomes {
+            let counter = self.redis_operations.with_label_values(&[result]);
+            // Totals only grow; a counter is advanced to them.
+            counter.inc_by(total.saturating_sub(counter.get()));
+        }
+        self.redis_up.set(i64::from(up));
     }
 
     pub fn set_connections_waiting(&self, n: u64) {

@@ -127,6 +127,7 @@ fn start_proxy_to(upstream: UpstreamAddr, mut settings: Vec<(&'static str, Strin
             https_binds: Vec::new(),
             inherited_fds: Vec::new(),
             sendfile_token: "test-token".into(),
+            admin_token: "a".repeat(64),
             worker_threads: 1,
         },
     )

@@ -99,10 +99,13 @@ fn start(
         https_binds,
         inherited_fds,
         sendfile_token: thruster_core::pipeline::sendfile::token_from_env_or_new(),
+        admin_token: thruster_core::server::admin_token_from_env_or_new(),
         worker_threads: std::thread::available_parallelism().map_or(2, |n| n.get().min(2)),
     };
     let server = Server::start(config, options).map_err(|e| match e {
-        thruster_core::ServerError::Tls(_) => errors::config_error(ruby, e.to_string()),
+        thruster_core::ServerError::Tls(_) | thruster_core::ServerError::SharedCache(_) => {
+            errors::config_error(ruby, e.to_string())
+        }
         _ => errors::error(ruby, e.to_string()),
     })?;
     let addrs = server
@@ -178,6 +181,17 @@ fn stop_accepting() -> bool {
     }
 }
 
+/// `Thruster::Native.admin_endpoint`: `[url, token]` of the admin listener
+/// (for `THRUSTER_RS_ADMIN_URL`/`_TOKEN`), nil when no proxy runs here.
+fn admin_endpoint() -> Option<(String, String)> {
+    if !is_owner() {
+        return None;
+    }
+    proxy_slot()
+        .as_ref()
+        .map(|server| (server.admin_url(), server.admin_token().to_owned()))
+}
+
 fn running() -> bool {
     is_owner() && proxy_slot().is_some()
 }
@@ -214,6 +228,7 @@ fn init(ruby: &Ruby) -> Result<(), Error> {
     native.define_singleton_method("handoff_begin", function!(handoff_begin, 0))?;
     native.define_singleton_method("stop_accepting", function!(stop_accepting, 0))?;
     native.define_singleton_method("running?", function!(running, 0))?;
+    native.define_singleton_method("admin_endpoint", function!(admin_endpoint, 0))?;
     native.define_singleton_method("owned_fd_count", function!(owned_fd_count, 0))?;
     Ok(())
 }

@@ -29,12 +29,16 @@ pub enum Source {
     /// An open file of `len` bytes, read (or sent with sendfile(2)) as the
     /// client takes it.
     File { file: OwnedFile, len: u64 },
-    /// A body of `len` bytes that can only be read from the start (a cache
-    /// entry streamed from disk, checked chunk by chunk as it is read):
-    /// served whole, so `Range` is not answered from it and the caller
-    /// must send range requests elsewhere.
-    Stream { body: ResponseBody, len: u64 },
+    /// A body of `len` bytes read as it is sent (a cache entry streamed
+    /// from disk, checked chunk by chunk): `open(start, len)` gives those
+    /// bytes. One range is answered from it; several get the whole body
+    /// (a 200, as RFC 9110 §14.2 allows), since each part would read the
+    /// file again.
+    Stream { open: StreamOpener, len: u64 },
 }
+
+/// Opens `len` bytes from `start` of a [`Source::Stream`].
+pub type StreamOpener = Box<dyn FnOnce(u64, u64) -> ResponseBody + Send>;
 
 impl Source {
     fn len(&self) -> u64 {
@@ -42,10 +46,6 @@ impl Source {
             Source::Bytes(bytes) => bytes.len() as u64,
             Source::File { len, .. } | Source::Stream { len, .. } => *len,
         }
-    }
-
-    fn seekable(&self) -> bool {
-        !matches!(self, Source::Stream { .. })
     }
 }
 
@@ -78,9 +78,8 @@ pub fn respond(
     } = rep;
     let len = source.len();
     // Byte ranges are over the identity bytes of a 200 only.
-    let rangeable = status == StatusCode::OK
-        && !headers.contains_key(header::CONTENT_ENCODING)
-        && source.seekable();
+    let rangeable = status == StatusCode::OK && !headers.contains_key(header::CONTENT_ENCODING);
+    let single_range_only = matches!(source, Source::Stream { .. });
     if rangeable {
         headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
     }
@@ -114,6 +113,7 @@ pub fn respond(
                     full_body(Bytes::new()),
                 );
             }
+            RangeOutcome::Partial(selected) if single_range_only && selected.len() > 1 => {}
             RangeOutcome::Partial(selected) => {
                 status = StatusCode::PARTIAL_CONTENT;
                 ranges = Some(selected);
@@ -176,8 +176,12 @@ pub fn respond(
             }
             body.boxed_unsync()
         }
-        // Never rangeable: always the whole body.
-        (Source::Stream { body, .. }, _) => body,
+        (Source::Stream { open, .. }, None) => open(0, len),
+        (Source::Stream { open, .. }, Some(pieces)) => match pieces.as_slice() {
+            [Piece::File { start, len }] => open(*start, *len),
+            // Several ranges were turned into the whole body above.
+            _ => open(0, len),
+        },
     };
     build(status, headers, body)
 }
@@ -370,18 +374,22 @@ mod tests {
         assert_eq!(bodies[0], bodies[1]);
     }
 
-    /// A stream answers preconditions and HEAD like the other sources, and
-    /// is never ranged (it can only be read from the start).
+    /// A stream answers preconditions, HEAD and one range like the other
+    /// sources (opened at the range's start); several ranges get the whole
+    /// body.
     #[tokio::test(flavor = "current_thread")]
-    async fn streams_answer_conditionals_and_head_and_are_served_whole() {
+    async fn streams_answer_conditionals_head_and_one_range() {
         let stream = || Source::Stream {
-            body: crate::http::full_body(Bytes::from_static(BODY)),
+            open: Box::new(|start, len| {
+                let bytes = Bytes::from_static(BODY);
+                crate::http::full_body(bytes.slice(start as usize..(start + len) as usize))
+            }),
             len: BODY.len() as u64,
         };
         let (status, h, body) = serve(Method::GET, &[], rep(stream(), StatusCode::OK, &[])).await;
         assert_eq!((status, &body[..]), (StatusCode::OK, BODY));
         assert_eq!(h["content-length"], "36");
-        assert!(!h.contains_key("accept-ranges"));
+        assert_eq!(h["accept-ranges"], "bytes");
         let (status, h, body) = serve(
             Method::GET,
             &[("if-none-match", "\"v1\"")],
@@ -395,7 +403,18 @@ mod tests {
         assert_eq!(h["content-length"], "36");
         let (status, h, body) = serve(
             Method::GET,
-            &[("range", "bytes=0-1")],
+            &[("range", "bytes=10-19")],
+            rep(stream(), StatusCode::OK, &[]),
+        )
+        .await;
+        assert_eq!(
+            (status, &body[..]),
+            (StatusCode::PARTIAL_CONTENT, &BODY[10..20])
+        );
+        assert_eq!(h["content-range"], "bytes 10-19/36");
+        let (status, h, body) = serve(
+            Method::GET,
+            &[("range", "bytes=0-1,5-6")],
             rep(stream(), StatusCode::OK, &[]),
         )
         .await;

@@ -2,8 +2,13 @@
 //! `Accept-Encoding` (RFC 9110 §12.5.3), streamed frame by frame with a
 //! flush after each one so SSE and other streams are never held back.
 //!
-//! Fixes over basecamp's Thruster (v0.1.22): brotli; q-values honoured with
-//! br > zstd > gzip on ties; `Vary: Accept-Encoding` merged with the app's
+//! A response compressed here is compressed again for every request, so ties
+//! between codings the client weighs alike go to the cheapest (zstd, gzip,
+//! br; `http::coding::Use::PerResponse`); the cache's stored variants are
+//! made once and go to the smallest (br, zstd, gzip).
+//!
+//! Fixes over basecamp's Thruster (v0.1.22): brotli and zstd; q-values
+//! honoured; `Vary: Accept-Encoding` merged with the app's
 //! own `Vary` instead of replacing it; a compressed representation gets a
 //! weak ETag (it is not byte-identical to the app's); already-compressed
 //! types (woff2, images but SVG, archives) are left alone; the credentials
@@ -19,8 +24,8 @@ use http::{Method, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 
-use crate::http::coding::negotiate;
 pub use crate::http::coding::Coding;
+use crate::http::coding::{negotiate_for, Use};
 use crate::http::{BoxError, ResponseBody};
 
 /// Bodies smaller than this are not worth a compressed representation.
@@ -81,7 +86,12 @@ pub fn compressible(content_type: &str) -> bool {
 /// What the request side contributes to the decision.
 #[derive(Debug, Clone, Copy)]
 pub struct RequestFacts {
+    /// The coding of a response compressed here, once per response
+    /// ([`Use::PerResponse`]).
     pub coding: Option<Coding>,
+    /// The coding of a stored variant served from the cache
+    /// ([`Use::Stored`]).
+    pub stored: Option<Coding>,
     pub head: bool,
     /// The request carries credentials and the guard is on.
     pub guarded: bool,
@@ -118,7 +128,8 @@ impl RequestFacts {
                 .iter()
                 .any(|h| headers.get(*h).is_some_and(|v| !v.as_bytes().is_empty()));
         RequestFacts {
-            coding: negotiate(headers),
+            coding: negotiate_for(headers, Use::PerResponse),
+            stored: negotiate_for(headers, Use::Stored),
             head: method == Method::HEAD,
             guarded,
             guard_responses: guard_on_auth,
@@ -191,16 +202,44 @@ fn choose(
     (coding, length)
 }
 
-/// The coding for a response with this status, headers and body length
-/// (`None`: unknown), or `None` for identity. Shared with cache hits, so a
-/// stored body gets exactly the representation a fresh one would.
+/// The coding to compress a response with this status, headers and body
+/// length (`None`: unknown) in, or `None` for identity. Shared with
+/// X-Sendfile, so a file is sent with sendfile(2) only when nothing will
+/// re-encode it.
 pub fn coding_for(
     facts: &RequestFacts,
     status: StatusCode,
     h: &HeaderMap,
     length: Option<u64>,
 ) -> Option<Coding> {
-    let coding = facts.coding?;
+    facts
+        .coding
+        .filter(|_| may_encode(facts, status, h, length))
+}
+
+/// The coding of the stored variant a cache hit is served in, or `None` for
+/// identity: the same rules as a response compressed here, so a stored body
+/// is encoded exactly when a fresh one would be, but the smallest coding the
+/// client weighs highest, as a variant is made once for many hits.
+pub fn stored_coding_for(
+    facts: &RequestFacts,
+    status: StatusCode,
+    h: &HeaderMap,
+    length: Option<u64>,
+) -> Option<Coding> {
+    facts
+        .stored
+        .filter(|_| may_encode(facts, status, h, length))
+}
+
+/// Whether a response with this status, headers and body length may be
+/// given a content coding at all.
+fn may_encode(
+    facts: &RequestFacts,
+    status: StatusCode,
+    h: &HeaderMap,
+    length: Option<u64>,
+) -> bool {
     if facts.guarded
         || (facts.guard_responses && per_user(h))
         || status.is_informational()
@@ -211,19 +250,16 @@ pub fn coding_for(
         || h.contains_key(header::CONTENT_RANGE)
         || h.contains_key("no-gzip-compression")
     {
-        return None;
+        return false;
     }
     let content_type = h
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
     if !compressible(content_type) || cache_control_has(h, &["no-transform"]) {
-        return None;
+        return false;
     }
-    if length.is_some_and(|n| n < MIN_COMPRESS_SIZE) {
-        return None;
-    }
-    Some(coding)
+    length.is_none_or(|n| n >= MIN_COMPRESS_SIZE)
 }
 
 /// Whether a response declares itself per-user: it sets a cookie, is
@@ -1034,6 +1070,7 @@ mod tests {
     fn facts(coding: Option<Coding>) -> RequestFacts {
         RequestFacts {
             coding,
+            stored: coding,
             head: false,
             guarded: false,
             guard_responses: false,
@@ -1101,6 +1138,7 @@ mod tests {
             for _ in 0..20 {
                 let f = RequestFacts {
                     coding: Some(coding),
+                    stored: Some(coding),
                     head: false,
                     guarded: false,
                     guard_responses: false,
@@ -1128,6 +1166,7 @@ mod tests {
         let gz = body_bytes(apply(
             &RequestFacts {
                 coding: Some(Coding::Gzip),
+                stored: Some(Coding::Gzip),
                 head: false,
                 guarded: false,
                 guard_responses: false,
@@ -1163,6 +1202,7 @@ mod tests {
                 response("text/html", TEXT),
                 RequestFacts {
                     coding: Some(Coding::Gzip),
+                    stored: Some(Coding::Gzip),
                     head: false,
                     guarded: true,
                     guard_responses: false,
@@ -1250,6 +1290,7 @@ mod tests {
     async fn head_gets_the_get_headers_and_no_body() {
         let f = RequestFacts {
             coding: Some(Coding::Gzip),
+            stored: Some(Coding::Gzip),
             head: true,
             guarded: false,
             guard_responses: false,

@@ -58,11 +58,17 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
-    pub fn new(config: Arc<Config>, upstream: Upstream, sendfile_token: &str) -> Pipeline {
+    /// The pipeline for `config`; fails only on a bad `CACHE_REDIS_URL` or
+    /// its CA file. Must run inside the Tokio runtime.
+    pub fn new(
+        config: Arc<Config>,
+        upstream: Upstream,
+        sendfile_token: &str,
+    ) -> Result<Pipeline, cache::shared::SharedConfigError> {
         let forwarder = forward::Forwarder::new(upstream, Arc::clone(&config));
         // CACHE_SIZE=0 turns the cache off (every tier, as in Thruster).
         let fetch = if config.cache_size > 0 {
-            Fetch::Cache(cache::HttpCache::new(&config, forwarder))
+            Fetch::Cache(cache::HttpCache::new(&config, forwarder)?)
         } else {
             Fetch::Forward(forwarder)
         };
@@ -71,10 +77,18 @@ impl Pipeline {
             sendfile_token,
             config.x_sendfile_roots.clone(),
         );
-        Pipeline {
+        Ok(Pipeline {
             config,
             fetch,
             sendfile,
+        })
+    }
+
+    /// The HTTP cache; `None` with `CACHE_SIZE=0`.
+    pub fn cache(&self) -> Option<&cache::HttpCache> {
+        match &self.fetch {
+            Fetch::Cache(cache) => Some(cache),
+            Fetch::Forward(_) => None,
         }
     }
 

@@ -72,6 +72,17 @@ impl AsyncWrite for ClientIo {
     }
 }
 
+impl super::conn_io::ReadReady for ClientIo {
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self {
+            ClientIo::Plain(s) => s.poll_read_ready(cx),
+            // TLS bytes arrive on the TCP socket; a parked connection has no
+            // plaintext buffered (its last read found none).
+            ClientIo::Tls(s) => s.get_ref().0.poll_read_ready(cx),
+        }
+    }
+}
+
 impl super::conn_io::SendfileSocket for ClientIo {
     fn poll_sendfile(
         self: Pin<&mut Self>,

@@ -15,6 +15,14 @@
 //!
 //! After a protocol upgrade (WebSocket) none of them apply.
 //!
+//! An idle HTTP/1 connection is parked: once its response is out and no
+//! bytes wait on the socket, hyper is told the stream ended, finishes the
+//! connection without shutting the socket down, and hands it back (see
+//! `server::connection`). hyper keeps two 8 KiB buffers, a header map and
+//! its connection state for every open connection; parked, a keep-alive
+//! connection costs only the socket, this wrapper and its task, and a new
+//! hyper connection is made for the next request.
+//!
 //! The same wrapper writes HTTP/1.1 informational responses (103 Early
 //! Hints) from the app ahead of the final response: hyper's server cannot
 //! emit 1xx itself, but while a request waits for the app nothing else
@@ -63,6 +71,13 @@ pin_project_lite::pin_project! {
         phase: ReadPhase,
         read_deadline: Option<Pin<Box<Sleep>>>,
         write_deadline: Option<Pin<Box<Sleep>>>,
+        // Whether an idle connection may be parked (HTTP/1 only: HTTP/2
+        // keeps state across requests, its HPACK tables among it).
+        parkable: bool,
+        // Bytes were written that no flush has confirmed yet.
+        unflushed: bool,
+        // hyper was told the stream ended because the connection went idle.
+        parked: bool,
     }
 }
 
@@ -85,8 +100,64 @@ impl<T> ConnIo<T> {
             phase: ReadPhase::Head,
             read_deadline,
             write_deadline: None,
+            parkable: false,
+            unflushed: false,
+            parked: false,
         }
     }
+
+    /// Lets the connection be parked when idle (HTTP/1).
+    pub fn set_parkable(&mut self) {
+        self.parkable = true;
+    }
+
+    /// Whether the stream hyper last saw end was a parked idle connection
+    /// rather than the client closing it.
+    pub fn parked(&self) -> bool {
+        self.parked
+    }
+}
+
+/// Why a parked connection stopped waiting.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Unparked {
+    /// Bytes arrived (a request, or the client closing): serve it again.
+    Readable,
+    /// Nothing arrived within the idle timeout.
+    TimedOut,
+}
+
+impl<T: ReadReady> ConnIo<T> {
+    /// Waits, while parked, until the client sends something or the idle
+    /// timeout (armed when the connection went idle) passes.
+    pub async fn unpark(&mut self) -> io::Result<Unparked> {
+        std::future::poll_fn(|cx| {
+            if let Poll::Ready(ready) = self.inner.poll_read_ready(cx) {
+                self.parked = false;
+                return Poll::Ready(ready.map(|()| Unparked::Readable));
+            }
+            if expired(&mut self.read_deadline, cx) {
+                return Poll::Ready(Ok(Unparked::TimedOut));
+            }
+            Poll::Pending
+        })
+        .await
+    }
+}
+
+impl<T: AsyncRead + AsyncWrite + SendfileSocket + Unpin> ConnIo<T> {
+    /// Closes a parked connection as hyper closes an idle one: shut down
+    /// (a TLS close_notify, then FIN), within a second.
+    pub async fn close(&mut self) {
+        self.parked = false;
+        let shutdown = tokio::io::AsyncWriteExt::shutdown(self);
+        let _ = tokio::time::timeout(Duration::from_secs(1), shutdown).await;
+    }
+}
+
+/// A socket whose readiness can be awaited without reading from it.
+pub trait ReadReady {
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
 }
 
 fn arm(slot: &mut Option<Pin<Box<Sleep>>>, limit: Option<Duration>) {
@@ -169,6 +240,19 @@ impl<T: AsyncRead + AsyncWrite> AsyncRead for ConnIo<T> {
             };
             return Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, what)));
         }
+        // Idle, everything written and flushed, nothing to read: an end of
+        // stream makes hyper finish the connection (an idle keep-alive
+        // connection ending is no error), and the caller parks the socket.
+        // Not while a file region or an informational response waits.
+        if polled.is_pending()
+            && phase == ReadPhase::Idle
+            && *this.parkable
+            && !*this.unflushed
+            && this.state.idle_io()
+        {
+            *this.parked = true;
+            return Poll::Ready(Ok(()));
+        }
         polled
     }
 }
@@ -184,6 +268,9 @@ impl<T: AsyncWrite> ConnIo<T> {
         let mut this = self.project();
         std::task::ready!(flush_informational(this.inner.as_mut(), this.state, cx))?;
         let polled = write(this.inner, cx);
+        // Any write, flushes included, leaves bytes to confirm; a flush that
+        // completes confirms them (`poll_flush` clears this after).
+        *this.unflushed = true;
         let deadline = this.write_deadline;
         if polled.is_ready() || this.state.upgraded() || this.timeouts.write_stall.is_none() {
             *deadline = None;
@@ -323,11 +410,22 @@ impl<T: AsyncWrite + SendfileSocket> AsyncWrite for ConnIo<T> {
         self.inner.is_write_vectored()
     }
 
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.write_with(cx, |io, cx| io.poll_flush(cx))
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // hyper flushes the socket only once its own buffer is empty.
+        let flushed = self.as_mut().write_with(cx, |io, cx| io.poll_flush(cx));
+        if matches!(flushed, Poll::Ready(Ok(()))) {
+            *self.as_mut().project().unflushed = false;
+        }
+        flushed
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.project().inner.poll_shutdown(cx)
+        let this = self.project();
+        // hyper ends a connection it saw end by shutting the socket down; a
+        // parked connection stays open.
+        if *this.parked {
+            return Poll::Ready(Ok(()));
+        }
+        this.inner.poll_shutdown(cx)
     }
 }

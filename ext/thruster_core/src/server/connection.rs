@@ -6,19 +6,18 @@
 
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use http_body_util::BodyExt as _;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
 use super::client_io::ClientIo;
-use super::conn_io::{ConnIo, ConnTimeouts};
+use super::conn_io::{ConnIo, ConnTimeouts, Unparked};
 use super::limits;
 use super::quic::AltSvc;
 use crate::config::Config;
@@ -32,15 +31,16 @@ use crate::tls::redirect::Redirect;
 use crate::tls::ACME_TLS_ALPN;
 
 /// How client connections are served. Cleartext: HTTP/1 only, or HTTP/1
-/// and HTTP/2 by prior knowledge (`H2C_ENABLED`). hyper-util's auto builder
-/// ignores "HTTP/1 only" once upgrades are on, so plain HTTP/1 uses hyper
-/// directly (which also skips sniffing for the HTTP/2 preface). TLS: ALPN
-/// decides between the HTTP/1 and the HTTP/2 builder.
+/// and HTTP/2 by prior knowledge (`H2C_ENABLED`: a connection that opens
+/// with the HTTP/2 preface, peeked, gets the HTTP/2 builder). TLS: ALPN
+/// decides between the HTTP/1 and the HTTP/2 builder. HTTP/1 connections
+/// use hyper's builder directly, not hyper-util's auto builder, so an idle
+/// one can be parked (`serve_http1`).
 pub(super) struct ConnBuilders {
     http1: hyper::server::conn::http1::Builder,
     http2: hyper::server::conn::http2::Builder<TokioExecutor>,
-    /// Set when cleartext connections may speak HTTP/2 (h2c).
-    auto: Option<auto::Builder<TokioExecutor>>,
+    /// Cleartext connections may speak HTTP/2 (h2c).
+    h2c: bool,
 }
 
 /// HTTP/2 limits (hyper/h2): at most 250 concurrent streams per connection
@@ -62,21 +62,24 @@ macro_rules! tune_h2 {
 
 pub(super) fn connection_builders(config: &Config) -> ConnBuilders {
     let mut http1 = hyper::server::conn::http1::Builder::new();
+    // writev keeps hyper from copying body chunks into its own buffer,
+    // which zero-copy X-Sendfile bodies rely on (see files::body).
     http1.timer(TokioTimer::new()).keep_alive(true).writev(true);
+    if config.http_read_timeout.is_some() {
+        // The socket enforces HTTP_READ_TIMEOUT on request heads itself
+        // (`ConnIo`); hyper's own 30 s one would cost a boxed timer for
+        // every hyper connection, which a parked connection makes anew for
+        // each request after idling. Without HTTP_READ_TIMEOUT, hyper's
+        // default stays.
+        http1.header_read_timeout(None);
+    }
     let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     tune_h2!(http2);
-    let auto = config.h2c_enabled.then(|| {
-        let mut auto = auto::Builder::new(TokioExecutor::new());
-        // writev keeps hyper from copying body chunks into its own buffer,
-        // which zero-copy X-Sendfile bodies rely on (see files::body).
-        auto.http1()
-            .timer(TokioTimer::new())
-            .keep_alive(true)
-            .writev(true);
-        tune_h2!(auto.http2());
-        auto
-    });
-    ConnBuilders { http1, http2, auto }
+    ConnBuilders {
+        http1,
+        http2,
+        h2c: config.h2c_enabled,
+    }
 }
 
 /// What a listener's connections are for.
@@ -192,7 +195,9 @@ impl Connection {
                 let mut shutdown = self.shutdown.clone();
                 let handshake = tokio::select! {
                     _ = shutdown.changed() => return,
-                    result = tokio::time::timeout(limit, acceptor.accept(stream)) => result,
+                    // Boxed: the handshake's state would otherwise size the
+                    // task's future for the connection's whole life.
+                    result = tokio::time::timeout(limit, Box::pin(acceptor.accept(stream))) => result,
                 };
                 let stream = match handshake {
                     Ok(Ok(stream)) => stream,
@@ -216,6 +221,20 @@ impl Connection {
                 let h2 = alpn.as_deref() == Some(b"h2".as_slice());
                 (ClientIo::Tls(Box::new(stream)), h2, true)
             }
+            _ if self.builders.h2c => {
+                // h2c by prior knowledge: the preface is peeked, not read,
+                // within the header timeout.
+                let limit = self.timeouts.header.unwrap_or(MAX_HANDSHAKE);
+                let mut shutdown = self.shutdown.clone();
+                let preface = tokio::select! {
+                    _ = shutdown.changed() => return,
+                    result = tokio::time::timeout(limit, opens_with_h2_preface(&stream)) => result,
+                };
+                match preface {
+                    Ok(Ok(h2)) => (ClientIo::Plain(stream), h2, false),
+                    _ => return,
+                }
+            }
             _ => (ClientIo::Plain(stream), false, false),
         };
         let state = Arc::new(ConnState::default());
@@ -224,16 +243,10 @@ impl Connection {
             tls,
             state: Some(state.clone()),
         };
-        // Open connections by protocol: known now, except a cleartext
-        // connection that may speak h2c, which tells with its first request.
-        let counted = Arc::new(OnceLock::new());
-        if let Some(m) = metrics::get() {
-            let h2c_possible = !tls && !h2 && self.builders.auto.is_some();
-            if !h2c_possible {
-                let protocol = if h2 { Protocol::H2 } else { Protocol::H1 };
-                let _ = counted.set(m.connection_opened(protocol));
-            }
-        }
+        // Open connections by protocol: known now (ALPN, or the peeked h2c
+        // preface); counted until this task ends.
+        let _counted = metrics::get()
+            .map(|m| m.connection_opened(if h2 { Protocol::H2 } else { Protocol::H1 }));
         let service_state = state.clone();
         let pipeline = self.pipeline.clone();
         let redirect = match &self.role {
@@ -250,15 +263,6 @@ impl Connection {
             let redirect = redirect.clone();
             let alt_svc = alt_svc.clone();
             let in_flight = service_state.begin_request();
-            if let Some(m) = metrics::get() {
-                counted.get_or_init(|| {
-                    m.connection_opened(if req.version() == http::Version::HTTP_2 {
-                        Protocol::H2
-                    } else {
-                        Protocol::H1
-                    })
-                });
-            }
             async move {
                 let response = match &redirect {
                     Some(redirect) => redirect.respond(&req),
@@ -286,18 +290,104 @@ impl Connection {
                 }))
             }
         });
-        let io = TokioIo::new(ConnIo::new(io, registration, state, self.timeouts));
+        let io = ConnIo::new(io, registration, state, self.timeouts);
         let (stop, alive) = (self.shutdown, self.alive);
         let builders = &*self.builders;
         if h2 {
-            let conn = builders.http2.serve_connection(io, service);
-            serve_until_drained(conn, stop, alive).await;
-        } else if let (Some(auto), false) = (&builders.auto, tls) {
-            let conn = auto.serve_connection_with_upgrades(io, service);
-            serve_until_drained(conn, stop, alive).await;
+            let _serving = crate::sys::trim::Serving::begin();
+            let conn = builders.http2.serve_connection(TokioIo::new(io), service);
+            serve_until_drained(Box::pin(conn), stop, alive).await;
         } else {
-            let conn = builders.http1.serve_connection(io, service).with_upgrades();
-            serve_until_drained(conn, stop, alive).await;
+            serve_http1(&builders.http1, io, service, stop).await;
+            drop(alive);
+        }
+    }
+}
+
+/// Whether a cleartext connection opens with the HTTP/2 client preface
+/// (RFC 9113 §3.4). Peeks: the bytes stay for the protocol that serves it.
+async fn opens_with_h2_preface(stream: &tokio::net::TcpStream) -> std::io::Result<bool> {
+    const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    let mut seen = [0u8; 24];
+    loop {
+        let n = stream.peek(&mut seen).await?;
+        if n == 0 || seen[..n] != PREFACE[..n] {
+            return Ok(false);
+        }
+        if n == PREFACE.len() {
+            return Ok(true);
+        }
+        // Part of the preface so far: the socket stays readable with the
+        // bytes already seen, so wait a little instead of spinning.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Serves an HTTP/1 connection, parking it whenever it goes idle: hyper
+/// finishes its connection (its buffers, header map and state are freed),
+/// this task waits for the socket's next bytes, the idle timeout or a
+/// drain, and a new hyper connection serves the next request. An idle
+/// keep-alive connection then costs the socket and this task alone instead
+/// of hyper's ~20 KiB. While serving, a drain lets the in-flight request
+/// finish (`serve_until_drained`); a parked connection closes at once.
+async fn serve_http1<S>(
+    http1: &hyper::server::conn::http1::Builder,
+    mut io: ConnIo<ClientIo>,
+    mut service: S,
+    mut shutdown: watch::Receiver<bool>,
+) where
+    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = InFlightBody> + Unpin,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    loop {
+        if *shutdown.borrow() {
+            return;
+        }
+        io.set_parkable();
+        let serving = crate::sys::trim::Serving::begin();
+        // Boxed, so that hyper's state is freed while the connection is
+        // parked: inline, it would size this task's future for good.
+        let mut conn = Box::new(
+            http1
+                .serve_connection(TokioIo::new(io), service)
+                .with_upgrades(),
+        );
+        let result = tokio::select! {
+            result = &mut *conn => result,
+            _ = shutdown.changed() => {
+                std::pin::Pin::new(&mut *conn).graceful_shutdown();
+                (&mut *conn).await
+            }
+        };
+        if let Err(err) = result {
+            log::debug(
+                "Connection ended with an error",
+                &[("error", err.to_string().into())],
+            );
+            return;
+        }
+        // Upgraded (the tunnel lives on elsewhere): nothing to take back.
+        let Some(parts) = conn.into_parts() else {
+            return;
+        };
+        io = parts.io.into_inner();
+        // Closed by either side, not parked; hyper read nothing it did not
+        // serve when it saw the parked end of stream.
+        if !io.parked() || !parts.read_buf.is_empty() {
+            return;
+        }
+        service = parts.service;
+        // Parked: no longer served (see sys::trim).
+        drop(serving);
+        let next = tokio::select! {
+            next = io.unpark() => next,
+            _ = shutdown.changed() => {
+                io.close().await;
+                return;
+            }
+        };
+        if !matches!(next, Ok(Unparked::Readable)) {
+            return;
         }
     }
 }
@@ -306,20 +396,6 @@ impl Connection {
 trait GracefulConnection: std::future::Future<Output = Result<(), Self::Error>> {
     type Error: std::fmt::Display;
     fn start_graceful_shutdown(self: std::pin::Pin<&mut Self>);
-}
-
-impl<I, S> GracefulConnection for hyper::server::conn::http1::UpgradeableConnection<I, S>
-where
-    S: hyper::service::HttpService<hyper::body::Incoming>,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-    S::ResBody: http_body::Body + 'static,
-    <S::ResBody as http_body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    type Error = hyper::Error;
-    fn start_graceful_shutdown(self: std::pin::Pin<&mut Self>) {
-        self.graceful_shutdown();
-    }
 }
 
 impl<I, S, E, B> GracefulConnection for hyper::server::conn::http2::Connection<I, S, E>
@@ -337,30 +413,13 @@ where
     }
 }
 
-impl<'a, I, S, E, B> GracefulConnection for auto::UpgradeableConnection<'a, I, S, E>
-where
-    S: hyper::service::Service<http::Request<hyper::body::Incoming>, Response = http::Response<B>>,
-    S::Future: 'static,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    B: http_body::Body + 'static,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-    E: auto::HttpServerConnExec<S::Future, B>,
-{
-    type Error = Box<dyn std::error::Error + Send + Sync>;
-    fn start_graceful_shutdown(self: std::pin::Pin<&mut Self>) {
-        self.graceful_shutdown();
-    }
-}
-
 /// Serves one connection; on shutdown, lets its in-flight requests finish
 /// (idle keep-alive connections close at once).
 async fn serve_until_drained<C: GracefulConnection>(
-    conn: C,
+    mut conn: std::pin::Pin<Box<C>>,
     mut shutdown: watch::Receiver<bool>,
     _alive: tokio::sync::mpsc::Sender<()>,
 ) {
-    let mut conn = std::pin::pin!(conn);
     let result = tokio::select! {
         result = conn.as_mut() => result,
         _ = shutdown.changed() => {

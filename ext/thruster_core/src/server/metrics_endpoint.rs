@@ -3,34 +3,23 @@
 //! anything else with 404. Scrape-time values (cache usage, the accept
 //! queues, certificate expiry) are read just before each answer.
 //!
-//! Like every listener, its socket and each accepted connection are in the
-//! fork registry from their creation (`listeners::open_listeners`, then
-//! `register` under the `OpenGate` at accept), and it stops with the server.
+//! Served by `side_http` (fork-registered sockets and connections, stops
+//! with the server).
 
-use std::io;
-use std::os::fd::{AsRawFd, RawFd};
-use std::pin::Pin;
+use std::os::fd::RawFd;
 use std::sync::Arc;
-use std::task::{Context, Poll};
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use http::{header, Method, Request, Response, StatusCode};
-use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use super::side_http;
 use crate::http::{full_body, plain_response, ResponseBody};
-use crate::log;
 use crate::metrics::{self, Metrics};
 use crate::pipeline::Pipeline;
-use crate::sys::{fd_registry, Registered};
+use crate::sys::Registered;
 use crate::tls::Tls;
-
-/// A scraper that holds a connection longer than this is cut off: the port
-/// is private, but a stuck client must not keep a task forever.
-const CONNECTION_LIMIT: Duration = Duration::from_secs(60);
 
 /// What a scrape reads besides the counters.
 pub(super) struct Scrape {
@@ -49,6 +38,23 @@ impl Scrape {
         }
         if let Some((bytes, entries)) = self.pipeline.memory_cache_usage() {
             m.set_cache_usage("memory", bytes, entries);
+        }
+        if let Some(shared) = self.pipeline.cache().and_then(|c| c.shared()) {
+            let st = shared.stats();
+            m.set_redis(
+                &[
+                    ("hit", st.hits),
+                    ("miss", st.misses),
+                    ("rejected", st.rejected),
+                    ("unavailable", st.unavailable),
+                    ("timeout", st.timeouts),
+                    ("error", st.errors),
+                    ("stored", st.stored),
+                    ("write_failed", st.write_failures),
+                    ("breaker_open", st.breaker_opens),
+                ],
+                shared.is_available(),
+            );
         }
         m.set_connections_waiting(self.listener_fds.iter().map(|&fd| accept_queue(fd)).sum());
         if let Some(tls) = &self.tls {
@@ -115,86 +121,17 @@ pub(super) async fn serve(
     scrape: Arc<Scrape>,
     shutdown: watch::Receiver<bool>,
 ) {
-    let mut stop = shutdown.clone();
-    loop {
-        let accepted = tokio::select! {
-            _ = stop.changed() => break,
-            accepted = std::future::poll_fn(|cx| {
-                // accept(2) and the registration with no fork in between.
-                let _gate = fd_registry::OpenGate::enter();
-                listener.poll_accept(cx).map_ok(|(stream, _)| {
-                    let registration = fd_registry::register(stream.as_raw_fd());
-                    RegisteredStream { _registration: registration, stream }
-                })
-            }) => accepted,
-        };
-        let stream = match accepted {
-            Ok(stream) => stream,
-            Err(err) => {
-                log::error(
-                    "Metrics accept failed",
-                    &[("error", err.to_string().into())],
-                );
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let scrape = scrape.clone();
-        let mut stop = shutdown.clone();
-        tokio::spawn(async move {
-            let service = service_fn(move |req: Request<hyper::body::Incoming>| {
-                let response = scrape.respond(&req);
-                async move { Ok::<_, std::convert::Infallible>(response) }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service);
-            tokio::select! {
-                _ = tokio::time::timeout(CONNECTION_LIMIT, conn) => {}
-                _ = stop.changed() => {}
-            }
-        });
-    }
-}
-
-/// An accepted scrape connection, registered for fork safety as long as it
-/// is open; the registration is declared first so it goes before the fd
-/// closes.
-struct RegisteredStream {
-    _registration: fd_registry::Registration,
-    stream: TcpStream,
-}
-
-impl AsyncRead for RegisteredStream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for RegisteredStream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
-    }
+    let handle = move |req: Request<hyper::body::Incoming>| {
+        let response = scrape.respond(&req);
+        async move { response }
+    };
+    side_http::serve("metrics", listener, handle, shutdown).await;
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::fd::AsRawFd;
 
     #[test]
     fn the_accept_queue_counts_connections_not_yet_accepted() {

@@ -24,6 +24,7 @@ use tokio::runtime::Runtime;
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
+mod admin;
 pub mod client_io;
 pub mod conn_io;
 mod connection;
@@ -31,6 +32,7 @@ pub mod limits;
 mod listeners;
 mod metrics_endpoint;
 mod quic;
+mod side_http;
 
 use crate::config::Config;
 use crate::log;
@@ -60,6 +62,9 @@ pub enum ServerError {
     /// `ACME_CA_FILE`, ...): a configuration error.
     #[error(transparent)]
     Tls(#[from] TlsError),
+    /// A bad `CACHE_REDIS_URL` or `CACHE_REDIS_CA_FILE`.
+    #[error(transparent)]
+    SharedCache(#[from] crate::pipeline::cache::shared::SharedConfigError),
     #[error(transparent)]
     Quic(#[from] quic::QuicError),
 }
@@ -82,6 +87,9 @@ pub struct ServerOptions {
     /// (see `pipeline::sendfile`); the app reads the same value from
     /// `THRUSTER_RS_SENDFILE_TOKEN`.
     pub sendfile_token: String,
+    /// What `Thruster.purge` sends the admin listener; the app reads it
+    /// from `THRUSTER_RS_ADMIN_TOKEN`.
+    pub admin_token: String,
     pub worker_threads: usize,
 }
 
@@ -94,6 +102,7 @@ impl ServerOptions {
             https_binds: Vec::new(),
             inherited_fds: Vec::new(),
             sendfile_token: crate::pipeline::sendfile::token_from_env_or_new(),
+            admin_token: admin::token_from_env_or_new(),
             worker_threads: std::thread::available_parallelism()
                 .map(|n| n.get())
                 .unwrap_or(2),
@@ -115,7 +124,14 @@ pub struct Server {
     /// Kept for the disk cache flush on stop.
     pipeline: Arc<Pipeline>,
     metrics_addr: Option<SocketAddr>,
+    admin_addr: SocketAddr,
+    admin_token: String,
 }
+
+pub use admin::{
+    token_from_env_or_new as admin_token_from_env_or_new, TOKEN_ENV as ADMIN_TOKEN_ENV,
+    URL_ENV as ADMIN_URL_ENV,
+};
 
 impl Server {
     pub fn start(config: Config, options: ServerOptions) -> Result<Server, ServerError> {
@@ -170,6 +186,12 @@ impl Server {
         } else {
             Vec::new()
         };
+        // Loopback only: it purges the cache. With no port configured, a
+        // hot restart keeps the port the app already knows (its URL is in
+        // the environment the new image inherits) when that socket was
+        // handed over; else a free one.
+        let admin_bind = SocketAddr::from(([127, 0, 0, 1], admin_port(&config, &inherited)));
+        let admin_std = open_listeners("admin", &[admin_bind], admin_bind.port(), &mut inherited)?;
         // Inherited sockets nobody asked for are closed here.
         drop(inherited);
         let local_addrs = |listeners: &[Registered<std::net::TcpListener>]| {
@@ -181,6 +203,7 @@ impl Server {
         };
         let http_addrs = local_addrs(&http_std)?;
         let https_addrs = https_addrs_bound;
+        let admin_addr = local_addrs(&admin_std)?[0];
         let quic_fds = udp_std
             .iter()
             .map(|s| Ok((s.as_raw_fd(), s.local_addr()?)))
@@ -189,6 +212,7 @@ impl Server {
         let listener_fds = http_std
             .iter()
             .chain(&https_std)
+            .chain(&admin_std)
             .map(|l| l.as_raw_fd())
             .collect();
         let _guard = runtime.enter();
@@ -203,6 +227,7 @@ impl Server {
         let https_listeners = to_tokio(https_std)?;
         let metrics_addr = metrics_std.first().and_then(|l| l.local_addr().ok());
         let metrics_listeners = to_tokio(metrics_std)?;
+        let admin_listeners = to_tokio(admin_std)?;
 
         let tls = if config.tls_enabled() {
             Some(Arc::new(Tls::setup(&config)?))
@@ -221,7 +246,7 @@ impl Server {
             config.clone(),
             Upstream::new(options.upstream),
             &options.sendfile_token,
-        ));
+        )?);
         let (shutdown, shutdown_rx) = watch::channel(false);
         if !metrics_listeners.is_empty() {
             crate::metrics::enable();
@@ -241,6 +266,14 @@ impl Server {
                     shutdown_rx.clone(),
                 ));
             }
+        }
+        for listener in admin_listeners {
+            runtime.spawn(admin::serve(
+                listener,
+                pipeline.clone(),
+                options.admin_token.clone(),
+                shutdown_rx.clone(),
+            ));
         }
         let redirect = tls.as_ref().map(|tls| {
             Arc::new(Redirect {
@@ -325,6 +358,10 @@ impl Server {
         if let Some(addr) = metrics_addr {
             fields.push(("metrics", format!(":{}", addr.port()).into()));
         }
+        fields.push(("admin", admin_addr.to_string().into()));
+        if let Some(shared) = pipeline.cache().and_then(|c| c.shared()) {
+            fields.push(("cache_redis", shared.url().into()));
+        }
         fields.push(("max_connections", max_connections.into()));
         fields.push(("fd_limit", fd_limit.into()));
         log::info("Server started", &fields);
@@ -339,7 +376,24 @@ impl Server {
             quic_fds,
             pipeline,
             metrics_addr,
+            admin_addr,
+            admin_token: options.admin_token,
         })
+    }
+
+    /// The admin listener's address (127.0.0.1), for `THRUSTER_RS_ADMIN_URL`.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
+    }
+
+    /// `THRUSTER_RS_ADMIN_TOKEN`'s value.
+    pub fn admin_token(&self) -> &str {
+        &self.admin_token
+    }
+
+    /// `THRUSTER_RS_ADMIN_URL`'s value.
+    pub fn admin_url(&self) -> String {
+        format!("http://{}", self.admin_addr)
     }
 
     /// The first listening address (the only one unless several were bound).
@@ -374,7 +428,12 @@ impl Server {
     pub fn handoff_fds(&self) -> io::Result<Vec<(RawFd, SocketAddr)>> {
         self.listener_fds
             .iter()
-            .zip(self.http_addrs.iter().chain(&self.https_addrs))
+            .zip(
+                self.http_addrs
+                    .iter()
+                    .chain(&self.https_addrs)
+                    .chain(std::iter::once(&self.admin_addr)),
+            )
             .chain(self.quic_fds.iter().map(|(fd, addr)| (fd, addr)))
             .map(|(&fd, &addr)| {
                 // SAFETY: F_DUPFD on a listener fd we own; the new fd has no
@@ -449,6 +508,32 @@ impl Server {
 impl Drop for Server {
     fn drop(&mut self) {
         self.stop_inner(Duration::ZERO);
+    }
+}
+
+/// `ADMIN_PORT`, or with none configured the port of the admin listener a
+/// previous process image handed over (named by `THRUSTER_RS_ADMIN_URL`),
+/// or 0 for a free one.
+fn admin_port(config: &Config, inherited: &[Option<Registered<socket2::Socket>>]) -> u16 {
+    if config.admin_port != 0 {
+        return config.admin_port;
+    }
+    let Some(previous) = std::env::var(admin::URL_ENV)
+        .ok()
+        .and_then(|url| url.strip_prefix("http://")?.parse::<SocketAddr>().ok())
+    else {
+        return 0;
+    };
+    let handed_over = inherited.iter().flatten().any(|s| {
+        s.local_addr()
+            .ok()
+            .and_then(|a| a.as_socket())
+            .is_some_and(|a| a == previous)
+    });
+    if handed_over {
+        previous.port()
+    } else {
+        0
     }
 }
 

@@ -1,6 +1,6 @@
 //! System helpers of the bottom layer: the fork registry of every fd the
-//! proxy owns, the one way to open such an fd, unnamed temporary files, and
-//! random bytes.
+//! proxy owns, the one way to open such an fd, unnamed temporary files,
+//! random bytes, and memory given back after a burst of connections.
 //!
 //! Fork safety: in-process, the proxy lives in the Puma master, which forks
 //! workers while connections are open. Every fd the proxy opens — sockets,
@@ -13,6 +13,7 @@
 
 pub mod fd_registry;
 pub mod random;
+pub mod trim;
 
 use std::fs::File;
 use std::io;

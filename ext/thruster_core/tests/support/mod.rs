@@ -111,6 +111,7 @@ pub fn start_server(config: Config, upstream: SocketAddr, http: u16, https: u16)
             https_binds: vec![SocketAddr::from(([127, 0, 0, 1], https))],
             inherited_fds: Vec::new(),
             sendfile_token: "test-token".into(),
+            admin_token: "a".repeat(64),
             worker_threads: 2,
         },
     )
@@ -212,6 +213,7 @@ impl ServerOptionsFor {
             https_binds: vec![SocketAddr::from(([127, 0, 0, 1], 0))],
             inherited_fds: Vec::new(),
             sendfile_token: "test-token".into(),
+            admin_token: "a".repeat(64),
             worker_threads: 1,
         }
     }

@@ -1038,15 +1038,26 @@ impl DiskEntry {
     /// before each chunk is yielded; a bad chunk yields an error (the
     /// response must then end as an error, never as a complete body).
     pub fn body(&self) -> DiskBody {
+        self.body_range(0, self.meta.body_len)
+    }
+
+    /// `len` bytes of the body from `start` (a Range request): only the
+    /// chunks that hold them are read, each verified whole before any of
+    /// it is sent. Past the end is cut to the end.
+    pub fn body_range(&self, start: u64, len: u64) -> DiskBody {
+        let start = start.min(self.meta.body_len);
+        let len = len.min(self.meta.body_len - start);
+        let chunk = CHUNK_LEN as u64;
         DiskBody {
             file: self.file.clone(),
             seed: self.hash.chunk_seed(),
             head_len: self.head_len,
             body_len: self.meta.body_len,
-            next: 0,
-            remaining: self.meta.body_len,
+            next: start / chunk,
+            skip: (start % chunk) as usize,
+            remaining: len,
             pending: None,
-            done: self.meta.body_len == 0,
+            done: len == 0,
             bad: BadEntry {
                 store: self.store.clone(),
                 hash: self.hash,
@@ -1094,6 +1105,9 @@ pub struct DiskBody {
     body_len: u64,
     /// The chunk the pending read is for (or the next to start).
     next: u64,
+    /// Bytes of the next chunk before the range starts.
+    skip: usize,
+    /// Bytes still to send.
     remaining: u64,
     pending: Option<ChunkRead>,
     done: bool,
@@ -1156,9 +1170,14 @@ impl Body for DiskBody {
             Poll::Ready(Err(_)) => return this.fail(DiskError::Task),
         };
         this.pending = None;
-        this.remaining = this.remaining.saturating_sub(chunk.len() as u64);
+        let mut chunk = chunk.slice(this.skip.min(chunk.len())..);
+        this.skip = 0;
+        if chunk.len() as u64 > this.remaining {
+            chunk.truncate(this.remaining as usize);
+        }
+        this.remaining -= chunk.len() as u64;
         this.next += 1;
-        if this.next < chunk_count(this.body_len) {
+        if this.remaining > 0 && this.next < chunk_count(this.body_len) {
             // Read ahead while this chunk goes to the client.
             if let Err(err) = this.start_read() {
                 return this.fail(err);
@@ -1678,6 +1697,38 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         false
+    }
+
+    #[tokio::test]
+    async fn ranges_read_only_their_bytes_across_chunk_boundaries() {
+        let dir = TestDir::new("ranges");
+        let store = DiskStore::open(dir.cache(), 64 << 20, 16 << 20);
+        let len = 3 * CHUNK_LEN + 5;
+        let body = payload(len, 7);
+        put(&store, "ranged", &body).await.unwrap();
+        let entry = store.get("ranged").await.expect("hit");
+        let c = CHUNK_LEN as u64;
+        for (start, n) in [
+            (0, 10),
+            (5, 1),
+            (c - 3, 6),
+            (c, c),
+            (c + 1, 2 * c + 4),
+            (3 * c, 5),
+            (3 * c + 4, 1),
+            (2, 3 * c + 3),
+            // Past the end is cut to the end.
+            (3 * c, 100),
+            (10, 0),
+        ] {
+            let mut part = entry.body_range(start, n);
+            let expected_len = n.min(len as u64 - start);
+            assert_eq!(part.size_hint().exact(), Some(expected_len));
+            let got = (&mut part).collect().await.unwrap().to_bytes();
+            let end = (start + expected_len) as usize;
+            assert_eq!(&got[..], &body[start as usize..end], "{start}+{n}");
+            assert!(part.is_end_stream());
+        }
     }
 
     #[tokio::test]

@@ -58,7 +58,7 @@ pub async fn respond(
     // request for the whole body gets an encoded variant.
     let wants_range = method == Method::GET && request.contains_key(header::RANGE);
     let coding = facts.filter(|_| !wants_range).and_then(|f| {
-        compression::coding_for(
+        compression::stored_coding_for(
             f,
             entry.status,
             &entry.headers,
@@ -106,10 +106,10 @@ fn if_range_date(headers: &HeaderMap) -> SystemTime {
 
 /// An entry too large for memory, streamed from its file (each chunk
 /// checked before it is sent; a bad one ends the response as an error).
-/// Preconditions and HEAD are answered as for any hit; the body is sent
-/// whole, in the stored identity form (compression may still encode it on
-/// the way out, as for a miss). Range requests never come here: the caller
-/// lets the app answer them, as for a Range miss.
+/// Preconditions, HEAD and a single range are answered as for any hit (a
+/// range reads only the chunks that hold it); the body is in the stored
+/// identity form (compression may still encode it on the way out, as for
+/// a miss).
 pub fn stream(
     found: DiskEntry,
     method: &Method,
@@ -124,8 +124,41 @@ pub fn stream(
         status: meta.status,
         headers,
         source: Source::Stream {
-            body: found.body().boxed_unsync(),
             len: meta.body_len,
+            open: Box::new(move |start, len| found.body_range(start, len).boxed_unsync()),
+        },
+    };
+    let mut response =
+        files::respond::respond(method, request, representation, date, |_, _, _| None);
+    response
+        .headers_mut()
+        .insert(X_CACHE, HeaderValue::from_static(label));
+    response
+}
+
+/// An entry too large for memory sent in its stored `coding` encoding
+/// (`encoded`, an encoding record), streamed from disk like the entry:
+/// preconditions and HEAD as for any hit, no ranges (they are over the
+/// identity bytes).
+pub fn stream_encoded(
+    found: &DiskEntry,
+    encoded: DiskEntry,
+    coding: compression::Coding,
+    method: &Method,
+    request: &HeaderMap,
+    label: &'static str,
+) -> Response<ResponseBody> {
+    let meta = found.meta();
+    let mut headers = meta.headers.clone();
+    headers.insert(header::AGE, HeaderValue::from(meta.age_secs(now_unix_ms())));
+    compression::mark_encoded(&mut headers, coding);
+    let date = if_range_date(&headers);
+    let representation = Representation {
+        status: meta.status,
+        headers,
+        source: Source::Stream {
+            len: encoded.meta().body_len,
+            open: Box::new(move |start, len| encoded.body_range(start, len).boxed_unsync()),
         },
     };
     let mut response =

@@ -86,7 +86,7 @@ impl BaseKey {
     /// request target or header value can contain, so the text is
     /// unambiguous). Lower tiers name records by a hash of texts built
     /// from this and store the text itself to compare.
-    fn text(&self) -> String {
+    pub fn text(&self) -> String {
         let scheme = if self.https { "https" } else { "http" };
         let forwarded = self.forwarded.as_deref().unwrap_or("");
         format!("{scheme}\0{}\0{}\0{forwarded}", self.host, self.target)
@@ -97,6 +97,11 @@ impl BaseKey {
     /// rule), so a process that has no rule yet can find the variants.
     pub fn vary_record_text(&self) -> String {
         format!("vary\0{}", self.text())
+    }
+
+    /// The request target as sent (path and query): what purges name.
+    pub fn target(&self) -> &str {
+        &self.target
     }
 
     /// A short human form for logs.

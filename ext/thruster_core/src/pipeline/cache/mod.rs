@@ -14,18 +14,26 @@
 //! key; a process without a memory rule for the resource reads its vary
 //! record first). A disk hit that fits `MAX_CACHE_ITEM_SIZE` is promoted
 //! into memory and served from there; a larger one is streamed from its
-//! file (Range requests for it go to the app). Every storable response up
+//! file (a Range request reads only the chunks it needs). Every storable response up
 //! to `CACHE_DISK_MAX_ITEM_SIZE` is written to disk as it streams to the
 //! client, whatever memory admits; encodings made for memory hits are
-//! written there too. A shared tier (Redis) goes between disk and the app
-//! with the same shape: looked up on a disk miss, promoted through
-//! `tier::entry_from_meta`, written where the disk writes.
+//! written there too. The shared tier (Redis, `shared/`) goes between disk
+//! and the app with the same shape: looked up on a disk miss (bounded by
+//! `CACHE_REDIS_TIMEOUT_MS`), promoted into memory and written to disk
+//! through `tier::entry_from_meta`, and sent what memory stores once the
+//! response is complete (never X-Sendfile references, which are
+//! host-local).
+//!
+//! Every hit, in every tier, is checked against the purge records
+//! (`purges.rs`) by the time it was stored; lower tiers' hits also against
+//! `CACHE_RELEASE` (`tier::servable`).
 
 pub mod directives;
 pub mod disk;
 pub mod entry;
 mod hit;
 pub mod key;
+pub mod purges;
 pub mod shared;
 pub mod store;
 pub mod tier;
@@ -33,6 +41,7 @@ mod usage;
 
 use std::os::unix::ffi::OsStrExt;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
@@ -43,7 +52,7 @@ use http::{Method, Request, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 
-use super::compression::RequestFacts;
+use super::compression::{self, RequestFacts};
 use super::forward::Forwarder;
 use super::ConnInfo;
 use crate::http::{BoxError, RequestBody, ResponseBody, X_CACHE};
@@ -52,6 +61,8 @@ use directives::Freshness;
 use disk::{DiskEntry, DiskWriter};
 use entry::now_unix_ms;
 use key::BaseKey;
+use purges::Purges;
+use shared::{SharedConfigError, SharedOptions, SharedTier};
 use store::{Entry, Known, LeaderGuard, Lookup, Store, Turn};
 use tier::{DiskTier, Stored};
 
@@ -66,6 +77,18 @@ pub struct HttpCache {
     store: Arc<Store>,
     /// `None` with `CACHE_DISK_PATH=none`.
     disk: Option<DiskTier>,
+    /// `None` without `CACHE_REDIS_URL`.
+    shared: Option<SharedTier>,
+    shared_timeout: Duration,
+    /// Set once the shared tier has connected (and so loaded the purge
+    /// records): from then on its mirror of them is known.
+    shared_seen: AtomicBool,
+    purges: Arc<Purges>,
+    /// `CACHE_RELEASE`, written into what the shared tier stores.
+    release: Option<Arc<str>>,
+    /// Entries stored before this are checked against purges this process
+    /// may not know yet (see `purges_known`).
+    started_at_unix_ms: u64,
     trust_forwarded: bool,
     /// X-Sendfile responses are stored as file references.
     sendfile: bool,
@@ -74,20 +97,100 @@ pub struct HttpCache {
 
 impl HttpCache {
     /// The cache in front of `next` (`CACHE_SIZE` > 0; with 0 the pipeline
-    /// has no cache at all).
-    pub fn new(config: &crate::config::Config, next: Forwarder) -> HttpCache {
-        HttpCache {
+    /// has no cache at all). Must run inside the Tokio runtime; never waits
+    /// for the disk or Redis. A bad `CACHE_REDIS_URL` or CA file is the
+    /// only error.
+    pub fn new(
+        config: &crate::config::Config,
+        next: Forwarder,
+    ) -> Result<HttpCache, SharedConfigError> {
+        let shared = match &config.cache_redis_url {
+            None => None,
+            Some(url) => Some(SharedTier::connect_with(
+                url,
+                SharedOptions {
+                    timeout: config.cache_redis_timeout,
+                    ca_file: config.cache_redis_ca_file.clone(),
+                    ..SharedOptions::default()
+                },
+            )?),
+        };
+        let disk = DiskTier::open(config);
+        let purges = Purges::new(disk.as_ref().map(|d| d.engine().dir()), shared.clone());
+        Ok(HttpCache {
             next,
             store: Arc::new(Store::new(
                 config.cache_size,
                 config.max_cache_item_size,
                 config.cache_stale_if_error,
             )),
-            disk: DiskTier::open(config),
+            disk,
+            shared,
+            shared_timeout: config.cache_redis_timeout,
+            shared_seen: AtomicBool::new(false),
+            purges,
+            release: config.cache_release.as_deref().map(Arc::from),
+            started_at_unix_ms: now_unix_ms(),
             trust_forwarded: config.forward_headers,
             sendfile: config.x_sendfile_enabled,
             wait_limit: config.http_write_timeout.unwrap_or(DEFAULT_WAIT),
+        })
+    }
+
+    /// Purges a request target, a prefix (`…*`) or everything (`*`) from
+    /// every tier and, with a shared tier, every instance.
+    pub async fn purge(&self, target: &str) -> Result<purges::PurgeOutcome, purges::PurgeError> {
+        self.purges.purge(target).await
+    }
+
+    /// The shared tier, if on.
+    pub fn shared(&self) -> Option<&SharedTier> {
+        self.shared.as_ref()
+    }
+
+    /// Whether an entry of `base` stored at `stored_at_unix_ms` was purged
+    /// since.
+    fn purged(&self, base: &BaseKey, stored_at_unix_ms: u64) -> bool {
+        self.purges.covers(base.target(), stored_at_unix_ms)
+    }
+
+    /// Whether this process knows every purge that may cover an entry
+    /// stored at `stored_at_unix_ms` in a lower tier. The disk's purge log
+    /// is read first (a small file). With a shared tier, an entry stored
+    /// before this process started may have been purged by another
+    /// instance while this one was down: such entries wait (at most the
+    /// Redis timeout) for the first connection, which loads the purge
+    /// records; without it they are misses, never possibly purged pages.
+    async fn purges_known(&self, stored_at_unix_ms: u64) -> bool {
+        self.purges.loaded().await;
+        let Some(shared) = &self.shared else {
+            return true;
+        };
+        if stored_at_unix_ms >= self.started_at_unix_ms || self.shared_seen.load(Ordering::Relaxed)
+        {
+            return true;
         }
+        self.shared_ready(shared).await
+    }
+
+    /// Whether the shared tier can be asked now. Right after start its
+    /// first connection may still be under way: until it is made or has
+    /// clearly failed (the breaker opened), a lookup waits for it, at most
+    /// `CACHE_REDIS_TIMEOUT_MS`, so a fresh instance's first requests are
+    /// hits. Later outages never wait.
+    async fn shared_ready(&self, shared: &SharedTier) -> bool {
+        if shared.is_available() {
+            self.shared_seen.store(true, Ordering::Relaxed);
+            return true;
+        }
+        if self.shared_seen.load(Ordering::Relaxed) || shared.stats().breaker_opens > 0 {
+            return false;
+        }
+        if shared.ready(self.shared_timeout).await {
+            self.shared_seen.store(true, Ordering::Relaxed);
+            return true;
+        }
+        false
     }
 
     pub async fn handle(
@@ -106,6 +209,15 @@ impl HttpCache {
         loop {
             let (key, stale, coalesce, known) = match self.store.lookup(base.clone(), req.headers())
             {
+                Lookup::Hit(entry) if self.purged(&base, entry.stored_at_unix_ms) => {
+                    let key = key::CacheKey::new(
+                        base.clone(),
+                        &key::vary_names(&entry.headers),
+                        req.headers(),
+                    );
+                    self.store.remove(&key);
+                    continue;
+                }
                 Lookup::Hit(entry) if entry.file.is_some() => {
                     // The file is served by the X-Sendfile layer from what is
                     // on disk now; a changed or deleted file sends the request
@@ -148,14 +260,17 @@ impl HttpCache {
                     known,
                 } => (key, stale, coalesce, known),
             };
-            // The disk is asked on every memory miss except for a resource
-            // just found not storable. A GET that leads the upstream request
-            // for its key asks it as the leader, so concurrent misses read
-            // and promote an entry once; the others ask at once.
-            let ask_disk = self.disk.is_some() && known != Known::Passed;
+            // The lower tiers (disk, then Redis) are asked on every memory
+            // miss except for a resource just found not storable. A GET that
+            // leads the upstream request for its key asks them as the
+            // leader, so concurrent misses read and promote an entry once;
+            // the others ask at once.
+            let ask_disk = (self.disk.is_some() || self.shared.is_some()) && known != Known::Passed;
+            // A purged stale entry must not stand in for an error either.
+            let stale = stale.filter(|e| !self.purged(&base, e.stored_at_unix_ms));
             let leads = coalesce && may_wait && !range && method == Method::GET;
             if ask_disk && !leads {
-                if let Some(found) = self.look_on_disk(&base, &key, known, req.headers()).await {
+                if let Some(found) = self.look_below(&base, &key, known, req.headers()).await {
                     return self.answer(found, req, conn, facts, &base).await;
                 }
             }
@@ -179,7 +294,7 @@ impl HttpCache {
                 None
             };
             if ask_disk && leads {
-                if let Some(found) = self.look_on_disk(&base, &key, known, req.headers()).await {
+                if let Some(found) = self.look_below(&base, &key, known, req.headers()).await {
                     // Promoted by now: the waiters find it in memory.
                     drop(guard);
                     return self.answer(found, req, conn, facts, &base).await;
@@ -194,6 +309,7 @@ impl HttpCache {
                 h.remove(header::IF_MODIFIED_SINCE);
             }
             let request_headers = req.headers().clone();
+            let stale_missing = stale.is_none();
             let response = self.next.fetch(req, conn).await;
             if let Some(stale) = stale.filter(|_| is_error(response.status())) {
                 if stale.usable_on_error(std::time::Instant::now()) {
@@ -221,8 +337,181 @@ impl HttpCache {
                     .await;
                 }
             }
+            if stale_missing && is_error(response.status()) {
+                if let Some(stale) = self.stale_below(&base, &key, known, &request_headers).await {
+                    log::info(
+                        "Serving a stale cached response instead of an upstream error",
+                        &[
+                            ("url", base.describe().into()),
+                            ("status", response.status().as_u16().into()),
+                        ],
+                    );
+                    drop(response);
+                    return hit::respond(
+                        &self.store,
+                        self.disk.as_ref(),
+                        &stale,
+                        &method,
+                        &request_headers,
+                        facts,
+                        &base,
+                        "stale",
+                    )
+                    .await;
+                }
+            }
             return labelled(self.capture(base, request_headers, response, guard), "miss");
         }
+    }
+
+    /// An expired entry from the disk or shared tier that `stale-if-error`
+    /// lets stand in for the app's error (memory had none): after a
+    /// restart, or on an instance that never stored it. Bodies that do not
+    /// fit memory are not read for this.
+    async fn stale_below(
+        &self,
+        base: &BaseKey,
+        key: &key::CacheKey,
+        known: Known,
+        request: &HeaderMap,
+    ) -> Option<Arc<Entry>> {
+        let usable = |entry: &Entry| {
+            entry.file.is_none()
+                && entry.usable_on_error(std::time::Instant::now())
+                && !self.purged(base, entry.stored_at_unix_ms)
+        };
+        let known_key = match known {
+            Known::Stored => Some(key),
+            Known::Passed => return None,
+            Known::Nothing => None,
+        };
+        if let Some(disk) = &self.disk {
+            if let Some((_, found)) = disk.get_for_error(base, known_key, request).await {
+                let meta = found.meta();
+                if meta.file.is_none()
+                    && meta.body_len <= self.store.max_item_size
+                    && self.purges_known(meta.stored_at_unix_ms).await
+                {
+                    if let Some(body) = found.read_all().await {
+                        let entry = tier::entry_from_meta(found.meta(), body, now_unix_ms());
+                        if usable(&entry) {
+                            return Some(Arc::new(entry));
+                        }
+                    }
+                }
+            }
+        }
+        let shared = self.shared.as_ref().filter(|s| s.is_available())?;
+        let lookup = async {
+            let key = match known_key {
+                Some(key) => key.clone(),
+                None => {
+                    let names = shared.vary(&base.text()).await?;
+                    key::CacheKey::new(base.clone(), &names, request)
+                }
+            };
+            shared.get(&key.text()).await
+        };
+        let (meta, body) = tokio::time::timeout(self.shared_timeout, lookup)
+            .await
+            .ok()
+            .flatten()?;
+        if !tier::same_release(&meta, self.release.as_deref()) {
+            return None;
+        }
+        let entry = tier::entry_from_meta(&meta, body, now_unix_ms());
+        usable(&entry).then(|| Arc::new(entry))
+    }
+
+    /// Looks for `key` in the disk tier, then the shared tier.
+    async fn look_below(
+        &self,
+        base: &BaseKey,
+        key: &key::CacheKey,
+        known: Known,
+        request: &HeaderMap,
+    ) -> Option<FromDisk> {
+        if self.disk.is_some() {
+            if let Some(found) = self.look_on_disk(base, key, known, request).await {
+                return Some(found);
+            }
+        }
+        let shared = self.shared.as_ref()?;
+        // Both round trips (vary record, entry) within one timeout: a hung
+        // Redis costs a request no more than CACHE_REDIS_TIMEOUT_MS.
+        tokio::time::timeout(
+            self.shared_timeout,
+            self.look_in_shared(shared, base, key, known, request),
+        )
+        .await
+        .ok()
+        .flatten()
+    }
+
+    /// Looks for `key` in Redis. A hit is promoted into memory (when it
+    /// fits) and written to the disk tier, so the next request and the
+    /// next restart find it locally.
+    async fn look_in_shared(
+        &self,
+        shared: &SharedTier,
+        base: &BaseKey,
+        key: &key::CacheKey,
+        known: Known,
+        request: &HeaderMap,
+    ) -> Option<FromDisk> {
+        if !self.shared_ready(shared).await {
+            return None;
+        }
+        let key = match known {
+            Known::Stored => key.clone(),
+            Known::Passed => return None,
+            Known::Nothing => {
+                let names = shared.vary(&base.text()).await?;
+                self.store.note_vary(base.clone(), &names);
+                key::CacheKey::new(base.clone(), &names, request)
+            }
+        };
+        let text = key.text();
+        let (meta, body) = shared.get(&text).await?;
+        let now = now_unix_ms();
+        if !tier::same_release(&meta, self.release.as_deref())
+            || self.purged(base, meta.stored_at_unix_ms)
+        {
+            // Another release's page, or a purged one: dropped for every
+            // instance (the next store replaces it anyway).
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                let _ = shared.remove(&text).await;
+            });
+            return None;
+        }
+        if !tier::servable(&meta, now, self.release.as_deref()) {
+            return None;
+        }
+        let entry = tier::entry_from_meta(&meta, body, now);
+        if let Some(disk) = &self.disk {
+            let len = entry.body.len() as u64;
+            if disk.takes(len) {
+                let stored = Stored {
+                    status: entry.status,
+                    headers: &entry.headers,
+                    stored_at_unix_ms: entry.stored_at_unix_ms,
+                    freshness: &entry.freshness,
+                    file: None,
+                };
+                if let Some(mut writer) = disk.writer(&key, &stored, Some(len)) {
+                    if writer.push(&entry.body) {
+                        drop(writer.finish());
+                        let vary = key::vary_names(&entry.headers);
+                        disk.write_vary(base, &vary, entry.stored_at_unix_ms, &entry.freshness);
+                    }
+                }
+            }
+        }
+        if entry.body.len() as u64 > self.store.max_item_size {
+            return Some(FromDisk::Memory(Arc::new(entry)));
+        }
+        Some(FromDisk::Memory(self.promote(base, request, entry)))
     }
 
     /// Looks for `key` in the disk tier. What fits memory is promoted (and
@@ -249,6 +538,11 @@ impl HttpCache {
         };
         let found = disk.get(&key).await?;
         let meta = found.meta();
+        if !self.purges_known(meta.stored_at_unix_ms).await
+            || self.purged(base, meta.stored_at_unix_ms)
+        {
+            return None;
+        }
         let now = now_unix_ms();
         if meta.file.is_some() {
             // A reference to an X-Sendfile file: only with the X-Sendfile
@@ -300,10 +594,37 @@ impl HttpCache {
                 .await
             }
             FromDisk::Stream(found) if hit::acceptable(&found.meta().headers, req.headers()) => {
-                if req.headers().contains_key(header::RANGE) {
-                    // The stored body can only be read from the start;
-                    // the app answers ranges of it, as for a Range miss.
-                    return labelled(self.next.fetch(req, conn).await, "bypass");
+                // A whole-body request from a client that takes a coding
+                // gets the stored encoding (made once, in the background,
+                // on the first such hit; until then compressed on the way
+                // out, as a miss would be).
+                let wants_range = req.headers().contains_key(header::RANGE);
+                let meta = found.meta();
+                let coding = facts.filter(|_| !wants_range).and_then(|f| {
+                    compression::coding_for(f, meta.status, &meta.headers, Some(meta.body_len))
+                });
+                if let (Some(disk), Some(coding)) = (&self.disk, coding) {
+                    let key = key::CacheKey::new(
+                        base.clone(),
+                        &key::vary_names(&meta.headers),
+                        req.headers(),
+                    );
+                    match disk.stream_encoding(&key, &found, coding).await {
+                        tier::StreamEncoding::Ready(encoded) => {
+                            return hit::stream_encoded(
+                                &found,
+                                *encoded,
+                                coding,
+                                &method,
+                                req.headers(),
+                                "hit",
+                            );
+                        }
+                        tier::StreamEncoding::NotSmaller => {}
+                        tier::StreamEncoding::Missing => {
+                            disk.make_stream_encoding(&key, found.meta(), coding)
+                        }
+                    }
                 }
                 hit::stream(*found, &method, req.headers(), "hit")
             }
@@ -457,6 +778,8 @@ impl HttpCache {
             return response;
         }
         let capture = Capture {
+            shared: self.shared.clone(),
+            release: self.release.clone(),
             store: Arc::clone(&self.store),
             base,
             vary,
@@ -520,6 +843,9 @@ enum FromDisk {
 }
 
 struct Capture {
+    /// Sent what memory stores, once complete.
+    shared: Option<SharedTier>,
+    release: Option<Arc<str>>,
     store: Arc<Store>,
     base: BaseKey,
     vary: Vec<HeaderName>,
@@ -559,6 +885,28 @@ impl Capture {
         }
     }
 
+    /// Queues the complete response for the shared tier (the write runs in
+    /// the background: the client already has its last bytes).
+    fn share(&self, body: &Bytes) {
+        let Some(shared) = &self.shared else {
+            return;
+        };
+        let key = key::CacheKey::new(self.base.clone(), &self.vary, &self.request);
+        let stored = Stored {
+            status: self.status,
+            headers: &self.headers,
+            stored_at_unix_ms: self.stored_at_unix_ms,
+            freshness: &self.freshness,
+            file: None,
+        };
+        if let Some(mut meta) = tier::meta_for(key.text(), &stored, self.release.as_deref()) {
+            meta.body_len = body.len() as u64;
+            // Skipped writes (too large, Redis down, too many in flight)
+            // only cost other instances a miss.
+            let _ = shared.put_variant(&self.base.text(), &self.vary, meta, body.clone());
+        }
+    }
+
     /// Whether any tier still takes the body.
     fn wanted(&self) -> bool {
         self.body.is_some() || self.disk.is_some()
@@ -572,8 +920,9 @@ impl Capture {
         }
         let in_memory = match self.body.take() {
             Some(body) => {
-                let mut entry =
-                    Entry::new(self.status, self.headers, body.freeze(), self.freshness);
+                let body = body.freeze();
+                self.share(&body);
+                let mut entry = Entry::new(self.status, self.headers, body, self.freshness);
                 entry.stored_at_unix_ms = self.stored_at_unix_ms;
                 self.store
                     .insert(self.base.clone(), self.vary.clone(), &self.request, entry);

@@ -35,6 +35,7 @@
 //!   keeps: a Redis hit promotes through the same function. X-Sendfile
 //!   references are host-local and must not go there.
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -55,12 +56,32 @@ const ENCODING_OF: HeaderName = HeaderName::from_static("thruster-encoding-of");
 /// Bodies up to this size are checksummed on the runtime thread; larger
 /// ones on the blocking pool.
 const INLINE_CRC: usize = 64 * 1024;
+/// Entries streamed from disk (over `MAX_CACHE_ITEM_SIZE`) up to this size
+/// get stored encodings; larger ones (media, archives: rarely compressible)
+/// are encoded on the fly if at all, since making one reads the whole body
+/// into memory once.
+const STREAM_ENCODE_MAX: u64 = 8 << 20;
+
+/// What the disk holds of an encoding of an entry streamed from disk.
+pub enum StreamEncoding {
+    /// The encoded body, to stream as it is.
+    Ready(Box<DiskEntry>),
+    /// Encoding does not make it smaller: send identity.
+    NotSmaller,
+    /// Not made yet (or made for an older body).
+    Missing,
+}
 
 /// A handle on the disk tier (cheap to clone).
 #[derive(Clone)]
 pub struct DiskTier {
     store: DiskStore,
     max_item: u64,
+    /// Encodings of streamed entries being made now (by record key), so
+    /// concurrent hits start one each.
+    making: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+    /// `CACHE_RELEASE`, written into every record and compared on reads.
+    release: Option<Arc<str>>,
 }
 
 /// A response about to be stored, as every record of it describes it.
@@ -87,7 +108,14 @@ impl DiskTier {
         Some(DiskTier {
             store: DiskStore::open(dir, config.cache_disk_size, config.cache_disk_max_item_size),
             max_item: config.cache_disk_max_item_size.min(config.cache_disk_size),
+            release: config.cache_release.as_deref().map(Arc::from),
+            making: Arc::default(),
         })
+    }
+
+    /// `CACHE_RELEASE`, if set.
+    pub fn release(&self) -> Option<&str> {
+        self.release.as_deref()
     }
 
     pub fn engine(&self) -> &DiskStore {
@@ -103,13 +131,46 @@ impl DiskTier {
     /// when there is none (nothing of it is stored here).
     pub async fn vary_names(&self, base: &BaseKey) -> Option<Vec<HeaderName>> {
         let record = self.store.get(&base.vary_record_text()).await?;
-        servable(record.meta(), now_unix_ms()).then(|| key::vary_names(&record.meta().headers))
+        servable(record.meta(), now_unix_ms(), self.release())
+            .then(|| key::vary_names(&record.meta().headers))
     }
 
     /// The entry stored under `key`, if it may answer now.
     pub async fn get(&self, key: &CacheKey) -> Option<DiskEntry> {
         let found = self.store.get(&key.text()).await?;
-        servable(found.meta(), now_unix_ms()).then_some(found)
+        servable(found.meta(), now_unix_ms(), self.release()).then_some(found)
+    }
+
+    /// The entry stored under `key` even if expired, while `stale-if-error`
+    /// still lets it stand in for an error (and of this release, or
+    /// immutable). For the error path only; the vary record is read the same
+    /// way (it expires with the response that wrote it).
+    pub async fn get_for_error(
+        &self,
+        base: &BaseKey,
+        key: Option<&CacheKey>,
+        request: &HeaderMap,
+    ) -> Option<(CacheKey, DiskEntry)> {
+        let now = now_unix_ms();
+        let usable = |meta: &EntryMeta| {
+            now < meta.usable_until_unix_ms() && same_release(meta, self.release())
+        };
+        let key = match key {
+            Some(key) => key.clone(),
+            None => {
+                let record = self.store.get(&base.vary_record_text()).await?;
+                if !usable(record.meta()) {
+                    return None;
+                }
+                CacheKey::new(
+                    base.clone(),
+                    &key::vary_names(&record.meta().headers),
+                    request,
+                )
+            }
+        };
+        let found = self.store.get(&key.text()).await?;
+        usable(found.meta()).then_some((key, found))
     }
 
     /// Starts writing the entry for `key`; push the body, then `finish`.
@@ -121,7 +182,7 @@ impl DiskTier {
         stored: &Stored<'_>,
         declared_len: Option<u64>,
     ) -> Option<DiskWriter> {
-        let meta = meta_for(key.text(), stored)?;
+        let meta = meta_for(key.text(), stored, self.release())?;
         self.store.writer(meta, declared_len)
     }
 
@@ -148,7 +209,7 @@ impl DiskTier {
             freshness,
             file: None,
         };
-        if let Some(writer) = meta_for(base.vary_record_text(), &record)
+        if let Some(writer) = meta_for(base.vary_record_text(), &record, self.release())
             .and_then(|meta| self.store.writer(meta, Some(0)))
         {
             // Committed in the background; `flush` waits for it.
@@ -182,6 +243,69 @@ impl DiskTier {
         made
     }
 
+    /// The stored `coding` encoding of `found`, an entry too large for
+    /// memory, streamed from disk like the entry itself. Named by the
+    /// entry's receive time and length (reading the body for a checksum,
+    /// as memory-sized encodings are named, would cost what the stored
+    /// encoding saves): a re-stored entry has another receive time.
+    pub async fn stream_encoding(
+        &self,
+        key: &CacheKey,
+        found: &DiskEntry,
+        coding: Coding,
+    ) -> StreamEncoding {
+        let Some(tag) = stream_tag(found.meta()) else {
+            return StreamEncoding::Missing;
+        };
+        match self.store.get(&key.encoded_text(coding.token())).await {
+            Some(record) if record.meta().headers.get(&ENCODING_OF) == Some(&tag) => {
+                if record.meta().headers.contains_key(header::CONTENT_ENCODING) {
+                    StreamEncoding::Ready(Box::new(record))
+                } else {
+                    StreamEncoding::NotSmaller
+                }
+            }
+            _ => StreamEncoding::Missing,
+        }
+    }
+
+    /// Makes and stores the `coding` encoding of the entry under `key` (too
+    /// large for memory) in the background: read once, encoded at the
+    /// level cached variants get, written as an encoding record. At most
+    /// one at a time per record; nothing over 8 MiB.
+    pub fn make_stream_encoding(&self, key: &CacheKey, meta: &EntryMeta, coding: Coding) {
+        let Some(tag) = stream_tag(meta) else {
+            return;
+        };
+        if meta.body_len > STREAM_ENCODE_MAX || meta.file.is_some() {
+            return;
+        }
+        let text = key.encoded_text(coding.token());
+        if !lock_set(&self.making).insert(text.clone()) {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            lock_set(&self.making).remove(&text);
+            return;
+        };
+        let (tier, entry_text) = (self.clone(), key.text());
+        runtime.spawn(async move {
+            let made = async {
+                let found = tier.store.get(&entry_text).await?;
+                if stream_tag(found.meta()).as_ref() != Some(&tag) {
+                    return None; // replaced meanwhile
+                }
+                let body = found.read_all().await?;
+                let entry = entry_from_meta(found.meta(), body, now_unix_ms());
+                let encoded = store::encode(&entry, coding).await;
+                tier.put_encoding(text.clone(), &entry, coding, tag, encoded.as_ref());
+                Some(())
+            };
+            made.await;
+            lock_set(&tier.making).remove(&text);
+        });
+    }
+
     fn put_encoding(
         &self,
         text: String,
@@ -206,8 +330,8 @@ impl DiskTier {
             file: None,
         };
         let body = encoded.cloned().unwrap_or_default();
-        let Some(mut writer) =
-            meta_for(text, &record).and_then(|m| self.store.writer(m, Some(body.len() as u64)))
+        let Some(mut writer) = meta_for(text, &record, self.release())
+            .and_then(|m| self.store.writer(m, Some(body.len() as u64)))
         else {
             return;
         };
@@ -234,17 +358,29 @@ impl DiskTier {
     }
 }
 
-/// Whether a stored record may answer now: fresh. Expired entries are not
-/// served from disk (stale-if-error is the memory tier's alone).
-/// `CACHE_RELEASE` and purge checks belong here (module docs).
-pub fn servable(meta: &EntryMeta, now_unix_ms: u64) -> bool {
-    now_unix_ms < meta.fresh_until_unix_ms()
+/// Whether a stored record (disk or shared tier) may answer now: fresh,
+/// and — with `CACHE_RELEASE` set — stored under this release or
+/// `immutable` (fingerprinted assets are the same bytes in every release;
+/// anything else from another release may be the old release's page).
+/// Expired entries are not served from disk (stale-if-error is the memory
+/// tier's alone). Purges are checked by the caller, which knows the
+/// request target (`purges.rs`).
+pub fn servable(meta: &EntryMeta, now_unix_ms: u64, release: Option<&str>) -> bool {
+    now_unix_ms < meta.fresh_until_unix_ms() && same_release(meta, release)
+}
+
+/// The `CACHE_RELEASE` rule alone (see [`servable`]).
+pub fn same_release(meta: &EntryMeta, release: Option<&str>) -> bool {
+    match release {
+        None => true,
+        Some(current) => meta.immutable || meta.release.as_deref() == Some(current),
+    }
 }
 
 /// The stored form of a response under `key` (body length filled in by
 /// the writer). `None` for a file whose modification time cannot be
 /// written (before 1970).
-pub fn meta_for(key: String, stored: &Stored<'_>) -> Option<EntryMeta> {
+pub fn meta_for(key: String, stored: &Stored<'_>, release: Option<&str>) -> Option<EntryMeta> {
     let file = match stored.file {
         None => None,
         Some(file) => Some(StoredFile {
@@ -266,8 +402,7 @@ pub fn meta_for(key: String, stored: &Stored<'_>) -> Option<EntryMeta> {
         lifetime_secs: f.lifetime.as_secs(),
         stale_if_error_secs: f.stale_if_error.as_secs(),
         immutable: f.immutable,
-        // CACHE_RELEASE is not tracked yet.
-        release: None,
+        release: release.map(str::to_owned),
         file,
         body_len: 0,
     })
@@ -293,6 +428,21 @@ pub fn entry_from_meta(meta: &EntryMeta, body: Bytes, now_unix_ms: u64) -> Entry
         }),
         None => entry,
     }
+}
+
+fn lock_set(
+    set: &std::sync::Mutex<std::collections::HashSet<String>>,
+) -> std::sync::MutexGuard<'_, std::collections::HashSet<String>> {
+    set.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Names the body of an entry streamed from disk (see `stream_encoding`).
+fn stream_tag(meta: &EntryMeta) -> Option<HeaderValue> {
+    HeaderValue::from_str(&format!(
+        "{}:{}:stream",
+        meta.stored_at_unix_ms, meta.body_len
+    ))
+    .ok()
 }
 
 /// Names an entry's body: receive time, length and CRC-32. `None` if the
@@ -322,6 +472,8 @@ mod tests {
         DiskTier {
             store: DiskStore::open(dir, 64 << 20, 16 << 20),
             max_item: 16 << 20,
+            release: None,
+            making: Arc::default(),
         }
     }
 
@@ -508,6 +660,44 @@ mod tests {
     }
 
     #[test]
+    fn another_release_is_servable_only_when_immutable() {
+        let headers = HeaderMap::new();
+        let stored_at = now_unix_ms();
+        let meta = |immutable: bool, release: Option<&str>| {
+            let mut f = freshness(60);
+            f.immutable = immutable;
+            meta_for(
+                "k".into(),
+                &Stored {
+                    status: StatusCode::OK,
+                    headers: &headers,
+                    stored_at_unix_ms: stored_at,
+                    freshness: &f,
+                    file: None,
+                },
+                release,
+            )
+            .unwrap()
+        };
+        let now = stored_at + 1;
+        // Not tracked: everything fresh is servable.
+        assert!(servable(&meta(false, None), now, None));
+        assert!(servable(&meta(false, Some("v1")), now, None));
+        // Tracked: the same release, or immutable.
+        assert!(servable(&meta(false, Some("v2")), now, Some("v2")));
+        assert!(!servable(&meta(false, Some("v1")), now, Some("v2")));
+        assert!(!servable(&meta(false, None), now, Some("v2")));
+        assert!(servable(&meta(true, Some("v1")), now, Some("v2")));
+        assert!(servable(&meta(true, None), now, Some("v2")));
+        // Expired is never servable.
+        assert!(!servable(
+            &meta(true, Some("v2")),
+            stored_at + 61_000,
+            Some("v2")
+        ));
+    }
+
+    #[test]
     fn x_sendfile_references_round_trip() {
         let file = FileRef {
             path: "/srv/app/public/a.pdf".into(),
@@ -525,6 +715,7 @@ mod tests {
                 freshness: &f,
                 file: Some(&file),
             },
+            None,
         )
         .unwrap();
         let entry = entry_from_meta(&meta, Bytes::new(), now_unix_ms());
