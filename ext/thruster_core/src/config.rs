@@ -442,6 +442,14 @@ pub const SETTINGS: &[Setting] = &[
         "Whose certificate answers handshakes without a matching SNI; `none` refuses them.",
     ),
     row(
+        "HTTP3_ENABLED",
+        Value("true"),
+        ACCEPT_BOOL,
+        "In [TLS mode](tls.md), HTTP/3 (QUIC) on UDP `HTTPS_PORT` too, advertised by `Alt-Svc` on \
+         every HTTPS response. Turn it off where UDP is not published (Docker publishes TCP only \
+         unless told). See [HTTP/3](tls.md#http3).",
+    ),
+    row(
         "CACHE_SIZE",
         Value("67108864"),
         ACCEPT_BYTES,
@@ -677,6 +685,8 @@ pub struct Config {
     /// Whose certificate answers handshakes without a matching SNI; `None`
     /// refuses them.
     pub tls_default_domain: Option<String>,
+    /// HTTP/3 on UDP `HTTPS_PORT` in TLS mode, advertised with `Alt-Svc`.
+    pub http3_enabled: bool,
     pub storage_path: PathBuf,
     pub bad_gateway_page: PathBuf,
     pub http_port: u16,
@@ -830,6 +840,7 @@ impl Config {
             tls_private_key_path,
             tls_local,
             tls_default_domain,
+            http3_enabled: r.bool("HTTP3_ENABLED")?,
             storage_path,
             bad_gateway_page: r.string("BAD_GATEWAY_PAGE")?.into(),
             http_port: r.port("HTTP_PORT", 0)?,

@@ -142,6 +142,8 @@ impl UpstreamErrorKind {
 pub enum Protocol {
     H1,
     H2,
+    /// A QUIC connection (HTTP/3).
+    H3,
 }
 
 /// Where a buffered body was spooled to disk from.
@@ -175,7 +177,7 @@ pub struct Metrics {
     upstream_errors: [IntCounter; 7],
     upstream_retries: IntCounter,
     upstream_duration: Histogram,
-    connections_open: [IntGauge; 2],
+    connections_open: [IntGauge; 3],
     connections_per_ip_closed: IntCounter,
     connections_waiting: IntGauge,
     spooled: [IntCounter; 2],
@@ -299,7 +301,7 @@ impl Metrics {
              request).",
             "protocol",
         );
-        let connections_open = ["h1", "h2"].map(|p| open.with_label_values(&[p]));
+        let connections_open = ["h1", "h2", "h3"].map(|p| open.with_label_values(&[p]));
         let connections_per_ip_closed = counter(
             "thruster_connections_per_ip_limit_closed_total",
             "Client connections closed at once because their address had MAX_CONNECTIONS_PER_IP \

@@ -70,6 +70,7 @@ impl RequestRecord {
             proto: match req.version() {
                 http::Version::HTTP_10 => "HTTP/1.0",
                 http::Version::HTTP_2 => "HTTP/2.0",
+                http::Version::HTTP_3 => "HTTP/3.0",
                 _ => "HTTP/1.1",
             },
             req_content_length,

@@ -19,6 +19,7 @@ use tokio_rustls::TlsAcceptor;
 use super::client_io::ClientIo;
 use super::conn_io::{ConnIo, ConnTimeouts, Unparked};
 use super::limits;
+use super::quic::AltSvc;
 use crate::config::Config;
 use crate::conn::{ConnState, InFlight};
 use crate::http::{BoxError, ResponseBody};
@@ -86,8 +87,8 @@ pub(super) fn connection_builders(config: &Config) -> ConnBuilders {
 pub(super) enum Role {
     /// Cleartext, proxied to the app.
     App,
-    /// TLS, proxied to the app.
-    Tls(TlsAcceptor),
+    /// TLS, proxied to the app; with the `Alt-Svc` for HTTP/3 when on.
+    Tls(TlsAcceptor, Option<Arc<AltSvc>>),
     /// Cleartext in TLS mode: HTTP-01 answers and redirects to HTTPS.
     Redirect(Arc<Redirect>),
 }
@@ -188,7 +189,7 @@ const MAX_HANDSHAKE: Duration = Duration::from_secs(60);
 impl Connection {
     async fn run(self, stream: tokio::net::TcpStream, registration: fd_registry::Registration) {
         let (io, h2, tls) = match &self.role {
-            Role::Tls(acceptor) => {
+            Role::Tls(acceptor, _) => {
                 // The handshake counts against the header timeout.
                 let limit = self.timeouts.header.unwrap_or(MAX_HANDSHAKE);
                 let mut shutdown = self.shutdown.clone();
@@ -252,17 +253,35 @@ impl Connection {
             Role::Redirect(redirect) => Some(redirect.clone()),
             _ => None,
         };
+        let alt_svc = match &self.role {
+            Role::Tls(_, alt_svc) => alt_svc.clone(),
+            _ => None,
+        };
         let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
             let pipeline = pipeline.clone();
             let conn_info = conn_info.clone();
             let redirect = redirect.clone();
+            let alt_svc = alt_svc.clone();
             let in_flight = service_state.begin_request();
             async move {
                 let response = match &redirect {
                     Some(redirect) => redirect.respond(&req),
                     None => {
+                        // The name the response speaks for, before the
+                        // request moves into the pipeline.
+                        let host = alt_svc.as_ref().and_then(|_| {
+                            req.headers()
+                                .get(http::header::HOST)
+                                .and_then(|h| h.to_str().ok())
+                                .or_else(|| req.uri().authority().map(|a| a.as_str()))
+                                .map(str::to_string)
+                        });
                         let req = req.map(|body| body.map_err(BoxError::from).boxed_unsync());
-                        pipeline.handle(req, &conn_info).await
+                        let mut response = pipeline.handle(req, &conn_info).await;
+                        if let Some(alt_svc) = &alt_svc {
+                            alt_svc.apply(host.as_deref(), response.headers_mut());
+                        }
+                        response
                     }
                 };
                 Ok::<_, std::convert::Infallible>(response.map(|body| InFlightBody {

@@ -99,6 +99,13 @@ impl ConnLimits {
             .expect("the semaphore is never closed")
     }
 
+    /// Room under the total cap if there is some now. For QUIC, where a
+    /// connection attempt cannot wait in a backlog: at the cap it is
+    /// refused.
+    pub fn try_reserve(&self) -> Option<OwnedSemaphorePermit> {
+        self.total.clone().try_acquire_owned().ok()
+    }
+
     /// Admits a connection from `ip`, or `None` when that address already
     /// has its share.
     pub fn admit(self: &Arc<Self>, ip: IpAddr, permit: OwnedSemaphorePermit) -> Option<ConnSlot> {

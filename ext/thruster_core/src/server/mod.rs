@@ -10,7 +10,8 @@
 //! In TLS mode there are two kinds of listeners: HTTPS (`HTTPS_PORT`)
 //! serves the app over TLS, with ALPN choosing HTTP/2 or HTTP/1.1; HTTP
 //! (`HTTP_PORT`) answers ACME HTTP-01 challenges and redirects to HTTPS
-//! (`tls::redirect`).
+//! (`tls::redirect`). With `HTTP3_ENABLED` (the default) a UDP socket on
+//! each HTTPS address serves HTTP/3 (`quic`).
 
 use std::io;
 use std::net::SocketAddr;
@@ -30,6 +31,7 @@ mod connection;
 pub mod limits;
 mod listeners;
 mod metrics_endpoint;
+mod quic;
 mod side_http;
 
 use crate::config::Config;
@@ -40,7 +42,7 @@ use crate::tls::redirect::Redirect;
 use crate::tls::{Tls, TlsError};
 use crate::upstream::{Upstream, UpstreamAddr};
 use connection::{accept_loop, connection_builders, Role};
-use listeners::{inherited_sockets, open_listeners};
+use listeners::{inherited_sockets, open_listeners, open_udp_sockets};
 
 /// How long `stop` waits by default for in-flight requests (Thruster: 5 s).
 pub const DEFAULT_DRAIN: Duration = Duration::from_secs(5);
@@ -63,6 +65,8 @@ pub enum ServerError {
     /// A bad `CACHE_REDIS_URL` or `CACHE_REDIS_CA_FILE`.
     #[error(transparent)]
     SharedCache(#[from] crate::pipeline::cache::shared::SharedConfigError),
+    #[error(transparent)]
+    Quic(#[from] quic::QuicError),
 }
 
 /// Where and how to run, beyond the user's `Config`.
@@ -115,6 +119,8 @@ pub struct Server {
     http_addrs: Vec<SocketAddr>,
     https_addrs: Vec<SocketAddr>,
     listener_fds: Vec<RawFd>,
+    /// The HTTP/3 sockets (UDP, one per HTTPS address) and their addresses.
+    quic_fds: Vec<(RawFd, SocketAddr)>,
     /// Kept for the disk cache flush on stop.
     pipeline: Arc<Pipeline>,
     metrics_addr: Option<SocketAddr>,
@@ -156,6 +162,22 @@ impl Server {
         } else {
             Vec::new()
         };
+        // HTTP/3 on the same addresses as HTTPS (the port number Alt-Svc
+        // names), bound now so a busy UDP port fails the start like TCP.
+        let https_addrs_bound = https_std
+            .iter()
+            .map(|l| l.local_addr())
+            .collect::<io::Result<Vec<_>>>()
+            .map_err(ServerError::Runtime)?;
+        let udp_std = if config.tls_enabled() && config.http3_enabled {
+            match (options.https_binds.is_empty(), https_addrs_bound.first()) {
+                // All interfaces, at the port TCP got (HTTPS_PORT=0 picks one).
+                (true, Some(first)) => open_udp_sockets(&[], first.port(), &mut inherited)?,
+                _ => open_udp_sockets(&https_addrs_bound, config.https_port, &mut inherited)?,
+            }
+        } else {
+            Vec::new()
+        };
         // Its own port, never a public one: `/metrics` on HTTP_PORT is the
         // app's. All interfaces, as Prometheus usually scrapes from another
         // container.
@@ -180,8 +202,13 @@ impl Server {
                 .map_err(ServerError::Runtime)
         };
         let http_addrs = local_addrs(&http_std)?;
-        let https_addrs = local_addrs(&https_std)?;
+        let https_addrs = https_addrs_bound;
         let admin_addr = local_addrs(&admin_std)?[0];
+        let quic_fds = udp_std
+            .iter()
+            .map(|s| Ok((s.as_raw_fd(), s.local_addr()?)))
+            .collect::<io::Result<Vec<_>>>()
+            .map_err(ServerError::Runtime)?;
         let listener_fds = http_std
             .iter()
             .chain(&https_std)
@@ -272,19 +299,37 @@ impl Server {
                 shutdown_rx.clone(),
             )));
         }
+        // Advertised only where HTTP/3 answers.
+        let alt_svc = match (&tls, quic_fds.first()) {
+            (Some(tls), Some(&(_, addr))) => {
+                Some(Arc::new(quic::AltSvc::new(tls.clone(), addr.port())))
+            }
+            _ => None,
+        };
         if let Some(acceptor) = &acceptor {
             for listener in https_listeners {
                 accept_tasks.push(runtime.spawn(accept_loop(
                     listener,
                     builders.clone(),
                     pipeline.clone(),
-                    Role::Tls(acceptor.clone()),
+                    Role::Tls(acceptor.clone(), alt_svc.clone()),
                     conn_limits.clone(),
                     shutdown_rx.clone(),
                 )));
             }
         }
         if let Some(tls) = &tls {
+            if !udp_std.is_empty() {
+                let crypto = crate::tls::quic_server_config(tls.store.clone())?;
+                for socket in udp_std {
+                    let http3 = quic::Http3::new(socket, crypto.clone(), &config)?;
+                    accept_tasks.push(runtime.spawn(http3.serve(
+                        pipeline.clone(),
+                        conn_limits.clone(),
+                        shutdown_rx.clone(),
+                    )));
+                }
+            }
             tls.spawn_background(shutdown_rx.clone());
         }
         drop(_guard);
@@ -306,6 +351,7 @@ impl Server {
         let mut fields = vec![("http", show(&http_addrs, &options.http_binds).into())];
         if let Some(tls) = &tls {
             fields.push(("https", show(&https_addrs, &options.https_binds).into()));
+            fields.push(("http3", (!quic_fds.is_empty()).into()));
             fields.push(("tls_domain", config.tls_domains.clone().into()));
             fields.push(("certificates", tls.describe().into()));
         }
@@ -327,6 +373,7 @@ impl Server {
             http_addrs,
             https_addrs,
             listener_fds,
+            quic_fds,
             pipeline,
             metrics_addr,
             admin_addr,
@@ -363,6 +410,11 @@ impl Server {
         &self.https_addrs
     }
 
+    /// The HTTP/3 (UDP) addresses: TLS mode with `HTTP3_ENABLED`.
+    pub fn http3_addrs(&self) -> Vec<SocketAddr> {
+        self.quic_fds.iter().map(|&(_, addr)| addr).collect()
+    }
+
     /// The metrics listener's address (`METRICS_PORT` set).
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
         self.metrics_addr
@@ -370,7 +422,8 @@ impl Server {
 
     /// Duplicates the listening sockets into fds that survive `exec`, so a
     /// re-executed process (Puma's hot restart) can keep listening without
-    /// a gap: connections arriving meanwhile wait in the kernel's backlog.
+    /// a gap: connections arriving meanwhile wait in the kernel's backlog
+    /// (QUIC datagrams in the UDP socket's receive buffer).
     /// The caller then stops this server; the duplicates stay open.
     pub fn handoff_fds(&self) -> io::Result<Vec<(RawFd, SocketAddr)>> {
         self.listener_fds
@@ -381,6 +434,7 @@ impl Server {
                     .chain(&self.https_addrs)
                     .chain(std::iter::once(&self.admin_addr)),
             )
+            .chain(self.quic_fds.iter().map(|(fd, addr)| (fd, addr)))
             .map(|(&fd, &addr)| {
                 // SAFETY: F_DUPFD on a listener fd we own; the new fd has no
                 // FD_CLOEXEC, which is the point.

@@ -193,6 +193,25 @@ pub fn server_config(
     Ok(Arc::new(config))
 }
 
+/// The ALPN protocol of HTTP/3 (RFC 9114 §3.1).
+pub const H3_ALPN: &[u8] = b"h3";
+
+/// The rustls configuration for QUIC: the same certificate store (so the
+/// same SNI answers and hot swaps as TCP), TLS 1.3 only (RFC 9001 §4.2),
+/// ALPN `h3` only. TLS-ALPN-01 validation stays on TCP. Early data stays
+/// off (`max_early_data_size` 0): 0-RTT requests can be replayed.
+pub fn quic_server_config(store: Arc<CertStore>) -> Result<Arc<ServerConfig>, TlsError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| TlsError(format!("QUIC TLS set-up failed: {e}")))?
+        .with_no_client_auth()
+        .with_cert_resolver(store);
+    config.alpn_protocols = vec![H3_ALPN.to_vec()];
+    config.max_early_data_size = 0;
+    Ok(Arc::new(config))
+}
+
 /// Where the certificates come from.
 enum Source {
     Acme(Arc<acme::Manager>),
@@ -247,6 +266,18 @@ impl Tls {
             Source::Files(watch) => watch.spawn(self.store.clone(), shutdown),
             Source::Local => {}
         }
+    }
+
+    /// Whether a handshake for `name` would find a certificate now (its
+    /// own, the own/local one, or the default domain's): only then may a
+    /// response advertise HTTP/3 for it, since the QUIC handshake asks the
+    /// same store.
+    pub fn has_certificate_for(&self, name: &str) -> bool {
+        if self.store.single().is_some() {
+            return true;
+        }
+        let name = normalize_domain(name);
+        self.store.for_name(name.as_deref()).is_some()
     }
 
     /// Whether the HTTP listener may redirect this host to HTTPS: one of
