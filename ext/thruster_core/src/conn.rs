@@ -61,6 +61,9 @@ pub struct ConnState {
     /// File regions to send with sendfile(2) in place of the marker bytes
     /// the response body hands to hyper, in body order.
     pub(crate) zero_copy: Mutex<VecDeque<FileRegion>>,
+    /// Whether the last request allows parking the idle connection (see
+    /// `allow_park`); false until a request says so.
+    parkable: AtomicBool,
 }
 
 /// A part of an open file to send from the kernel's page cache.
@@ -136,6 +139,22 @@ impl ConnState {
 
     /// No request in flight, not upgraded, and nothing queued for the
     /// socket (file regions, informational responses).
+    /// Records whether the idle connection may be parked after the current
+    /// request. Only when hyper would keep it alive and nothing of the
+    /// request can still arrive: an HTTP/1.1 request without a body and
+    /// without `Connection: close`, answered without `Connection: close`.
+    /// Parking ends hyper's connection by showing it an end of stream; if
+    /// hyper meant to close (an error response, a body it did not read),
+    /// the socket must close, or the rest of an unread body would be parsed
+    /// as the next request.
+    pub(crate) fn allow_park(&self, allowed: bool) {
+        self.parkable.store(allowed, Ordering::Release);
+    }
+
+    pub(crate) fn park_allowed(&self) -> bool {
+        self.parkable.load(Ordering::Acquire)
+    }
+
     pub(crate) fn idle_io(&self) -> bool {
         !self.busy()
             && !self.upgraded()

@@ -249,6 +249,7 @@ impl<T: AsyncRead + AsyncWrite> AsyncRead for ConnIo<T> {
             && *this.parkable
             && !*this.unflushed
             && this.state.idle_io()
+            && this.state.park_allowed()
         {
             *this.parked = true;
             return Poll::Ready(Ok(()));

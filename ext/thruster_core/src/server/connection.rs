@@ -263,6 +263,13 @@ impl Connection {
             let redirect = redirect.clone();
             let alt_svc = alt_svc.clone();
             let in_flight = service_state.begin_request();
+            // Decided before the request moves on; the response has its say
+            // below (see ConnState::allow_park).
+            service_state.allow_park(false);
+            let parkable_request = req.version() == http::Version::HTTP_11
+                && http_body::Body::is_end_stream(req.body())
+                && !wants_close(req.headers());
+            let park_state = service_state.clone();
             async move {
                 let response = match &redirect {
                     Some(redirect) => redirect.respond(&req),
@@ -284,6 +291,7 @@ impl Connection {
                         response
                     }
                 };
+                park_state.allow_park(parkable_request && !wants_close(response.headers()));
                 Ok::<_, std::convert::Infallible>(response.map(|body| InFlightBody {
                     body,
                     _in_flight: in_flight,
@@ -390,6 +398,16 @@ async fn serve_http1<S>(
             return;
         }
     }
+}
+
+/// `Connection: close` among the connection options (any letter case).
+fn wants_close(headers: &http::HeaderMap) -> bool {
+    headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|token| token.trim().eq_ignore_ascii_case("close"))
 }
 
 /// A connection that can be asked to finish its in-flight requests and close.
