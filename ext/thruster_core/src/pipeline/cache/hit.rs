@@ -116,24 +116,8 @@ pub fn stream(
     request: &HeaderMap,
     label: &'static str,
 ) -> Response<ResponseBody> {
-    let meta = found.meta();
-    let mut headers = meta.headers.clone();
-    headers.insert(header::AGE, HeaderValue::from(meta.age_secs(now_unix_ms())));
-    let date = if_range_date(&headers);
-    let representation = Representation {
-        status: meta.status,
-        headers,
-        source: Source::Stream {
-            len: meta.body_len,
-            open: Box::new(move |start, len| found.body_range(start, len).boxed_unsync()),
-        },
-    };
-    let mut response =
-        files::respond::respond(method, request, representation, date, |_, _, _| None);
-    response
-        .headers_mut()
-        .insert(X_CACHE, HeaderValue::from_static(label));
-    response
+    let (status, headers) = streamed_head(&found, None);
+    streamed(status, headers, found, method, request, label)
 }
 
 /// An entry too large for memory sent in its stored `coding` encoding
@@ -148,17 +132,41 @@ pub fn stream_encoded(
     request: &HeaderMap,
     label: &'static str,
 ) -> Response<ResponseBody> {
+    let (status, headers) = streamed_head(found, Some(coding));
+    streamed(status, headers, encoded, method, request, label)
+}
+
+/// The status and headers of a hit on `found` (in `coding`, if any).
+fn streamed_head(
+    found: &DiskEntry,
+    coding: Option<compression::Coding>,
+) -> (StatusCode, HeaderMap) {
     let meta = found.meta();
     let mut headers = meta.headers.clone();
     headers.insert(header::AGE, HeaderValue::from(meta.age_secs(now_unix_ms())));
-    compression::mark_encoded(&mut headers, coding);
+    if let Some(coding) = coding {
+        compression::mark_encoded(&mut headers, coding);
+    }
+    (meta.status, headers)
+}
+
+/// Answers with `body` (an entry or encoding record) read from disk as the
+/// client takes it.
+fn streamed(
+    status: StatusCode,
+    headers: HeaderMap,
+    body: DiskEntry,
+    method: &Method,
+    request: &HeaderMap,
+    label: &'static str,
+) -> Response<ResponseBody> {
     let date = if_range_date(&headers);
     let representation = Representation {
-        status: meta.status,
+        status,
         headers,
         source: Source::Stream {
-            len: encoded.meta().body_len,
-            open: Box::new(move |start, len| encoded.body_range(start, len).boxed_unsync()),
+            len: body.meta().body_len,
+            open: Box::new(move |start, len| body.body_range(start, len).boxed_unsync()),
         },
     };
     let mut response =

@@ -309,10 +309,17 @@ impl HttpCache {
                 h.remove(header::IF_MODIFIED_SINCE);
             }
             let request_headers = req.headers().clone();
-            let stale_missing = stale.is_none();
             let response = self.next.fetch(req, conn).await;
-            if let Some(stale) = stale.filter(|_| is_error(response.status())) {
-                if stale.usable_on_error(std::time::Instant::now()) {
+            if is_error(response.status()) {
+                // Memory's stale copy, or (memory had none: after a
+                // restart, on another instance) one from a lower tier.
+                let stale = match stale {
+                    Some(stale) => {
+                        Some(stale).filter(|s| s.usable_on_error(std::time::Instant::now()))
+                    }
+                    None => self.stale_below(&base, &key, known, &request_headers).await,
+                };
+                if let Some(stale) = stale {
                     log::info(
                         "Serving a stale cached response instead of an upstream error",
                         &[
@@ -324,29 +331,6 @@ impl HttpCache {
                     if stale.file.is_some() {
                         return hit::reference(&stale, "stale");
                     }
-                    return hit::respond(
-                        &self.store,
-                        self.disk.as_ref(),
-                        &stale,
-                        &method,
-                        &request_headers,
-                        facts,
-                        &base,
-                        "stale",
-                    )
-                    .await;
-                }
-            }
-            if stale_missing && is_error(response.status()) {
-                if let Some(stale) = self.stale_below(&base, &key, known, &request_headers).await {
-                    log::info(
-                        "Serving a stale cached response instead of an upstream error",
-                        &[
-                            ("url", base.describe().into()),
-                            ("status", response.status().as_u16().into()),
-                        ],
-                    );
-                    drop(response);
                     return hit::respond(
                         &self.store,
                         self.disk.as_ref(),
@@ -600,8 +584,14 @@ impl HttpCache {
                 // out, as a miss would be).
                 let wants_range = req.headers().contains_key(header::RANGE);
                 let meta = found.meta();
+                // Made once for many hits, like memory's stored variants.
                 let coding = facts.filter(|_| !wants_range).and_then(|f| {
-                    compression::coding_for(f, meta.status, &meta.headers, Some(meta.body_len))
+                    compression::stored_coding_for(
+                        f,
+                        meta.status,
+                        &meta.headers,
+                        Some(meta.body_len),
+                    )
                 });
                 if let (Some(disk), Some(coding)) = (&self.disk, coding) {
                     let key = key::CacheKey::new(
@@ -778,7 +768,7 @@ impl HttpCache {
             return response;
         }
         let capture = Capture {
-            shared: self.shared.clone(),
+            shared: self.shared.clone().map(|tier| (tier, key.text())),
             release: self.release.clone(),
             store: Arc::clone(&self.store),
             base,
@@ -843,8 +833,8 @@ enum FromDisk {
 }
 
 struct Capture {
-    /// Sent what memory stores, once complete.
-    shared: Option<SharedTier>,
+    /// Sent what memory stores, once complete (with the entry's key text).
+    shared: Option<(SharedTier, String)>,
     release: Option<Arc<str>>,
     store: Arc<Store>,
     base: BaseKey,
@@ -888,10 +878,9 @@ impl Capture {
     /// Queues the complete response for the shared tier (the write runs in
     /// the background: the client already has its last bytes).
     fn share(&self, body: &Bytes) {
-        let Some(shared) = &self.shared else {
+        let Some((shared, key)) = &self.shared else {
             return;
         };
-        let key = key::CacheKey::new(self.base.clone(), &self.vary, &self.request);
         let stored = Stored {
             status: self.status,
             headers: &self.headers,
@@ -899,7 +888,7 @@ impl Capture {
             freshness: &self.freshness,
             file: None,
         };
-        if let Some(mut meta) = tier::meta_for(key.text(), &stored, self.release.as_deref()) {
+        if let Some(mut meta) = tier::meta_for(key.clone(), &stored, self.release.as_deref()) {
             meta.body_len = body.len() as u64;
             // Skipped writes (too large, Redis down, too many in flight)
             // only cost other instances a miss.
