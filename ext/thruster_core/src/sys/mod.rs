@@ -129,6 +129,59 @@ pub fn open_read(path: &std::path::Path, flags: i32) -> io::Result<Registered<Fi
     })
 }
 
+/// Whether `preadv2(RWF_NOWAIT)` works here; cleared the first time the
+/// kernel or the filesystem says it does not (old kernels, some FUSE and
+/// network filesystems), so later reads go straight to the caller's
+/// blocking fallback.
+static NOWAIT_READS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Fills `buf` from `file` at `offset` only if the bytes are already in the
+/// page cache: never waits for the disk, so it may run on an async worker
+/// thread (a hot cache entry is served without a hop to the blocking pool,
+/// as nginx reads inline). `WouldBlock` means "read it on the blocking pool
+/// instead": some of it is not cached, or this system cannot tell.
+/// `UnexpectedEof` if the file is shorter.
+pub fn read_cached_at(file: &File, mut buf: &mut [u8], mut offset: u64) -> io::Result<()> {
+    use std::sync::atomic::Ordering;
+    if !NOWAIT_READS.load(Ordering::Relaxed) {
+        return Err(io::ErrorKind::WouldBlock.into());
+    }
+    while !buf.is_empty() {
+        let iov = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        };
+        let at = libc::off_t::try_from(offset)
+            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        // SAFETY: one iovec over `buf`, which outlives the call; the fd is
+        // open for as long as `file` is borrowed.
+        let n = unsafe { libc::preadv2(file.as_raw_fd(), &iov, 1, at, libc::RWF_NOWAIT) };
+        match n {
+            0 => return Err(io::ErrorKind::UnexpectedEof.into()),
+            n if n > 0 => {
+                let n = n as usize;
+                buf = &mut buf[n..];
+                offset += n as u64;
+            }
+            _ => {
+                let err = io::Error::last_os_error();
+                match err.raw_os_error() {
+                    Some(libc::EINTR) => continue,
+                    Some(libc::EAGAIN) => return Err(io::ErrorKind::WouldBlock.into()),
+                    // ENOSYS: no preadv2; EOPNOTSUPP/EINVAL: no RWF_NOWAIT
+                    // for this kernel or filesystem.
+                    Some(libc::ENOSYS | libc::EOPNOTSUPP | libc::EINVAL) => {
+                        NOWAIT_READS.store(false, Ordering::Relaxed);
+                        return Err(io::ErrorKind::WouldBlock.into());
+                    }
+                    _ => return Err(err),
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// A TCP socket for `addr`'s family, registered before it connects (the
 /// connect wait is where a fork would otherwise catch it unregistered).
 pub fn tcp_socket(addr: &std::net::SocketAddr) -> io::Result<Registered<tokio::net::TcpSocket>> {

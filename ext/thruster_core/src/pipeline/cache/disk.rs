@@ -49,8 +49,14 @@
 //! worker forked meanwhile closes it (an inherited fd would keep an evicted
 //! file's blocks allocated for the worker's lifetime).
 //!
-//! All file I/O runs on Tokio's blocking pool; the store needs a Tokio
-//! runtime with the time driver (the proxy's has one).
+//! Reads for a hit run inline on the async worker while their bytes are in
+//! the page cache (`preadv2(RWF_NOWAIT)`, see [`Reads`]), as nginx serves
+//! hot files inline; all other file I/O — cold reads, writes, eviction,
+//! scans — runs on Tokio's blocking pool. An entry opened for a hit is held
+//! open for the next hits of its key for a moment ([`Held`]), so a hot
+//! entry costs one `pread`; its chunks are checked once per open file
+//! ([`read_chunk`] says why that is enough). The store needs a Tokio runtime
+//! with the time driver (the proxy's has one).
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::{CStr, CString};
@@ -62,7 +68,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, SystemTime};
@@ -79,6 +85,7 @@ use super::entry::{
 };
 use crate::http::BoxError;
 use crate::log;
+use crate::sys;
 use crate::sys::fd_registry::{self, Registration};
 
 const TMP_DIR: &str = "tmp";
@@ -104,6 +111,18 @@ const BLOCK: u64 = 4096;
 /// The first read of an entry: the envelope and the metadata of nearly
 /// every entry in one `pread`.
 const FIRST_READ: u64 = 16 * 1024;
+/// An entry file up to this size is read whole by its first read: most
+/// stored encodings and small assets are then served from that one read.
+const WHOLE_READ: u64 = 64 * 1024;
+/// Bodies read into memory on an async worker when their pages are cached;
+/// larger ones (rare: memory takes 1 MiB by default) go to the blocking pool.
+const INLINE_READ_MAX: u64 = 1 << 20;
+/// How long an entry opened for a hit stays open for the next hits of its
+/// key (see [`Held`]).
+const KEEP_OPEN: Duration = Duration::from_secs(2);
+/// Entries held open at most: a share of the fd limit (Puma's master often
+/// runs with 1,024), never more than this.
+const MAX_HELD: usize = 256;
 /// Messages a write task takes from its queue per blocking-pool hop.
 const WRITE_BATCH: usize = 32;
 
@@ -225,14 +244,60 @@ impl Slot {
     }
 }
 
+/// An entry kept open after a hit, with its checked metadata, so the next
+/// hits of its key within [`KEEP_OPEN`] read only the body: no `open`,
+/// `fstat`, metadata read and decode, `close` (nginx's `open_file_cache`
+/// keeps fds the same way). Dropped as soon as this process writes, removes
+/// or evicts the entry (every such change goes through the index). An entry
+/// another process replaces is seen within `KEEP_OPEN`: until then the
+/// one held — complete, checked, and still subject to its freshness and to
+/// purges, which callers check on every hit — answers; one it removes keeps
+/// its blocks until the fd closes.
+struct Held {
+    opened: Arc<Opened>,
+    until: std::time::Instant,
+}
+
 #[derive(Default)]
 struct Index {
     map: HashMap<KeyHash, Slot>,
     bytes: u64,
+    held: HashMap<KeyHash, Held>,
+    max_held: usize,
 }
 
 impl Index {
+    /// The entry held open for `key`, while it may still answer.
+    fn held(&mut self, hash: &KeyHash, key: &str) -> Option<Arc<Opened>> {
+        let held = self.held.get(hash)?;
+        if held.until > std::time::Instant::now() && held.opened.meta.key == key {
+            return Some(held.opened.clone());
+        }
+        self.held.remove(hash);
+        None
+    }
+
+    fn hold(&mut self, opened: &Arc<Opened>) {
+        let now = std::time::Instant::now();
+        if self.held.len() >= self.max_held {
+            self.held.retain(|_, held| held.until > now);
+            if self.held.len() >= self.max_held {
+                return;
+            }
+        }
+        let until = now + KEEP_OPEN;
+        self.held.insert(
+            opened.hash,
+            Held {
+                opened: opened.clone(),
+                until,
+            },
+        );
+    }
+
     fn put(&mut self, hash: KeyHash, slot: Slot) {
+        // Whatever is held open for it is the entry being replaced.
+        self.held.remove(&hash);
         if let Some(old) = self.map.insert(hash, slot) {
             self.bytes = self.bytes.saturating_sub(old.size);
         }
@@ -246,6 +311,7 @@ impl Index {
     }
 
     fn forget(&mut self, hash: &KeyHash) {
+        self.held.remove(hash);
         if let Some(old) = self.map.remove(hash) {
             self.bytes = self.bytes.saturating_sub(old.size);
         }
@@ -267,6 +333,33 @@ fn open_registered(opts: &OpenOptions, path: &Path) -> io::Result<RegFile> {
         file,
     })
 }
+
+/// How an entry's bytes are read. A hit runs `Cached` first, on the async
+/// worker: only what is in the page cache is read (`preadv2(RWF_NOWAIT)`),
+/// so a hot entry costs no hop to the blocking pool (three or four of them,
+/// ~10-20 us each, made disk hits several times slower than nginx's inline
+/// `open` + `sendfile`). Anything else — bytes not cached, a damaged entry
+/// to remove, an error to log — is left to `Blocking` on the pool. Like
+/// nginx, the `open(2)` itself is made inline: the entry's directories are
+/// hot whenever its pages are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reads {
+    Cached,
+    Blocking,
+}
+
+impl Reads {
+    fn read_at(self, file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        match self {
+            Reads::Cached => sys::read_cached_at(file, buf, offset),
+            Reads::Blocking => file.read_exact_at(buf, offset),
+        }
+    }
+}
+
+/// A `Cached` read that must be done again on the blocking pool.
+#[derive(Debug)]
+struct Retry;
 
 fn read_options() -> OpenOptions {
     let mut opts = OpenOptions::new();
@@ -435,7 +528,10 @@ impl DiskStore {
                 dir,
                 budget,
                 max_item: max_item.min(budget),
-                index: Mutex::new(Index::default()),
+                index: Mutex::new(Index {
+                    max_held: max_held(),
+                    ..Index::default()
+                }),
                 writable: AtomicBool::new(true),
                 warnings: AtomicUsize::new(0),
                 loader_started: AtomicBool::new(false),
@@ -452,6 +548,7 @@ impl DiskStore {
         };
         if !self.inner.loader_started.swap(true, Ordering::AcqRel) {
             runtime.spawn(maintain(Arc::downgrade(&self.inner)));
+            runtime.spawn(close_idle(Arc::downgrade(&self.inner)));
         }
     }
 
@@ -464,9 +561,20 @@ impl DiskStore {
     /// I/O error).
     pub async fn get(&self, key: &str) -> Option<DiskEntry> {
         self.start_loader();
+        let hash = KeyHash::of(key);
+        if let Some(opened) = lock(&self.inner.index).held(&hash, key) {
+            return Some(DiskEntry {
+                opened,
+                framed: None,
+                store: self.inner.clone(),
+            });
+        }
+        if let Ok(found) = self.inner.open_entry(key, Reads::Cached) {
+            return found;
+        }
         let inner = self.inner.clone();
         let key = key.to_owned();
-        tokio::task::spawn_blocking(move || inner.open_entry(&key))
+        tokio::task::spawn_blocking(move || inner.open_entry(&key, Reads::Blocking).ok().flatten())
             .await
             .ok()
             .flatten()
@@ -597,37 +705,50 @@ impl Inner {
         lock(&self.index).forget(hash);
     }
 
-    /// Blocking: opens and checks the entry for `key`.
-    fn open_entry(self: &Arc<Self>, key: &str) -> Option<DiskEntry> {
+    /// Opens and checks the entry for `key`, reading as `reads` says. A
+    /// `Cached` pass gives up (`Retry`) on anything but a plain hit or miss,
+    /// so removing a damaged entry and logging stay on the blocking pool.
+    fn open_entry(self: &Arc<Self>, key: &str, reads: Reads) -> Result<Option<DiskEntry>, Retry> {
+        let cached = reads == Reads::Cached;
         let hash = KeyHash::of(key);
         let path = self.entry_path(&hash);
         let file = match open_registered(&read_options(), &path) {
-            Ok(file) => Arc::new(file),
+            Ok(file) => file,
             Err(err) => {
                 if err.kind() == io::ErrorKind::NotFound {
                     lock(&self.index).forget(&hash);
+                } else if cached {
+                    return Err(Retry);
                 } else {
                     debug("disk cache: open failed", &path, &err);
                 }
-                return None;
+                return Ok(None);
             }
         };
-        let stat = file.file.metadata().ok()?;
+        let Ok(stat) = file.file.metadata() else {
+            return if cached { Err(Retry) } else { Ok(None) };
+        };
         let id = FileId::of(&stat);
         if !stat.is_file() {
-            return None;
+            return Ok(None);
         }
-        let (meta, head_len) = match read_head(&file.file, stat.len()) {
+        let first = if stat.len() <= WHOLE_READ {
+            stat.len()
+        } else {
+            FIRST_READ
+        };
+        let (meta, head_len, body) = match read_head(&file.file, stat.len(), first, reads) {
             Ok(found) => found,
+            Err(HeadError::Entry(err)) if err.is_other_version() => return Ok(None),
+            Err(_) if cached => return Err(Retry),
             Err(HeadError::Io(err)) => {
                 debug("disk cache: read failed", &path, &err);
-                return None;
+                return Ok(None);
             }
-            Err(HeadError::Entry(err)) if err.is_other_version() => return None,
             Err(HeadError::Entry(err)) => {
                 debug("disk cache: bad entry removed", &path, &err);
                 self.remove_bad(&hash, &path, id);
-                return None;
+                return Ok(None);
             }
         };
         if meta.key != key {
@@ -635,25 +756,42 @@ impl Inner {
             // key belongs, nobody can ever find it: remove it. (A real
             // SHA-256 collision would be another key's good entry.)
             if KeyHash::of(&meta.key) != hash {
+                if cached {
+                    return Err(Retry);
+                }
                 self.remove_bad(&hash, &path, id);
             }
-            return None;
+            return Ok(None);
         }
         if stat.len() != head_len + framed_body_len(meta.body_len) {
+            if cached {
+                return Err(Retry);
+            }
             debug("disk cache: torn entry removed", &path, &"wrong length");
             self.remove_bad(&hash, &path, id);
-            return None;
+            return Ok(None);
         }
-        lock(&self.index).put(hash, Slot::for_meta(&meta, stat.len(), now_unix_ms()));
-        Some(DiskEntry {
+        let opened = Arc::new(Opened {
             meta,
             file,
+            checked: AtomicU64::new(0),
             head_len,
             hash,
             id,
             path,
+        });
+        let mut index = lock(&self.index);
+        index.put(
+            hash,
+            Slot::for_meta(&opened.meta, stat.len(), now_unix_ms()),
+        );
+        index.hold(&opened);
+        drop(index);
+        Ok(Some(DiskEntry {
+            opened,
+            framed: body,
             store: self.clone(),
-        })
+        }))
     }
 
     fn create_temp(&self) -> io::Result<TempFile> {
@@ -859,8 +997,9 @@ impl Inner {
         };
         let id = FileId::of(&stat);
         let last_use = stat.modified().map_or(0, unix_ms);
-        match read_head(&file.file, stat.len()) {
-            Ok((meta, head_len))
+        // The head only: the loader never serves the body.
+        match read_head(&file.file, stat.len(), FIRST_READ, Reads::Blocking) {
+            Ok((meta, head_len, _))
                 if KeyHash::of(&meta.key) == hash
                     && stat.len() == head_len + framed_body_len(meta.body_len) =>
             {
@@ -907,6 +1046,47 @@ fn maybe_evict(inner: &Arc<Inner>) {
     });
 }
 
+/// Closes the entries held open past [`KEEP_OPEN`] that no hit came back
+/// for, so an idle process keeps no fd (nor a removed file's blocks).
+async fn close_idle(weak: Weak<Inner>) {
+    loop {
+        tokio::time::sleep(KEEP_OPEN).await;
+        let Some(inner) = weak.upgrade() else { return };
+        let idle: Vec<Held> = {
+            let mut index = lock(&inner.index);
+            let now = std::time::Instant::now();
+            let keys: Vec<KeyHash> = index
+                .held
+                .iter()
+                .filter(|(_, held)| held.until <= now)
+                .map(|(hash, _)| *hash)
+                .collect();
+            keys.iter()
+                .filter_map(|hash| index.held.remove(hash))
+                .collect()
+        };
+        // Closed outside the lock.
+        drop(idle);
+    }
+}
+
+/// The share of the process's fd limit the held entries may take.
+fn max_held() -> usize {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we pass.
+    let soft = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0 {
+        limit.rlim_cur
+    } else {
+        1024
+    };
+    usize::try_from(soft / 16)
+        .unwrap_or(MAX_HELD)
+        .clamp(16, MAX_HELD)
+}
+
 /// The loader: scans the directory in batches after start, then again
 /// every `RESCAN_EVERY`, for as long as the store exists.
 async fn maintain(weak: Weak<Inner>) {
@@ -939,11 +1119,18 @@ enum HeadError {
     Entry(EntryError),
 }
 
-/// Blocking: reads and checks the envelope and metadata of a `file_len`
-/// file; returns them and where the body starts.
-fn read_head(file: &File, file_len: u64) -> Result<(EntryMeta, u64), HeadError> {
-    let mut buf = vec![0u8; file_len.min(FIRST_READ) as usize];
-    file.read_exact_at(&mut buf, 0).map_err(HeadError::Io)?;
+/// Reads and checks the envelope and metadata of a `file_len` file, `first`
+/// bytes at once (more if the metadata is longer); returns them, where the
+/// body starts, and the framed body when that read took the whole file (a
+/// small file is read whole: one read serves its body too).
+fn read_head(
+    file: &File,
+    file_len: u64,
+    first: u64,
+    reads: Reads,
+) -> Result<(EntryMeta, u64, Option<Bytes>), HeadError> {
+    let mut buf = vec![0u8; first.min(file_len) as usize];
+    reads.read_at(file, &mut buf, 0).map_err(HeadError::Io)?;
     let envelope = entry::parse_envelope(&buf).map_err(HeadError::Entry)?;
     let head_len = envelope.head_len();
     if head_len as u64 > file_len {
@@ -957,32 +1144,112 @@ fn read_head(file: &File, file_len: u64) -> Result<(EntryMeta, u64), HeadError> 
         // file's real length.
         let have = buf.len();
         buf.resize(head_len, 0);
-        file.read_exact_at(&mut buf[have..], have as u64)
+        reads
+            .read_at(file, &mut buf[have..], have as u64)
             .map_err(HeadError::Io)?;
     }
     let meta = entry::decode_meta(&buf[..head_len]).map_err(HeadError::Entry)?;
-    Ok((meta, head_len as u64))
+    let body = (buf.len() as u64 == file_len).then(|| Bytes::from(buf).slice(head_len..));
+    Ok((meta, head_len as u64, body))
+}
+
+/// Checks a framed body (all its chunks, as stored) and returns its data:
+/// the same bytes, without a copy, when it is one chunk.
+fn unframe(seed: u64, body_len: u64, framed: &Bytes) -> Result<Bytes, DiskError> {
+    let count = chunk_count(body_len);
+    if count == 1 {
+        entry::verify_chunk(seed, 0, body_len, framed)?;
+        return Ok(framed.slice(CHUNK_HEADER_LEN..));
+    }
+    let mut out =
+        BytesMut::with_capacity(usize::try_from(body_len).map_err(|_| DiskError::TooLarge)?);
+    for index in 0..count {
+        let start = chunk_offset(index) as usize;
+        let len = chunk_len(body_len, index) as usize;
+        let chunk = framed
+            .get(start..start + CHUNK_HEADER_LEN + len)
+            .ok_or(DiskError::Task)?;
+        out.extend_from_slice(entry::verify_chunk(seed, index, body_len, chunk)?);
+    }
+    Ok(out.freeze())
+}
+
+/// Reads chunk `index` of `opened`'s body (from its file, or from `framed`
+/// when the first read took the whole file) and checks it.
+///
+/// A chunk this open file has already yielded checked is not checked again
+/// when it comes back from the page cache: an entry's file never changes
+/// once renamed into place (writers make a new file; removal unlinks), so
+/// those pages hold the bytes that passed, and the CRC was most of a hot
+/// hit's cost beyond a memory hit. A read that went to the disk (the
+/// blocking pool) is always checked, and a held entry is reopened, and
+/// checked afresh, every `KEEP_OPEN`.
+fn read_chunk(
+    opened: &Opened,
+    framed: Option<&Bytes>,
+    index: u64,
+    reads: Reads,
+) -> Result<Bytes, DiskError> {
+    let body_len = opened.meta.body_len;
+    let len = chunk_len(body_len, index) as usize;
+    let start = chunk_offset(index);
+    let buf = match framed {
+        Some(framed) => framed
+            .get(start as usize..start as usize + CHUNK_HEADER_LEN + len)
+            .map(|b| framed.slice_ref(b))
+            .ok_or(DiskError::Task)?,
+        None => {
+            let mut buf = BytesMut::zeroed(CHUNK_HEADER_LEN + len);
+            reads
+                .read_at(&opened.file.file, &mut buf, opened.head_len + start)
+                .map_err(io_err("read"))?;
+            buf.freeze()
+        }
+    };
+    let bit = (index < 64).then(|| 1u64 << index);
+    let checked = bit.is_some_and(|bit| opened.checked.load(Ordering::Acquire) & bit != 0);
+    if !(checked && reads == Reads::Cached && framed.is_none()) {
+        entry::verify_chunk(opened.hash.chunk_seed(), index, body_len, &buf)?;
+        if let Some(bit) = bit {
+            opened.checked.fetch_or(bit, Ordering::AcqRel);
+        }
+    }
+    Ok(buf.slice(CHUNK_HEADER_LEN..))
+}
+
+fn would_block(err: &DiskError) -> bool {
+    matches!(err, DiskError::Io { source, .. } if source.kind() == io::ErrorKind::WouldBlock)
+}
+
+/// An entry file, open, with its checked metadata; shared by the hits that
+/// read it while it is held open.
+struct Opened {
+    meta: EntryMeta,
+    file: RegFile,
+    /// Chunks (the first 64) already read and checked through this fd.
+    checked: AtomicU64,
+    head_len: u64,
+    hash: KeyHash,
+    id: FileId,
+    path: PathBuf,
 }
 
 /// A checked entry, open: the metadata is verified; the body is verified
 /// as it is read.
 pub struct DiskEntry {
-    meta: EntryMeta,
-    file: Arc<RegFile>,
-    head_len: u64,
-    hash: KeyHash,
-    id: FileId,
-    path: PathBuf,
+    opened: Arc<Opened>,
+    /// The framed body, when the first read took the whole file.
+    framed: Option<Bytes>,
     store: Arc<Inner>,
 }
 
 impl DiskEntry {
     pub fn meta(&self) -> &EntryMeta {
-        &self.meta
+        &self.opened.meta
     }
 
     pub fn into_meta(self) -> EntryMeta {
-        self.meta
+        Arc::try_unwrap(self.opened).map_or_else(|shared| shared.meta.clone(), |own| own.meta)
     }
 
     /// The whole body in memory, every chunk verified: for bodies small
@@ -990,69 +1257,75 @@ impl DiskEntry {
     /// `meta().body_len` and a little more: check that first). `None` if a
     /// chunk is bad (the entry is then removed) or the read fails.
     pub async fn read_all(&self) -> Option<Bytes> {
-        let file = self.file.clone();
-        let (head_len, body_len, seed) =
-            (self.head_len, self.meta.body_len, self.hash.chunk_seed());
-        let read = tokio::task::spawn_blocking(move || -> Result<Bytes, DiskError> {
-            let framed = framed_body_len(body_len);
-            let mut buf = vec![0u8; usize::try_from(framed).map_err(|_| DiskError::TooLarge)?];
-            file.file
-                .read_exact_at(&mut buf, head_len)
-                .map_err(io_err("read"))?;
-            // Verify each chunk and move its data down over the chunk
-            // headers: one buffer, one read.
-            let mut out = 0usize;
-            for index in 0..chunk_count(body_len) {
-                let start = chunk_offset(index) as usize;
-                let len = chunk_len(body_len, index) as usize;
-                let framed = buf
-                    .get(start..start + CHUNK_HEADER_LEN + len)
-                    .ok_or(DiskError::Task)?;
-                entry::verify_chunk(seed, index, body_len, framed)?;
-                buf.copy_within(
-                    start + CHUNK_HEADER_LEN..start + CHUNK_HEADER_LEN + len,
-                    out,
-                );
-                out += len;
+        let opened = &self.opened;
+        let (seed, head_len, body_len) = (
+            opened.hash.chunk_seed(),
+            opened.head_len,
+            opened.meta.body_len,
+        );
+        let read = move |file: &File, framed: Option<&Bytes>, reads: Reads| match framed {
+            Some(framed) => unframe(seed, body_len, framed),
+            None => {
+                let len =
+                    usize::try_from(framed_body_len(body_len)).map_err(|_| DiskError::TooLarge)?;
+                let mut buf = BytesMut::zeroed(len);
+                reads
+                    .read_at(file, &mut buf, head_len)
+                    .map_err(io_err("read"))?;
+                unframe(seed, body_len, &buf.freeze())
             }
-            buf.truncate(out);
-            Ok(Bytes::from(buf))
-        })
-        .await;
-        match read {
-            Ok(Ok(body)) => Some(body),
-            Ok(Err(DiskError::Entry(err))) => {
-                debug("disk cache: bad chunk, entry removed", &self.path, &err);
+        };
+        let inline = self.framed.is_some() || framed_body_len(body_len) <= INLINE_READ_MAX;
+        let first = if inline {
+            read(&opened.file.file, self.framed.as_ref(), Reads::Cached)
+        } else {
+            Err(DiskError::Io {
+                op: "read",
+                source: io::ErrorKind::WouldBlock.into(),
+            })
+        };
+        let result = match first {
+            Err(err) if would_block(&err) => {
+                let opened = opened.clone();
+                tokio::task::spawn_blocking(move || read(&opened.file.file, None, Reads::Blocking))
+                    .await
+                    .unwrap_or(Err(DiskError::Task))
+            }
+            done => done,
+        };
+        match result {
+            Ok(body) => Some(body),
+            Err(DiskError::Entry(err)) => {
+                debug("disk cache: bad chunk, entry removed", &opened.path, &err);
                 self.remove_later();
                 None
             }
-            Ok(Err(err)) => {
-                debug("disk cache: read failed", &self.path, &err);
+            Err(err) => {
+                debug("disk cache: read failed", &opened.path, &err);
                 None
             }
-            Err(_) => None,
         }
     }
 
-    /// The body, read chunk by chunk on the blocking pool and verified
-    /// before each chunk is yielded; a bad chunk yields an error (the
+    /// The body, read chunk by chunk (from the page cache inline, else on
+    /// the blocking pool) and verified before each chunk is yielded; a bad chunk yields an error (the
     /// response must then end as an error, never as a complete body).
     pub fn body(&self) -> DiskBody {
-        self.body_range(0, self.meta.body_len)
+        self.body_range(0, self.opened.meta.body_len)
     }
 
     /// `len` bytes of the body from `start` (a Range request): only the
     /// chunks that hold them are read, each verified whole before any of
     /// it is sent. Past the end is cut to the end.
     pub fn body_range(&self, start: u64, len: u64) -> DiskBody {
-        let start = start.min(self.meta.body_len);
-        let len = len.min(self.meta.body_len - start);
+        let body_len = self.opened.meta.body_len;
+        let start = start.min(body_len);
+        let len = len.min(body_len - start);
         let chunk = CHUNK_LEN as u64;
         DiskBody {
-            file: self.file.clone(),
-            seed: self.hash.chunk_seed(),
-            head_len: self.head_len,
-            body_len: self.meta.body_len,
+            opened: self.opened.clone(),
+            framed: self.framed.clone(),
+            body_len,
             next: start / chunk,
             skip: (start % chunk) as usize,
             remaining: len,
@@ -1060,9 +1333,9 @@ impl DiskEntry {
             done: len == 0,
             bad: BadEntry {
                 store: self.store.clone(),
-                hash: self.hash,
-                id: self.id,
-                path: self.path.clone(),
+                hash: self.opened.hash,
+                id: self.opened.id,
+                path: self.opened.path.clone(),
             },
         }
     }
@@ -1070,9 +1343,9 @@ impl DiskEntry {
     fn remove_later(&self) {
         BadEntry {
             store: self.store.clone(),
-            hash: self.hash,
-            id: self.id,
-            path: self.path.clone(),
+            hash: self.opened.hash,
+            id: self.opened.id,
+            path: self.opened.path.clone(),
         }
         .remove();
     }
@@ -1095,13 +1368,30 @@ impl BadEntry {
     }
 }
 
-type ChunkRead = JoinHandle<Result<Bytes, DiskError>>;
+/// A chunk read: done inline (from the page cache or the first read), or
+/// under way on the blocking pool.
+enum ChunkRead {
+    Ready(Option<Result<Bytes, DiskError>>),
+    Pool(JoinHandle<Result<Bytes, DiskError>>),
+}
+
+impl Future for ChunkRead {
+    type Output = Result<Bytes, DiskError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match &mut *self {
+            ChunkRead::Ready(result) => Poll::Ready(result.take().unwrap_or(Err(DiskError::Task))),
+            ChunkRead::Pool(task) => Pin::new(task)
+                .poll(cx)
+                .map(|joined| joined.unwrap_or(Err(DiskError::Task))),
+        }
+    }
+}
 
 /// A stored body streamed from its file; one chunk read ahead.
 pub struct DiskBody {
-    file: Arc<RegFile>,
-    seed: u64,
-    head_len: u64,
+    opened: Arc<Opened>,
+    framed: Option<Bytes>,
     body_len: u64,
     /// The chunk the pending read is for (or the next to start).
     next: u64,
@@ -1116,19 +1406,18 @@ pub struct DiskBody {
 
 impl DiskBody {
     fn start_read(&mut self) -> Result<(), DiskError> {
+        let index = self.next;
+        let inline = read_chunk(&self.opened, self.framed.as_ref(), index, Reads::Cached);
+        if !matches!(&inline, Err(err) if would_block(err)) {
+            self.pending = Some(ChunkRead::Ready(Some(inline)));
+            return Ok(());
+        }
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| DiskError::Task)?;
-        let file = self.file.clone();
-        let (seed, head_len, body_len, index) =
-            (self.seed, self.head_len, self.body_len, self.next);
-        self.pending = Some(runtime.spawn_blocking(move || {
-            let len = chunk_len(body_len, index) as usize;
-            let mut buf = BytesMut::zeroed(CHUNK_HEADER_LEN + len);
-            file.file
-                .read_exact_at(&mut buf, head_len + chunk_offset(index))
-                .map_err(io_err("read"))?;
-            entry::verify_chunk(seed, index, body_len, &buf)?;
-            Ok(buf.freeze().slice(CHUNK_HEADER_LEN..))
-        }));
+        let opened = self.opened.clone();
+        self.pending =
+            Some(ChunkRead::Pool(runtime.spawn_blocking(move || {
+                read_chunk(&opened, None, index, Reads::Blocking)
+            })));
         Ok(())
     }
 
@@ -1165,9 +1454,8 @@ impl Body for DiskBody {
         };
         let chunk = match Pin::new(pending).poll(cx) {
             Poll::Pending => return Poll::Pending,
-            Poll::Ready(Ok(Ok(chunk))) => chunk,
-            Poll::Ready(Ok(Err(err))) => return this.fail(err),
-            Poll::Ready(Err(_)) => return this.fail(DiskError::Task),
+            Poll::Ready(Ok(chunk)) => chunk,
+            Poll::Ready(Err(err)) => return this.fail(err),
         };
         this.pending = None;
         let mut chunk = chunk.slice(this.skip.min(chunk.len())..);
@@ -1997,13 +2285,179 @@ mod tests {
         assert!(eventually(|| !path.exists()).await, "bad entry not removed");
     }
 
+    /// Writes `path`'s pages back and drops them from the page cache, so a
+    /// page-cache-only read of it would have to wait for the disk.
+    fn drop_cached_pages(path: &Path) {
+        let file = File::open(path).unwrap();
+        file.sync_all().unwrap();
+        // SAFETY: an advisory call on an fd we hold open.
+        let rc = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        assert_eq!(rc, 0, "posix_fadvise");
+    }
+
+    #[tokio::test]
+    async fn hot_entries_are_read_inline_and_cold_ones_on_the_pool() {
+        let dir = TestDir::new("inline");
+        let store = DiskStore::without_loader(dir.cache(), 64 << 20, 16 << 20);
+        let small = payload(20_000, 1);
+        let large = payload(2 * CHUNK_LEN + 9, 2);
+        put(&store, "small", &small).await.unwrap();
+        put(&store, "large", &large).await.unwrap();
+        store.flush().await;
+        let mut cx = Context::from_waker(Waker::noop());
+
+        // Hot (just written): opened and read without leaving this task —
+        // a small file whole by its first read, a large one a chunk per
+        // poll, every poll ready at once.
+        let entry = store
+            .inner
+            .open_entry("small", Reads::Cached)
+            .expect("a hot entry opens inline")
+            .expect("hit");
+        assert!(entry.framed.is_some(), "a small file is read whole at once");
+        let mut body = entry.body();
+        match Pin::new(&mut body).poll_frame(&mut cx) {
+            Poll::Ready(Some(Ok(frame))) => assert_eq!(frame.into_data().unwrap(), small),
+            other => panic!("the small body was not ready: {other:?}"),
+        }
+        let entry = store
+            .inner
+            .open_entry("large", Reads::Cached)
+            .expect("a hot entry opens inline")
+            .expect("hit");
+        assert!(
+            entry.framed.is_none(),
+            "only the head of a large file is read"
+        );
+        let mut body = entry.body();
+        let mut out = Vec::new();
+        loop {
+            match Pin::new(&mut body).poll_frame(&mut cx) {
+                Poll::Ready(Some(Ok(frame))) => out.extend_from_slice(&frame.into_data().unwrap()),
+                Poll::Ready(None) => break,
+                other => panic!("a hot chunk was not ready: {other:?}"),
+            }
+        }
+        assert_eq!(out, large);
+
+        // Cold: the inline pass gives up and the blocking pool reads them,
+        // whole and right.
+        drop_cached_pages(&store.path_of("small"));
+        drop_cached_pages(&store.path_of("large"));
+        assert!(
+            store.inner.open_entry("small", Reads::Cached).is_err(),
+            "a cold entry must not be read inline"
+        );
+        let entry = store.get("small").await.expect("hit from the pool");
+        assert_eq!(entry.read_all().await.unwrap(), small);
+        let entry = store.get("large").await.expect("hit from the pool");
+        drop_cached_pages(&store.path_of("large"));
+        let (streamed, err) = stream(&entry).await;
+        assert!(err.is_none(), "{err:?}");
+        assert_eq!(streamed, large);
+        assert!(store.path_of("small").exists() && store.path_of("large").exists());
+    }
+
+    #[tokio::test]
+    async fn hits_reuse_a_held_entry_until_this_process_changes_it_or_it_times_out() {
+        let dir = TestDir::new("held");
+        let here = DiskStore::open(dir.cache(), 64 << 20, 16 << 20);
+        let other = DiskStore::without_loader(dir.cache(), 64 << 20, 16 << 20);
+        let body = |n: u8| payload(3000, n);
+        let read = |store: &DiskStore| {
+            let store = store.clone();
+            async move { store.get("k").await.unwrap().read_all().await.unwrap() }
+        };
+        put(&here, "k", &body(1)).await.unwrap();
+        assert_eq!(read(&here).await, body(1));
+        let held_file = here.inner.index.lock().unwrap().held.len();
+        assert_eq!(held_file, 1, "a hit holds its entry open");
+
+        // Another process's write is not seen while the entry is held ...
+        put(&other, "k", &body(2)).await.unwrap();
+        assert_eq!(read(&here).await, body(1), "the held entry answers");
+        // ... this process's own write is, at once.
+        put(&here, "k", &body(3)).await.unwrap();
+        assert_eq!(read(&here).await, body(3));
+
+        // Within KEEP_OPEN of the last open, the other's next write shows.
+        put(&other, "k", &body(4)).await.unwrap();
+        let started = std::time::Instant::now();
+        while read(&here).await != body(4) {
+            assert!(
+                started.elapsed() < KEEP_OPEN * 2,
+                "the other process's write never showed"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // With no more hits, the held entry is closed.
+        assert!(
+            eventually_for(KEEP_OPEN * 3, || here
+                .inner
+                .index
+                .lock()
+                .unwrap()
+                .held
+                .is_empty())
+            .await,
+            "an idle held entry stayed open"
+        );
+        // Removing the entry (here: a damaged one) drops what is held.
+        assert_eq!(read(&here).await, body(4));
+        here.inner.remove_bad(
+            &KeyHash::of("k"),
+            &here.path_of("k"),
+            FileId::of(&std::fs::metadata(here.path_of("k")).unwrap()),
+        );
+        assert!(here.get("k").await.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_chunk_that_comes_back_from_the_disk_is_checked_again() {
+        let dir = TestDir::new("recheck");
+        let store = DiskStore::without_loader(dir.cache(), 64 << 20, 16 << 20);
+        let body = payload(100_000, 3);
+        put(&store, "k", &body).await.unwrap();
+        let entry = store.get("k").await.expect("hit");
+        let (first, err) = stream(&entry).await;
+        assert!(err.is_none() && first == body);
+        // The held file's bytes change under it (no writer of ours does
+        // that; a disk can) and leave the page cache: the next read goes to
+        // the disk, and is checked although this fd passed it before.
+        let path = store.path_of("k");
+        let file = OpenOptions::new().write(true).open(&path).unwrap();
+        let len = file.metadata().unwrap().len();
+        file.write_all_at(b"XXXX", len - 500).unwrap();
+        drop(file);
+        drop_cached_pages(&path);
+        let entry = store.get("k").await.expect("still held");
+        let (_, err) = stream(&entry).await;
+        assert!(
+            err.is_some_and(|e| e.to_string().contains("checksum")),
+            "a cold read must be checked"
+        );
+    }
+
+    async fn eventually_for(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+        let started = std::time::Instant::now();
+        while started.elapsed() < limit {
+            if cond() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        cond()
+    }
+
     #[tokio::test]
     async fn open_entries_hold_a_registered_fd() {
         let dir = TestDir::new("fds");
         let store = DiskStore::open(dir.cache(), 64 << 20, 16 << 20);
         put(&store, "k", b"x").await.unwrap();
         let entry = store.get("k").await.unwrap();
-        assert!(fd_registry::is_registered(entry.file.file.as_raw_fd()));
+        assert!(fd_registry::is_registered(
+            entry.opened.file.file.as_raw_fd()
+        ));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -261,16 +261,24 @@ impl HttpCache {
                 } => (key, stale, coalesce, known),
             };
             // The lower tiers (disk, then Redis) are asked on every memory
-            // miss except for a resource just found not storable. A GET that
-            // leads the upstream request for its key asks them as the
-            // leader, so concurrent misses read and promote an entry once;
-            // the others ask at once.
-            let ask_disk = (self.disk.is_some() || self.shared.is_some()) && known != Known::Passed;
+            // miss except for a resource just found not storable. The disk
+            // is asked at once: a hot entry is a read from the page cache,
+            // cheaper than queueing behind a leader (a body memory does not
+            // take is served from disk on every hit). Redis is a round trip:
+            // a GET that leads the upstream request for its key asks it as
+            // the leader, so concurrent misses fetch and promote an entry
+            // once; the others ask at once.
+            let ask_below = known != Known::Passed;
             // A purged stale entry must not stand in for an error either.
             let stale = stale.filter(|e| !self.purged(&base, e.stored_at_unix_ms));
             let leads = coalesce && may_wait && !range && method == Method::GET;
-            if ask_disk && !leads {
-                if let Some(found) = self.look_below(&base, &key, known, req.headers()).await {
+            if ask_below && self.disk.is_some() {
+                if let Some(found) = self.look_on_disk(&base, &key, known, req.headers()).await {
+                    return self.answer(found, req, conn, facts, &base).await;
+                }
+            }
+            if ask_below && !leads {
+                if let Some(found) = self.look_shared(&base, &key, known, req.headers()).await {
                     return self.answer(found, req, conn, facts, &base).await;
                 }
             }
@@ -293,8 +301,8 @@ impl HttpCache {
             } else {
                 None
             };
-            if ask_disk && leads {
-                if let Some(found) = self.look_below(&base, &key, known, req.headers()).await {
+            if ask_below && leads {
+                if let Some(found) = self.look_shared(&base, &key, known, req.headers()).await {
                     // Promoted by now: the waiters find it in memory.
                     drop(guard);
                     return self.answer(found, req, conn, facts, &base).await;
@@ -407,19 +415,14 @@ impl HttpCache {
         usable(&entry).then(|| Arc::new(entry))
     }
 
-    /// Looks for `key` in the disk tier, then the shared tier.
-    async fn look_below(
+    /// Looks for `key` in the shared tier (Redis).
+    async fn look_shared(
         &self,
         base: &BaseKey,
         key: &key::CacheKey,
         known: Known,
         request: &HeaderMap,
     ) -> Option<FromDisk> {
-        if self.disk.is_some() {
-            if let Some(found) = self.look_on_disk(base, key, known, request).await {
-                return Some(found);
-            }
-        }
         let shared = self.shared.as_ref()?;
         // Both round trips (vary record, entry) within one timeout: a hung
         // Redis costs a request no more than CACHE_REDIS_TIMEOUT_MS.
