@@ -37,8 +37,9 @@ pub enum Source {
     Stream { open: StreamOpener, len: u64 },
 }
 
-/// Opens `len` bytes from `start` of a [`Source::Stream`].
-pub type StreamOpener = Box<dyn FnOnce(u64, u64) -> ResponseBody + Send>;
+/// Opens `len` bytes from `start` of a [`Source::Stream`], with the
+/// connection its file regions may go out on with sendfile(2), if any.
+pub type StreamOpener = Box<dyn FnOnce(u64, u64, Option<Arc<ConnState>>) -> ResponseBody + Send>;
 
 impl Source {
     fn len(&self) -> u64 {
@@ -176,12 +177,14 @@ pub fn respond(
             }
             body.boxed_unsync()
         }
-        (Source::Stream { open, .. }, None) => open(0, len),
-        (Source::Stream { open, .. }, Some(pieces)) => match pieces.as_slice() {
-            [Piece::File { start, len }] => open(*start, *len),
-            // Several ranges were turned into the whole body above.
-            _ => open(0, len),
-        },
+        (Source::Stream { open, .. }, pieces) => {
+            let conn = zero_copy(status, &headers, body_len);
+            match pieces.as_deref() {
+                Some([Piece::File { start, len }]) => open(*start, *len, conn),
+                // Several ranges were turned into the whole body above.
+                _ => open(0, len, conn),
+            }
+        }
     };
     build(status, headers, body)
 }
@@ -380,7 +383,7 @@ mod tests {
     #[tokio::test(flavor = "current_thread")]
     async fn streams_answer_conditionals_head_and_one_range() {
         let stream = || Source::Stream {
-            open: Box::new(|start, len| {
+            open: Box::new(|start, len, _| {
                 let bytes = Bytes::from_static(BODY);
                 crate::http::full_body(bytes.slice(start as usize..(start + len) as usize))
             }),

@@ -202,10 +202,21 @@ fn choose(
     (coding, length)
 }
 
+/// Whether a response with this status, headers and body length leaves the
+/// compression layer untouched: only such a body may stand for bytes it
+/// does not carry (file regions sent with sendfile(2), for X-Sendfile files
+/// and cache entries streamed from disk).
+pub fn passes_untouched(
+    facts: Option<&RequestFacts>,
+    status: StatusCode,
+    h: &HeaderMap,
+    length: u64,
+) -> bool {
+    facts.is_none_or(|f| coding_for(f, status, h, Some(length)).is_none())
+}
+
 /// The coding to compress a response with this status, headers and body
-/// length (`None`: unknown) in, or `None` for identity. Shared with
-/// X-Sendfile, so a file is sent with sendfile(2) only when nothing will
-/// re-encode it.
+/// length (`None`: unknown) in, or `None` for identity.
 pub fn coding_for(
     facts: &RequestFacts,
     status: StatusCode,

@@ -44,6 +44,17 @@ pub struct ConnInfo {
     pub state: Option<Arc<ConnState>>,
 }
 
+impl ConnInfo {
+    /// The connection a response body may send file regions on with
+    /// sendfile(2): sendfile writes to the socket itself, so only one with a
+    /// socket of its own, without TLS and HTTP/2 framing in between.
+    pub fn zero_copy(&self, version: Version) -> Option<Arc<ConnState>> {
+        self.state
+            .clone()
+            .filter(|_| !self.tls && version <= Version::HTTP_11)
+    }
+}
+
 /// Where a request goes once it passes the X-Sendfile prepare step.
 enum Fetch {
     Cache(cache::HttpCache),
@@ -152,13 +163,7 @@ impl Pipeline {
                 request_start::stamp(req.headers_mut());
                 let method = req.method().clone();
                 let file_request = self.sendfile.prepare(&method, req.headers_mut());
-                // sendfile(2) writes to the socket itself: only possible on
-                // a connection with a socket of its own, without TLS and
-                // HTTP/2 framing in between.
-                let zero_copy = conn
-                    .state
-                    .clone()
-                    .filter(|_| !conn.tls && req.version() <= Version::HTTP_11);
+                let zero_copy = conn.zero_copy(req.version());
                 let response = match &self.fetch {
                     Fetch::Cache(cache) => cache.handle(req, conn, compression.as_ref()).await,
                     Fetch::Forward(forwarder) => forwarder.fetch(req, conn).await,

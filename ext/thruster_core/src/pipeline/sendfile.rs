@@ -213,13 +213,7 @@ fn respond(
         representation,
         std::time::SystemTime::now(),
         |status, headers, body_len| {
-            // Only a body nothing will re-encode may stand for bytes it
-            // does not carry: the compression layer decides with the same
-            // function.
-            let compressed_later = facts.is_some_and(|f| {
-                compression::coding_for(f, status, headers, Some(body_len)).is_some()
-            });
-            zero_copy.filter(|_| !compressed_later)
+            zero_copy.filter(|_| compression::passes_untouched(facts, status, headers, body_len))
         },
     );
     *response.extensions_mut() = parts.extensions;

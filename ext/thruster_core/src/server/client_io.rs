@@ -84,6 +84,19 @@ impl super::conn_io::ReadReady for ClientIo {
 }
 
 impl super::conn_io::SendfileSocket for ClientIo {
+    fn poll_write_vectored_more(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            ClientIo::Plain(s) => Pin::new(s).poll_write_vectored_more(cx, bufs),
+            // Never reached (no file regions through TLS); a plain write
+            // is right anyway.
+            ClientIo::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
     fn poll_sendfile(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,

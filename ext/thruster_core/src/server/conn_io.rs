@@ -301,9 +301,49 @@ pub trait SendfileSocket {
         offset: &mut u64,
         len: usize,
     ) -> Poll<io::Result<usize>>;
+
+    /// Writes `bufs` telling the kernel more follows at once (`MSG_MORE`):
+    /// the bytes before a file region (a response head) then leave in the
+    /// same segment as the region's first bytes, instead of a segment (and
+    /// a wake-up of the client) of their own.
+    fn poll_write_vectored_more(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>>;
 }
 
 impl SendfileSocket for tokio::net::TcpStream {
+    fn poll_write_vectored_more(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        loop {
+            std::task::ready!(self.poll_write_ready(cx))?;
+            let sent = self.try_io(tokio::io::Interest::WRITABLE, || {
+                // SAFETY: a zeroed msghdr is valid; it points at `bufs`
+                // (IoSlice is ABI-compatible with iovec), which outlive the
+                // call.
+                let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+                msg.msg_iov = bufs.as_ptr() as *mut libc::iovec;
+                msg.msg_iovlen = bufs.len().min(libc::UIO_MAXIOV as usize) as _;
+                // SAFETY: the fd is open for the call; `msg` is valid.
+                let n = unsafe {
+                    libc::sendmsg(self.as_raw_fd(), &msg, libc::MSG_MORE | libc::MSG_NOSIGNAL)
+                };
+                if n < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(n as usize)
+            });
+            match sent {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                done => return Poll::Ready(done),
+            }
+        }
+    }
+
     fn poll_sendfile(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -356,7 +396,7 @@ impl<T: AsyncWrite + SendfileSocket> ConnIo<T> {
         match first_marker {
             None => self.write_with(cx, |io, cx| io.poll_write_vectored(cx, bufs)),
             Some(i) if i > 0 => {
-                self.write_with(cx, |io, cx| io.poll_write_vectored(cx, &bufs[..i]))
+                self.write_with(cx, |io, cx| io.poll_write_vectored_more(cx, &bufs[..i]))
             }
             Some(_) => {
                 let state = Arc::clone(&self.state);

@@ -63,7 +63,6 @@ use std::ffi::{CStr, CString};
 use std::fs::{DirBuilder, File, OpenOptions};
 use std::future::Future;
 use std::io;
-use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
@@ -83,10 +82,11 @@ use super::entry::{
     self, chunk_count, chunk_len, chunk_offset, framed_body_len, now_unix_ms, EntryError,
     EntryMeta, KeyHash, CHUNK_HEADER_LEN, CHUNK_LEN,
 };
+use crate::conn::{ConnState, FileRegion, MARKER_LEN};
 use crate::http::BoxError;
 use crate::log;
 use crate::sys;
-use crate::sys::fd_registry::{self, Registration};
+use crate::sys::fd_registry;
 
 const TMP_DIR: &str = "tmp";
 /// A temp file untouched this long belongs to a crashed or killed process
@@ -318,20 +318,12 @@ impl Index {
     }
 }
 
-/// A file whose fd a forked child closes (see the module docs). The
-/// registration is declared first so it drops before the fd closes.
-struct RegFile {
-    _registration: Registration,
-    file: File,
-}
+/// Every fd the store opens is a [`sys::OwnedFile`], registered for fork
+/// safety (see the module docs).
+type RegFile = sys::OwnedFile;
 
 fn open_registered(opts: &OpenOptions, path: &Path) -> io::Result<RegFile> {
-    let _gate = fd_registry::OpenGate::enter();
-    let file = opts.open(path)?;
-    Ok(RegFile {
-        _registration: fd_registry::register(file.as_raw_fd()),
-        file,
-    })
+    sys::Registered::open(|| opts.open(path))
 }
 
 /// How an entry's bytes are read. A hit runs `Cached` first, on the async
@@ -725,7 +717,7 @@ impl Inner {
                 return Ok(None);
             }
         };
-        let Ok(stat) = file.file.metadata() else {
+        let Ok(stat) = file.metadata() else {
             return if cached { Err(Retry) } else { Ok(None) };
         };
         let id = FileId::of(&stat);
@@ -737,7 +729,7 @@ impl Inner {
         } else {
             FIRST_READ
         };
-        let (meta, head_len, body) = match read_head(&file.file, stat.len(), first, reads) {
+        let (meta, head_len, body) = match read_head(&file, stat.len(), first, reads) {
             Ok(found) => found,
             Err(HeadError::Entry(err)) if err.is_other_version() => return Ok(None),
             Err(_) if cached => return Err(Retry),
@@ -773,7 +765,7 @@ impl Inner {
         }
         let opened = Arc::new(Opened {
             meta,
-            file,
+            file: Arc::new(file),
             checked: AtomicU64::new(0),
             head_len,
             hash,
@@ -820,10 +812,9 @@ impl Inner {
             return Err(DiskError::Abandoned("metadata changed size"));
         }
         let file = temp.file.as_ref().ok_or(DiskError::Task)?;
-        file.file
-            .write_all_at(&head, 0)
+        file.write_all_at(&head, 0)
             .map_err(io_err("write metadata"))?;
-        let len = file.file.metadata().map_err(io_err("stat"))?.len();
+        let len = file.metadata().map_err(io_err("stat"))?.len();
         if len != head_len + framed_body_len(meta.body_len) {
             return Err(DiskError::Abandoned("temp file has the wrong length"));
         }
@@ -992,13 +983,13 @@ impl Inner {
         let Ok(file) = open_registered(&read_options(), path) else {
             return;
         };
-        let Ok(stat) = file.file.metadata() else {
+        let Ok(stat) = file.metadata() else {
             return;
         };
         let id = FileId::of(&stat);
         let last_use = stat.modified().map_or(0, unix_ms);
         // The head only: the loader never serves the body.
-        match read_head(&file.file, stat.len(), FIRST_READ, Reads::Blocking) {
+        match read_head(&file, stat.len(), FIRST_READ, Reads::Blocking) {
             Ok((meta, head_len, _))
                 if KeyHash::of(&meta.key) == hash
                     && stat.len() == head_len + framed_body_len(meta.body_len) =>
@@ -1201,7 +1192,7 @@ fn read_chunk(
         None => {
             let mut buf = BytesMut::zeroed(CHUNK_HEADER_LEN + len);
             reads
-                .read_at(&opened.file.file, &mut buf, opened.head_len + start)
+                .read_at(&opened.file, &mut buf, opened.head_len + start)
                 .map_err(io_err("read"))?;
             buf.freeze()
         }
@@ -1225,7 +1216,7 @@ fn would_block(err: &DiskError) -> bool {
 /// read it while it is held open.
 struct Opened {
     meta: EntryMeta,
-    file: RegFile,
+    file: Arc<RegFile>,
     /// Chunks (the first 64) already read and checked through this fd.
     checked: AtomicU64,
     head_len: u64,
@@ -1277,7 +1268,7 @@ impl DiskEntry {
         };
         let inline = self.framed.is_some() || framed_body_len(body_len) <= INLINE_READ_MAX;
         let first = if inline {
-            read(&opened.file.file, self.framed.as_ref(), Reads::Cached)
+            read(&opened.file, self.framed.as_ref(), Reads::Cached)
         } else {
             Err(DiskError::Io {
                 op: "read",
@@ -1287,7 +1278,7 @@ impl DiskEntry {
         let result = match first {
             Err(err) if would_block(&err) => {
                 let opened = opened.clone();
-                tokio::task::spawn_blocking(move || read(&opened.file.file, None, Reads::Blocking))
+                tokio::task::spawn_blocking(move || read(&opened.file, None, Reads::Blocking))
                     .await
                     .unwrap_or(Err(DiskError::Task))
             }
@@ -1331,6 +1322,7 @@ impl DiskEntry {
             remaining: len,
             pending: None,
             done: len == 0,
+            zero_copy: None,
             bad: BadEntry {
                 store: self.store.clone(),
                 hash: self.opened.hash,
@@ -1390,6 +1382,8 @@ impl Future for ChunkRead {
 
 /// A stored body streamed from its file; one chunk read ahead.
 pub struct DiskBody {
+    /// The client connection, when chunks may go out with sendfile(2).
+    zero_copy: Option<Arc<ConnState>>,
     opened: Arc<Opened>,
     framed: Option<Bytes>,
     body_len: u64,
@@ -1405,6 +1399,59 @@ pub struct DiskBody {
 }
 
 impl DiskBody {
+    /// Sends the chunks this open file has already checked with
+    /// sendfile(2) on `conn`: straight from the page cache to the socket,
+    /// no read into memory and no copy out of it (nginx serves its cache
+    /// files the same way). Chunks not yet checked are read and checked
+    /// first, as always.
+    pub fn zero_copy(mut self, conn: Arc<ConnState>) -> DiskBody {
+        self.zero_copy = Some(conn);
+        self
+    }
+
+    /// Whether chunk `index` goes out with sendfile(2): it passed its check
+    /// through this very fd (see [`read_chunk`]) and is not in memory
+    /// already.
+    fn sends_from_file(&self, index: u64) -> bool {
+        self.zero_copy.is_some()
+            && self.framed.is_none()
+            && index < 64
+            && self.opened.checked.load(Ordering::Acquire) & (1 << index) != 0
+    }
+
+    /// The marker frame standing for the rest of chunk `next` (as much of
+    /// it as the range wants), queued on the connection.
+    fn file_frame(&mut self) -> Option<Bytes> {
+        let conn = self.zero_copy.as_ref()?;
+        let data_len = chunk_len(self.body_len, self.next);
+        let skip = self.skip as u64;
+        let len = data_len
+            .saturating_sub(skip)
+            .min(self.remaining)
+            .min(MARKER_LEN as u64);
+        if len == 0 {
+            return None;
+        }
+        let offset =
+            self.opened.head_len + chunk_offset(self.next) + CHUNK_HEADER_LEN as u64 + skip;
+        let frame = conn.queue_file_region(FileRegion {
+            file: self.opened.file.clone(),
+            offset,
+            len,
+        });
+        self.remaining -= len;
+        if skip + len >= data_len {
+            self.next += 1;
+            self.skip = 0;
+        } else {
+            self.skip += len as usize;
+        }
+        if self.remaining == 0 || self.next >= chunk_count(self.body_len) {
+            self.done = true;
+        }
+        Some(frame)
+    }
+
     fn start_read(&mut self) -> Result<(), DiskError> {
         let index = self.next;
         let inline = read_chunk(&self.opened, self.framed.as_ref(), index, Reads::Cached);
@@ -1445,6 +1492,11 @@ impl Body for DiskBody {
             return Poll::Ready(None);
         }
         if this.pending.is_none() {
+            if this.sends_from_file(this.next) {
+                if let Some(frame) = this.file_frame() {
+                    return Poll::Ready(Some(Ok(Frame::data(frame))));
+                }
+            }
             if let Err(err) = this.start_read() {
                 return this.fail(err);
             }
@@ -1466,9 +1518,12 @@ impl Body for DiskBody {
         this.remaining -= chunk.len() as u64;
         this.next += 1;
         if this.remaining > 0 && this.next < chunk_count(this.body_len) {
-            // Read ahead while this chunk goes to the client.
-            if let Err(err) = this.start_read() {
-                return this.fail(err);
+            // Read ahead while this chunk goes to the client (unless the
+            // next goes out from the file).
+            if !this.sends_from_file(this.next) {
+                if let Err(err) = this.start_read() {
+                    return this.fail(err);
+                }
             }
         } else {
             this.done = true;
@@ -1610,11 +1665,10 @@ fn write_chunks(
     first: u64,
     chunks: &[Bytes],
 ) -> io::Result<()> {
-    let file = &temp
+    let file: &File = temp
         .file
         .as_ref()
-        .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?
-        .file;
+        .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
     for (i, data) in chunks.iter().enumerate() {
         let index = first + i as u64;
         let at = head_len + chunk_offset(index);
@@ -1853,6 +1907,7 @@ mod tests {
     use super::*;
     use crate::pipeline::cache::entry::tests::{as_version, sample_meta};
     use http_body_util::BodyExt;
+    use std::os::fd::AsRawFd;
     use std::os::unix::fs::PermissionsExt;
 
     /// A private directory under the system temp dir, removed on drop.
@@ -2438,6 +2493,53 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn checked_chunks_of_a_held_entry_go_out_as_file_regions() {
+        let dir = TestDir::new("zero-copy");
+        let store = DiskStore::without_loader(dir.cache(), 64 << 20, 16 << 20);
+        let body = payload(2 * CHUNK_LEN + 1000, 4);
+        put(&store, "k", &body).await.unwrap();
+        // Every frame of `body`: bytes, or the file region a marker stands for.
+        async fn frames(mut body: DiskBody, conn: &ConnState) -> (Vec<u8>, usize) {
+            let (mut out, mut regions) = (Vec::new(), 0);
+            while let Some(frame) = body.frame().await {
+                let data = frame.unwrap().into_data().unwrap();
+                if crate::conn::is_zero_copy_marker(&data) {
+                    let region = conn.zero_copy.lock().unwrap().pop_front().unwrap();
+                    assert_eq!(region.len, data.len() as u64);
+                    let mut bytes = vec![0u8; region.len as usize];
+                    region
+                        .file
+                        .read_exact_at(&mut bytes, region.offset)
+                        .unwrap();
+                    out.extend_from_slice(&bytes);
+                    regions += 1;
+                } else {
+                    out.extend_from_slice(&data);
+                }
+            }
+            (out, regions)
+        }
+        let conn = Arc::new(ConnState::default());
+        // First through this fd: read and checked, so sent as bytes.
+        let entry = store.get("k").await.unwrap();
+        let (out, regions) = frames(entry.body().zero_copy(conn.clone()), &conn).await;
+        assert_eq!((out == body, regions), (true, 0));
+        // Checked now: the next hit's chunks are file regions, ranges too.
+        let entry = store.get("k").await.unwrap();
+        let (out, regions) = frames(entry.body().zero_copy(conn.clone()), &conn).await;
+        assert_eq!((out == body, regions), (true, 3));
+        let (start, len) = (CHUNK_LEN as u64 - 10, 30);
+        let (out, regions) =
+            frames(entry.body_range(start, len).zero_copy(conn.clone()), &conn).await;
+        assert_eq!(out, body[start as usize..(start + len) as usize]);
+        assert_eq!(regions, 2);
+        // Without a connection for it, the same hit is read as bytes.
+        let (out, regions) = frames(entry.body(), &conn).await;
+        assert_eq!((out == body, regions), (true, 0));
+        assert!(conn.zero_copy.lock().unwrap().is_empty());
+    }
+
     async fn eventually_for(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
         let started = std::time::Instant::now();
         while started.elapsed() < limit {
@@ -2455,9 +2557,7 @@ mod tests {
         let store = DiskStore::open(dir.cache(), 64 << 20, 16 << 20);
         put(&store, "k", b"x").await.unwrap();
         let entry = store.get("k").await.unwrap();
-        assert!(fd_registry::is_registered(
-            entry.opened.file.file.as_raw_fd()
-        ));
+        assert!(fd_registry::is_registered(entry.opened.file.as_raw_fd()));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -18,6 +18,7 @@ use super::entry::now_unix_ms;
 use super::key::{self, BaseKey, CacheKey};
 use super::store::{self, Entry, Store};
 use super::tier::DiskTier;
+use crate::conn::ConnState;
 use crate::files;
 use crate::files::respond::{Representation, Source};
 use crate::http::{full_body, ResponseBody, X_CACHE};
@@ -114,10 +115,20 @@ pub fn stream(
     found: DiskEntry,
     method: &Method,
     request: &HeaderMap,
+    out: Outlet<'_>,
     label: &'static str,
 ) -> Response<ResponseBody> {
     let (status, headers) = streamed_head(&found, None);
-    streamed(status, headers, found, method, request, label)
+    streamed(status, headers, found, method, request, out, label)
+}
+
+/// Where a body streamed from disk goes: the connection it may send file
+/// regions on with sendfile(2) (cleartext HTTP/1.x), and the request's
+/// compression facts (a body the compression layer will encode must carry
+/// its bytes).
+pub struct Outlet<'a> {
+    pub zero_copy: Option<Arc<ConnState>>,
+    pub facts: Option<&'a RequestFacts>,
 }
 
 /// An entry too large for memory sent in its stored `coding` encoding
@@ -130,10 +141,11 @@ pub fn stream_encoded(
     coding: compression::Coding,
     method: &Method,
     request: &HeaderMap,
+    out: Outlet<'_>,
     label: &'static str,
 ) -> Response<ResponseBody> {
     let (status, headers) = streamed_head(found, Some(coding));
-    streamed(status, headers, encoded, method, request, label)
+    streamed(status, headers, encoded, method, request, out, label)
 }
 
 /// The status and headers of a hit on `found` (in `coding`, if any).
@@ -158,6 +170,7 @@ fn streamed(
     body: DiskEntry,
     method: &Method,
     request: &HeaderMap,
+    out: Outlet<'_>,
     label: &'static str,
 ) -> Response<ResponseBody> {
     let date = if_range_date(&headers);
@@ -166,11 +179,20 @@ fn streamed(
         headers,
         source: Source::Stream {
             len: body.meta().body_len,
-            open: Box::new(move |start, len| body.body_range(start, len).boxed_unsync()),
+            open: Box::new(move |start, len, zero_copy| {
+                let body = body.body_range(start, len);
+                match zero_copy {
+                    Some(conn) => body.zero_copy(conn).boxed_unsync(),
+                    None => body.boxed_unsync(),
+                }
+            }),
         },
     };
+    let Outlet { zero_copy, facts } = out;
     let mut response =
-        files::respond::respond(method, request, representation, date, |_, _, _| None);
+        files::respond::respond(method, request, representation, date, |status, h, len| {
+            zero_copy.filter(|_| compression::passes_untouched(facts, status, h, len))
+        });
     response
         .headers_mut()
         .insert(X_CACHE, HeaderValue::from_static(label));

@@ -610,6 +610,10 @@ impl HttpCache {
                                 coding,
                                 &method,
                                 req.headers(),
+                                hit::Outlet {
+                                    zero_copy: conn.zero_copy(req.version()),
+                                    facts,
+                                },
                                 "hit",
                             );
                         }
@@ -619,7 +623,11 @@ impl HttpCache {
                         }
                     }
                 }
-                hit::stream(*found, &method, req.headers(), "hit")
+                let out = hit::Outlet {
+                    zero_copy: conn.zero_copy(req.version()),
+                    facts,
+                };
+                hit::stream(*found, &method, req.headers(), out, "hit")
             }
             // A stored encoding this client does not accept.
             FromDisk::Memory(_) | FromDisk::Stream(_) => {
