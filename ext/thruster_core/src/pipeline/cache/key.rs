@@ -87,16 +87,41 @@ impl BaseKey {
     /// unambiguous). Lower tiers name records by a hash of texts built
     /// from this and store the text itself to compare.
     pub fn text(&self) -> String {
+        self.text_after(&[], 0)
+    }
+
+    /// `prefix` (NUL-separated words), then the text, then room for
+    /// `more` bytes: one allocation for a record's whole key text (texts
+    /// are built on every lower-tier lookup).
+    fn text_after(&self, prefix: &[&str], more: usize) -> String {
         let scheme = if self.https { "https" } else { "http" };
         let forwarded = self.forwarded.as_deref().unwrap_or("");
-        format!("{scheme}\0{}\0{}\0{forwarded}", self.host, self.target)
+        let parts = [scheme, &self.host, &self.target, forwarded];
+        let len = prefix
+            .iter()
+            .chain(&parts)
+            .map(|p| p.len() + 1)
+            .sum::<usize>()
+            + more;
+        let mut out = String::with_capacity(len);
+        for word in prefix {
+            out.push_str(word);
+            out.push('\0');
+        }
+        for (i, part) in parts.iter().enumerate() {
+            if i > 0 {
+                out.push('\0');
+            }
+            out.push_str(part);
+        }
+        out
     }
 
     /// The key of the record that holds which request headers this
     /// resource varies on (a lower tier's stand-in for the memory tier's
     /// rule), so a process that has no rule yet can find the variants.
     pub fn vary_record_text(&self) -> String {
-        format!("vary\0{}", self.text())
+        self.text_after(&["vary"], 0)
     }
 
     /// The request target as sent (path and query): what purges name.
@@ -159,12 +184,21 @@ impl CacheKey {
 impl CacheKey {
     /// The full key as text (base and variant), for lower tiers.
     pub fn text(&self) -> String {
-        format!("entry\0{}\0{}", self.base.text(), self.variant)
+        self.with_variant(self.base.text_after(&["entry"], self.variant.len() + 1))
     }
 
     /// The key of the stored `coding` encoding of this key's body.
     pub fn encoded_text(&self, coding: &str) -> String {
-        format!("encoded\0{coding}\0{}\0{}", self.base.text(), self.variant)
+        self.with_variant(
+            self.base
+                .text_after(&["encoded", coding], self.variant.len() + 1),
+        )
+    }
+
+    fn with_variant(&self, mut text: String) -> String {
+        text.push('\0');
+        text.push_str(&self.variant);
+        text
     }
 }
 

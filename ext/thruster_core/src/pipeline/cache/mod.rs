@@ -543,7 +543,7 @@ impl HttpCache {
         // Check the length before reading: a large body is never read
         // into memory.
         if meta.body_len > self.store.max_item_size {
-            return Some(FromDisk::Stream(Box::new(found)));
+            return Some(FromDisk::Stream(Box::new(found), key));
         }
         let body = found.read_all().await?;
         let entry = tier::entry_from_meta(found.meta(), body, now);
@@ -580,7 +580,9 @@ impl HttpCache {
                 )
                 .await
             }
-            FromDisk::Stream(found) if hit::acceptable(&found.meta().headers, req.headers()) => {
+            FromDisk::Stream(found, key)
+                if hit::acceptable(&found.meta().headers, req.headers()) =>
+            {
                 // A whole-body request from a client that takes a coding
                 // gets the stored encoding (made once, in the background,
                 // on the first such hit; until then compressed on the way
@@ -597,11 +599,6 @@ impl HttpCache {
                     )
                 });
                 if let (Some(disk), Some(coding)) = (&self.disk, coding) {
-                    let key = key::CacheKey::new(
-                        base.clone(),
-                        &key::vary_names(&meta.headers),
-                        req.headers(),
-                    );
                     match disk.stream_encoding(&key, &found, coding).await {
                         tier::StreamEncoding::Ready(encoded) => {
                             return hit::stream_encoded(
@@ -630,7 +627,7 @@ impl HttpCache {
                 hit::stream(*found, &method, req.headers(), out, "hit")
             }
             // A stored encoding this client does not accept.
-            FromDisk::Memory(_) | FromDisk::Stream(_) => {
+            FromDisk::Memory(_) | FromDisk::Stream(..) => {
                 labelled(self.next.fetch(req, conn).await, "miss")
             }
         }
@@ -840,7 +837,7 @@ enum FromDisk {
     /// Promoted into memory (or a file reference): served as a memory hit.
     Memory(Arc<Entry>),
     /// Too large for memory: streamed from its file.
-    Stream(Box<DiskEntry>),
+    Stream(Box<DiskEntry>, key::CacheKey),
 }
 
 struct Capture {

@@ -254,11 +254,8 @@ impl DiskTier {
         found: &DiskEntry,
         coding: Coding,
     ) -> StreamEncoding {
-        let Some(tag) = stream_tag(found.meta()) else {
-            return StreamEncoding::Missing;
-        };
         match self.store.get(&key.encoded_text(coding.token())).await {
-            Some(record) if record.meta().headers.get(&ENCODING_OF) == Some(&tag) => {
+            Some(record) if is_stream_tag_of(record.meta(), found.meta()) => {
                 if record.meta().headers.contains_key(header::CONTENT_ENCODING) {
                     StreamEncoding::Ready(Box::new(record))
                 } else {
@@ -434,6 +431,24 @@ fn lock_set(
     set: &std::sync::Mutex<std::collections::HashSet<String>>,
 ) -> std::sync::MutexGuard<'_, std::collections::HashSet<String>> {
     set.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Whether `record` is an encoding of the body of `meta`'s entry: its tag
+/// is `stream_tag(meta)`, compared without building it (once per hit).
+fn is_stream_tag_of(record: &EntryMeta, meta: &EntryMeta) -> bool {
+    let Some(tag) = record.headers.get(&ENCODING_OF) else {
+        return false;
+    };
+    let mut parts = tag.as_bytes().split(|&b| b == b':');
+    let number = |part: Option<&[u8]>| {
+        part.and_then(|p| std::str::from_utf8(p).ok())
+            .filter(|p| p.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|p| p.parse::<u64>().ok())
+    };
+    number(parts.next()) == Some(meta.stored_at_unix_ms)
+        && number(parts.next()) == Some(meta.body_len)
+        && parts.next() == Some(b"stream")
+        && parts.next().is_none()
 }
 
 /// Names the body of an entry streamed from disk (see `stream_encoding`).
@@ -657,6 +672,43 @@ mod tests {
         let stored = tier.engine().get(&key.encoded_text("br")).await.unwrap();
         assert_eq!(stored.meta().body_len, 0);
         assert!(!stored.meta().headers.contains_key("content-encoding"));
+    }
+
+    #[test]
+    fn stream_tags_are_recognised_without_being_built() {
+        let headers = HeaderMap::new();
+        let f = freshness(60);
+        let stored = Stored {
+            status: StatusCode::OK,
+            headers: &headers,
+            stored_at_unix_ms: now_unix_ms(),
+            freshness: &f,
+            file: None,
+        };
+        let mut meta = meta_for("entry\0k".into(), &stored, None).unwrap();
+        meta.body_len = 123_456;
+        let mut record = meta.clone();
+        let tagged = |record: &mut EntryMeta, tag: &str| {
+            record
+                .headers
+                .insert(ENCODING_OF, HeaderValue::from_str(tag).unwrap());
+        };
+        tagged(&mut record, stream_tag(&meta).unwrap().to_str().unwrap());
+        assert!(is_stream_tag_of(&record, &meta));
+        let (at, len) = (meta.stored_at_unix_ms, meta.body_len);
+        for wrong in [
+            format!("{}:{len}:stream", at + 1),
+            format!("{at}:{}:stream", len + 1),
+            format!("{at}:{len}:streams"),
+            format!("{at}:{len}:stream:"),
+            format!("{at}:{len}:1a2b3c4d"),
+            format!("+{at}:{len}:stream"),
+        ] {
+            tagged(&mut record, &wrong);
+            assert!(!is_stream_tag_of(&record, &meta), "{wrong}");
+        }
+        record.headers.remove(&ENCODING_OF);
+        assert!(!is_stream_tag_of(&record, &meta));
     }
 
     #[test]
