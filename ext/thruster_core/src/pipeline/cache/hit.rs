@@ -16,8 +16,8 @@ use http_body_util::BodyExt;
 use super::disk::DiskEntry;
 use super::entry::now_unix_ms;
 use super::key::{self, BaseKey, CacheKey};
-use super::store::{self, Entry, Store};
-use super::tier::DiskTier;
+use super::store::{Entry, Store};
+use super::tier;
 use crate::conn::ConnState;
 use crate::files;
 use crate::files::respond::{Representation, Source};
@@ -43,7 +43,7 @@ pub fn acceptable(stored: &HeaderMap, request: &HeaderMap) -> bool {
 #[allow(clippy::too_many_arguments)]
 pub async fn respond(
     store: &Store,
-    disk: Option<&DiskTier>,
+    below: tier::Below<'_>,
     entry: &Arc<Entry>,
     method: &Method,
     request: &HeaderMap,
@@ -69,14 +69,10 @@ pub async fn respond(
     let mut body = entry.body.clone();
     if let Some(coding) = coding {
         let key = CacheKey::new(base.clone(), &key::vary_names(&entry.headers), request);
-        // Made once per entry: read from the disk tier when an earlier
-        // process made it, else compressed now (and written there).
-        let make = async {
-            match disk {
-                Some(disk) => disk.encoding(&key, entry, coding).await,
-                None => store::encode(entry, coding).await,
-            }
-        };
+        // Made once per entry: read from a lower tier when an earlier
+        // process or another instance made it, else compressed now (and
+        // written there).
+        let make = tier::encoding(below, &key, entry, coding);
         if let Some(variant) = store.variant(&key, entry, coding, make).await {
             compression::mark_encoded(&mut headers, coding);
             body = variant;

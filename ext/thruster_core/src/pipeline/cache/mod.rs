@@ -238,7 +238,7 @@ impl HttpCache {
                     self.touch(&base, &entry, req.headers());
                     return hit::respond(
                         &self.store,
-                        self.disk.as_ref(),
+                        self.below(),
                         &entry,
                         &method,
                         req.headers(),
@@ -341,7 +341,7 @@ impl HttpCache {
                     }
                     return hit::respond(
                         &self.store,
-                        self.disk.as_ref(),
+                        self.below(),
                         &stale,
                         &method,
                         &request_headers,
@@ -413,6 +413,15 @@ impl HttpCache {
         }
         let entry = tier::entry_from_meta(&meta, body, now_unix_ms());
         usable(&entry).then(|| Arc::new(entry))
+    }
+
+    /// The tiers below memory, for the encodings memory keeps.
+    fn below(&self) -> tier::Below<'_> {
+        tier::Below {
+            disk: self.disk.as_ref(),
+            shared: self.shared.as_ref(),
+            release: self.release.as_deref(),
+        }
     }
 
     /// Looks for `key` in the shared tier (Redis).
@@ -570,7 +579,7 @@ impl HttpCache {
             FromDisk::Memory(entry) if hit::acceptable(&entry.headers, req.headers()) => {
                 hit::respond(
                     &self.store,
-                    self.disk.as_ref(),
+                    self.below(),
                     &entry,
                     &method,
                     req.headers(),

@@ -46,6 +46,7 @@ use super::directives::Freshness;
 use super::disk::{DiskEntry, DiskStore, DiskWriter};
 use super::entry::{now_unix_ms, EntryMeta, StoredFile};
 use super::key::{self, BaseKey, CacheKey};
+use super::shared::SharedTier;
 use super::store::{self, Entry, FileRef};
 use crate::config::Config;
 use crate::pipeline::compression::Coding;
@@ -217,30 +218,27 @@ impl DiskTier {
         }
     }
 
-    /// `entry`'s body encoded with `coding`: the stored encoding when there
-    /// is one for this very body, else made now (on the blocking pool) and
-    /// stored. `None` when encoding does not make it smaller.
-    pub async fn encoding(&self, key: &CacheKey, entry: &Entry, coding: Coding) -> Option<Bytes> {
-        let Some(tag) = body_tag(entry).await else {
-            return store::encode(entry, coding).await;
-        };
-        let text = key.encoded_text(coding.token());
-        if let Some(found) = self.store.get(&text).await {
-            let meta = found.meta();
-            if meta.headers.get(&ENCODING_OF) == Some(&tag) {
-                if !meta.headers.contains_key(header::CONTENT_ENCODING) {
-                    return None;
-                }
-                if meta.body_len < entry.body.len() as u64 {
-                    if let Some(bytes) = found.read_all().await {
-                        return Some(bytes);
-                    }
-                }
-            }
+    /// The stored encoding of `entry`'s body under `text`, when the disk
+    /// has one for this very body (`tag`): `Some(None)` when encoding does
+    /// not make it smaller.
+    async fn stored_encoding(
+        &self,
+        text: &str,
+        entry: &Entry,
+        tag: &HeaderValue,
+    ) -> Option<Option<Bytes>> {
+        let found = self.store.get(text).await?;
+        let meta = found.meta();
+        if meta.headers.get(&ENCODING_OF) != Some(tag) {
+            return None;
         }
-        let made = store::encode(entry, coding).await;
-        self.put_encoding(text, entry, coding, tag, made.as_ref());
-        made
+        if !meta.headers.contains_key(header::CONTENT_ENCODING) {
+            return Some(None);
+        }
+        if meta.body_len >= entry.body.len() as u64 {
+            return None;
+        }
+        found.read_all().await.map(Some)
     }
 
     /// The stored `coding` encoding of `found`, an entry too large for
@@ -311,29 +309,19 @@ impl DiskTier {
         tag: HeaderValue,
         encoded: Option<&Bytes>,
     ) {
-        let mut headers = HeaderMap::new();
-        headers.insert(ENCODING_OF, tag);
-        if encoded.is_some() {
-            headers.insert(
-                header::CONTENT_ENCODING,
-                HeaderValue::from_static(coding.token()),
-            );
-        }
-        let record = Stored {
-            status: entry.status,
-            headers: &headers,
-            stored_at_unix_ms: entry.stored_at_unix_ms,
-            freshness: &entry.freshness,
-            file: None,
-        };
-        let body = encoded.cloned().unwrap_or_default();
-        let Some(mut writer) = meta_for(text, &record, self.release())
-            .and_then(|m| self.store.writer(m, Some(body.len() as u64)))
+        let Some((meta, body)) = encoding_record(text, entry, coding, tag, encoded, self.release())
         else {
             return;
         };
-        // At most a memory-sized body: under the writer's queue limit, so
-        // no pacing is needed.
+        self.put_record(meta, body);
+    }
+
+    /// Writes a record whose body is at most memory-sized.
+    fn put_record(&self, meta: EntryMeta, body: Bytes) {
+        let Some(mut writer) = self.store.writer(meta, Some(body.len() as u64)) else {
+            return;
+        };
+        // Under the writer's queue limit, so no pacing is needed.
         if writer.push(&body) {
             drop(writer.finish());
         }
@@ -353,6 +341,100 @@ impl DiskTier {
     pub async fn flush(&self) {
         self.store.flush().await
     }
+}
+
+/// The tiers below memory, for what memory makes once and keeps: the
+/// encodings of an entry's body.
+#[derive(Clone, Copy)]
+pub struct Below<'a> {
+    pub disk: Option<&'a DiskTier>,
+    pub shared: Option<&'a SharedTier>,
+    pub release: Option<&'a str>,
+}
+
+/// `entry`'s body encoded with `coding`, for the memory tier to keep: the
+/// stored encoding of this very body from the disk, else from Redis (an
+/// instance that made it before), else made now (on the blocking pool) and
+/// stored in both (Redis after the response, in the background). `None`
+/// when encoding does not make it smaller.
+pub async fn encoding(
+    below: Below<'_>,
+    key: &CacheKey,
+    entry: &Entry,
+    coding: Coding,
+) -> Option<Bytes> {
+    if below.disk.is_none() && below.shared.is_none() {
+        return store::encode(entry, coding).await;
+    }
+    let Some(tag) = body_tag(entry).await else {
+        return store::encode(entry, coding).await;
+    };
+    let text = key.encoded_text(coding.token());
+    if let Some(disk) = below.disk {
+        if let Some(found) = disk.stored_encoding(&text, entry, &tag).await {
+            return found;
+        }
+    }
+    if let Some(shared) = below.shared {
+        if let Some((meta, body)) = shared.get(&text).await {
+            if meta.headers.get(&ENCODING_OF) == Some(&tag) {
+                let found = meta
+                    .headers
+                    .contains_key(header::CONTENT_ENCODING)
+                    .then_some(body);
+                if found.as_ref().is_none_or(|b| b.len() < entry.body.len()) {
+                    if let Some(disk) = below.disk {
+                        disk.put_encoding(text, entry, coding, tag, found.as_ref());
+                    }
+                    return found;
+                }
+            }
+        }
+    }
+    let made = store::encode(entry, coding).await;
+    if let Some(disk) = below.disk {
+        disk.put_encoding(text.clone(), entry, coding, tag.clone(), made.as_ref());
+    }
+    if let Some(shared) = below.shared {
+        if let Some((meta, body)) =
+            encoding_record(text, entry, coding, tag, made.as_ref(), below.release)
+        {
+            // A skipped write only costs another instance the encoding.
+            let _ = shared.put(meta, body);
+        }
+    }
+    made
+}
+
+/// The record that keeps `encoded` (`None`: encoding does not make it
+/// smaller) as the `coding` encoding of the body `tag` names.
+fn encoding_record(
+    text: String,
+    entry: &Entry,
+    coding: Coding,
+    tag: HeaderValue,
+    encoded: Option<&Bytes>,
+    release: Option<&str>,
+) -> Option<(EntryMeta, Bytes)> {
+    let mut headers = HeaderMap::new();
+    headers.insert(ENCODING_OF, tag);
+    if encoded.is_some() {
+        headers.insert(
+            header::CONTENT_ENCODING,
+            HeaderValue::from_static(coding.token()),
+        );
+    }
+    let record = Stored {
+        status: entry.status,
+        headers: &headers,
+        stored_at_unix_ms: entry.stored_at_unix_ms,
+        freshness: &entry.freshness,
+        file: None,
+    };
+    let body = encoded.cloned().unwrap_or_default();
+    let mut meta = meta_for(text, &record, release)?;
+    meta.body_len = body.len() as u64;
+    Some((meta, body))
 }
 
 /// Whether a stored record (disk or shared tier) may answer now: fresh,
@@ -634,7 +716,7 @@ mod tests {
         );
         let first = tier(&dir.0);
         let made = first
-            .encoding(&key, &entry, Coding::Gzip)
+            .encoding_for_test(&key, &entry, Coding::Gzip)
             .await
             .expect("smaller");
         first.flush().await;
@@ -651,14 +733,19 @@ mod tests {
         );
         tier.flush().await;
         assert_eq!(
-            tier.encoding(&key, &entry, Coding::Gzip).await.unwrap(),
+            tier.encoding_for_test(&key, &entry, Coding::Gzip)
+                .await
+                .unwrap(),
             "planted"
         );
         // The same key re-stored with another body (another receive time):
         // the stored encoding is not its own; it is made again.
         let mut restored = Entry::new(StatusCode::OK, HeaderMap::new(), body, freshness(60));
         restored.stored_at_unix_ms = entry.stored_at_unix_ms + 1;
-        let again = tier.encoding(&key, &restored, Coding::Gzip).await.unwrap();
+        let again = tier
+            .encoding_for_test(&key, &restored, Coding::Gzip)
+            .await
+            .unwrap();
         assert_eq!(again, made);
         // "Not smaller" is remembered too.
         let tiny = Entry::new(
@@ -667,11 +754,30 @@ mod tests {
             Bytes::from_static(b"x"),
             freshness(60),
         );
-        assert!(tier.encoding(&key, &tiny, Coding::Brotli).await.is_none());
+        assert!(tier
+            .encoding_for_test(&key, &tiny, Coding::Brotli)
+            .await
+            .is_none());
         tier.flush().await;
         let stored = tier.engine().get(&key.encoded_text("br")).await.unwrap();
         assert_eq!(stored.meta().body_len, 0);
         assert!(!stored.meta().headers.contains_key("content-encoding"));
+    }
+
+    impl DiskTier {
+        async fn encoding_for_test(
+            &self,
+            key: &CacheKey,
+            entry: &Entry,
+            coding: Coding,
+        ) -> Option<Bytes> {
+            let below = Below {
+                disk: Some(self),
+                shared: None,
+                release: None,
+            };
+            encoding(below, key, entry, coding).await
+        }
     }
 
     #[test]

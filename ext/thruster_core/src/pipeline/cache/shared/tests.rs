@@ -862,3 +862,77 @@ async fn shared_latency_100_kb() {
         times[times.len() - 1]
     );
 }
+
+/// Encodings of an entry's body live in Redis as in memory: what one
+/// instance compressed, the next finds (a hit on its tier) instead of
+/// compressing again, and only for the very body it was made from.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_encodings_are_made_once_across_instances() {
+    use crate::pipeline::cache::directives::Freshness;
+    use crate::pipeline::cache::key::{BaseKey, CacheKey};
+    use crate::pipeline::cache::store::Entry;
+    use crate::pipeline::cache::tier::{self, Below};
+    use crate::pipeline::compression::Coding;
+
+    let server = RedisServer::start();
+    let (first, second) = (ready_tier(&server).await, ready_tier(&server).await);
+    let request = http::Request::builder()
+        .uri("/app.css")
+        .header("host", "h")
+        .body(())
+        .unwrap();
+    let key = CacheKey::new(BaseKey::new(&request, false, false), &[], request.headers());
+    let entry = |text: &str| {
+        let mut headers = HeaderMap::new();
+        headers.insert("content-type", HeaderValue::from_static("text/css"));
+        let freshness = Freshness {
+            lifetime: Duration::from_secs(60),
+            initial_age: Duration::ZERO,
+            stale_if_error: Duration::ZERO,
+            immutable: false,
+        };
+        Entry::new(
+            StatusCode::OK,
+            headers,
+            Bytes::from(text.repeat(2000)),
+            freshness,
+        )
+    };
+    let below = |shared| Below {
+        disk: None,
+        shared: Some(shared),
+        release: None,
+    };
+    let page = entry("body { color: red; } ");
+    let made = tier::encoding(below(&first), &key, &page, Coding::Gzip)
+        .await
+        .expect("gzip makes it smaller");
+    assert!(
+        eventually(Duration::from_secs(5), || first.stats().stored >= 1).await,
+        "the encoding reaches Redis"
+    );
+    let hits = second.stats().hits;
+    let found = tier::encoding(below(&second), &key, &page, Coding::Gzip).await;
+    assert_eq!(found.as_ref(), Some(&made));
+    assert_eq!(
+        second.stats().hits,
+        hits + 1,
+        "read from Redis, not made again"
+    );
+    // Another body under the same key (re-stored since) never gets it.
+    let other = entry("body { color: blue; } ");
+    let hits = second.stats().hits;
+    let encoded = tier::encoding(below(&second), &key, &other, Coding::Gzip)
+        .await
+        .unwrap();
+    assert_eq!(
+        second.stats().hits,
+        hits + 1,
+        "looked up, tag did not match"
+    );
+    let mut decoded = String::new();
+    flate2::read::GzDecoder::new(&encoded[..])
+        .read_to_string(&mut decoded)
+        .unwrap();
+    assert_eq!(decoded.as_bytes(), &other.body[..]);
+}
