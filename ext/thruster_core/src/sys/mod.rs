@@ -12,6 +12,7 @@
 //! life.
 
 pub mod fd_registry;
+pub mod inotify;
 pub mod random;
 pub mod trim;
 

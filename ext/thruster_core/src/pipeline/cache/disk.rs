@@ -63,6 +63,7 @@ use std::ffi::{CStr, CString};
 use std::fs::{DirBuilder, File, OpenOptions};
 use std::future::Future;
 use std::io;
+use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
@@ -87,6 +88,7 @@ use crate::http::BoxError;
 use crate::log;
 use crate::sys;
 use crate::sys::fd_registry;
+use crate::sys::inotify::{Changed, Inotify, Watch};
 
 const TMP_DIR: &str = "tmp";
 /// A temp file untouched this long belongs to a crashed or killed process
@@ -254,14 +256,14 @@ impl Slot {
 /// hits of its key within [`KEEP_OPEN`] read only the body: no `open`,
 /// `fstat`, metadata read and decode, `close` (nginx's `open_file_cache`
 /// keeps fds the same way). Dropped as soon as this process writes, removes
-/// or evicts the entry (every such change goes through the index). An entry
-/// another process replaces is seen within `KEEP_OPEN`: until then the
-/// one held — complete, checked, and still subject to its freshness and to
-/// purges, which callers check on every hit — answers; one it removes keeps
-/// its blocks until the fd closes.
+/// or evicts the entry (every such change goes through the index), and as
+/// soon as its file is written into or loses its name — another process
+/// replacing or removing the entry — through an inotify watch on the open
+/// file (no `stat` per hit). Without inotify nothing is held.
 struct Held {
     opened: Arc<Opened>,
     until: std::time::Instant,
+    watch: Watch,
 }
 
 #[derive(Default)]
@@ -283,7 +285,7 @@ impl Index {
         None
     }
 
-    fn hold(&mut self, opened: &Arc<Opened>) {
+    fn hold(&mut self, opened: &Arc<Opened>, watch: Watch) {
         let now = std::time::Instant::now();
         if self.held.len() >= self.max_held {
             self.held.retain(|_, held| held.until > now);
@@ -297,6 +299,7 @@ impl Index {
             Held {
                 opened: opened.clone(),
                 until,
+                watch,
             },
         );
     }
@@ -491,6 +494,9 @@ struct Inner {
     evicting: AtomicBool,
     /// Commits and evictions under way, for `flush`.
     pending: watch::Sender<usize>,
+    /// Watches held entries' files; set when the loader starts (it needs
+    /// the runtime). Entries are held only with it.
+    inotify: std::sync::OnceLock<Arc<Inotify>>,
 }
 
 /// Counts one pending operation until dropped, however its task ends.
@@ -536,6 +542,7 @@ impl DiskStore {
                 loaded: AtomicBool::new(false),
                 evicting: AtomicBool::new(false),
                 pending: watch::Sender::new(0),
+                inotify: std::sync::OnceLock::new(),
             }),
         }
     }
@@ -551,7 +558,30 @@ impl DiskStore {
         };
         if !self.inner.loader_started.swap(true, Ordering::AcqRel) {
             runtime.spawn(maintain(Arc::downgrade(&self.inner)));
-            runtime.spawn(close_idle(Arc::downgrade(&self.inner)));
+            self.watch_held();
+        }
+    }
+
+    /// Starts watching held entries' files (see [`Held`]); without inotify
+    /// (a system without it, or out of instances) hits open their entry
+    /// every time.
+    fn watch_held(&self) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let inotify = match Inotify::new() {
+            Ok(inotify) => inotify,
+            Err(err) => {
+                debug(
+                    "disk cache: no inotify, entries not held open",
+                    &self.inner.dir,
+                    &err,
+                );
+                return;
+            }
+        };
+        if self.inner.inotify.set(inotify.clone()).is_ok() {
+            runtime.spawn(keep_held(Arc::downgrade(&self.inner), inotify));
         }
     }
 
@@ -783,12 +813,18 @@ impl Inner {
             id,
             path,
         });
+        let watch = self
+            .inotify
+            .get()
+            .and_then(|inotify| inotify.watch(opened.file.as_raw_fd()).ok());
         let mut index = lock(&self.index);
         index.put(
             hash,
             Slot::for_meta(&opened.meta, stat.len(), now_unix_ms()),
         );
-        index.hold(&opened);
+        if let Some(watch) = watch {
+            index.hold(&opened, watch);
+        }
         drop(index);
         Ok(Some(DiskEntry {
             opened,
@@ -1048,27 +1084,38 @@ fn maybe_evict(inner: &Arc<Inner>) {
     });
 }
 
-/// Closes the entries held open past [`KEEP_OPEN`] that no hit came back
-/// for, so an idle process keeps no fd (nor a removed file's blocks).
-async fn close_idle(weak: Weak<Inner>) {
+/// Drops held entries whose files changed (as inotify reports them) and,
+/// every [`KEEP_OPEN`], those no hit came back for, so an idle process
+/// keeps no fd (nor a removed file's blocks). Ends once the store is gone.
+async fn keep_held(weak: Weak<Inner>, inotify: Arc<Inotify>) {
     loop {
-        tokio::time::sleep(KEEP_OPEN).await;
+        let changed = tokio::time::timeout(KEEP_OPEN, inotify.changed()).await;
         let Some(inner) = weak.upgrade() else { return };
-        let idle: Vec<Held> = {
+        let dropped: Vec<Held> = {
             let mut index = lock(&inner.index);
             let now = std::time::Instant::now();
+            let gone = |held: &Held| match &changed {
+                Ok(Ok(Changed::Files(wds))) => wds.contains(&held.watch.id()),
+                // Events lost, or the queue failed: trust nothing held.
+                Ok(Ok(Changed::Overflow)) | Ok(Err(_)) => true,
+                Err(_idle) => held.until <= now,
+            };
             let keys: Vec<KeyHash> = index
                 .held
                 .iter()
-                .filter(|(_, held)| held.until <= now)
+                .filter(|(_, held)| gone(held))
                 .map(|(hash, _)| *hash)
                 .collect();
             keys.iter()
                 .filter_map(|hash| index.held.remove(hash))
                 .collect()
         };
-        // Closed outside the lock.
-        drop(idle);
+        // Closed (and unwatched) outside the lock.
+        drop(dropped);
+        if matches!(changed, Ok(Err(_))) {
+            // A failing queue would spin: pause between tries.
+            tokio::time::sleep(KEEP_OPEN).await;
+        }
     }
 }
 
@@ -1183,8 +1230,10 @@ fn unframe(seed: u64, body_len: u64, framed: &Bytes) -> Result<Bytes, DiskError>
 /// when it comes back from the page cache: an entry's file never changes
 /// once renamed into place (writers make a new file; removal unlinks), so
 /// those pages hold the bytes that passed, and the CRC was most of a hot
-/// hit's cost beyond a memory hit. A read that went to the disk (the
-/// blocking pool) is always checked, and a held entry is reopened, and
+/// hit's cost beyond a memory hit. Should something write into the file
+/// anyway (a tool, a person), inotify reports it and the entry stops being
+/// held: the next hit opens and checks it afresh ([`Held`]). A read that went to the disk
+/// (the blocking pool) is always checked, and a held entry is reopened, and
 /// checked afresh, every `KEEP_OPEN`.
 fn read_chunk(
     opened: &Opened,
@@ -1919,7 +1968,6 @@ mod tests {
     use super::*;
     use crate::pipeline::cache::entry::tests::{as_version, sample_meta};
     use http_body_util::BodyExt;
-    use std::os::fd::AsRawFd;
     use std::os::unix::fs::PermissionsExt;
 
     /// A private directory under the system temp dir, removed on drop.
@@ -1949,9 +1997,11 @@ mod tests {
 
     impl DiskStore {
         /// A store whose loader never runs unless started by hand.
+        /// (Held entries are watched as usual.)
         fn without_loader(dir: PathBuf, budget: u64, max_item: u64) -> DiskStore {
             let store = DiskStore::unstarted(dir, budget, max_item);
             store.inner.loader_started.store(true, Ordering::Release);
+            store.watch_held();
             store
         }
 
@@ -2426,7 +2476,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn hits_reuse_a_held_entry_until_this_process_changes_it_or_it_times_out() {
+    async fn hits_reuse_a_held_entry_until_its_file_changes_or_it_times_out() {
         let dir = TestDir::new("held");
         let here = DiskStore::open(dir.cache(), 64 << 20, 16 << 20);
         let other = DiskStore::without_loader(dir.cache(), 64 << 20, 16 << 20);
@@ -2440,23 +2490,42 @@ mod tests {
         let held_file = here.inner.index.lock().unwrap().held.len();
         assert_eq!(held_file, 1, "a hit holds its entry open");
 
-        // Another process's write is not seen while the entry is held ...
-        put(&other, "k", &body(2)).await.unwrap();
-        assert_eq!(read(&here).await, body(1), "the held entry answers");
-        // ... this process's own write is, at once.
-        put(&here, "k", &body(3)).await.unwrap();
-        assert_eq!(read(&here).await, body(3));
+        let held = |store: &DiskStore| {
+            let index = store.inner.index.lock().unwrap();
+            index.held.values().next().map(|h| h.opened.clone())
+        };
+        let first = held(&here).unwrap();
+        assert_eq!(read(&here).await, body(1));
+        assert!(
+            Arc::ptr_eq(&first, &held(&here).unwrap()),
+            "the next hit reuses it"
+        );
+        drop(first);
 
-        // Within KEEP_OPEN of the last open, the other's next write shows.
+        // Another process's new version replaces the file: the held one
+        // loses its link, inotify says so, and hits see the new one (well
+        // before KEEP_OPEN would have closed the old).
+        let shows = |want: Vec<u8>| {
+            let here = here.clone();
+            async move {
+                let started = std::time::Instant::now();
+                while read(&here).await != want {
+                    assert!(
+                        started.elapsed() < KEEP_OPEN / 2,
+                        "the new version never showed"
+                    );
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        };
+        put(&other, "k", &body(2)).await.unwrap();
+        shows(body(2)).await;
+        // This process's own write drops what it holds, at once.
+        put(&here, "k", &body(3)).await.unwrap();
+        assert!(held(&here).is_none());
+        assert_eq!(read(&here).await, body(3));
         put(&other, "k", &body(4)).await.unwrap();
-        let started = std::time::Instant::now();
-        while read(&here).await != body(4) {
-            assert!(
-                started.elapsed() < KEEP_OPEN * 2,
-                "the other process's write never showed"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        shows(body(4)).await;
         // With no more hits, the held entry is closed.
         assert!(
             eventually_for(KEEP_OPEN * 3, || here
@@ -2551,6 +2620,52 @@ mod tests {
         let (out, regions) = frames(entry.body(), &conn).await;
         assert_eq!((out == body, regions), (true, 0));
         assert!(conn.zero_copy.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_held_file_written_into_is_checked_afresh() {
+        let dir = TestDir::new("written-into");
+        let store = DiskStore::without_loader(dir.cache(), 64 << 20, 16 << 20);
+        let body = payload(300_000, 5);
+        put(&store, "k", &body).await.unwrap();
+        let conn = Arc::new(ConnState::default());
+        for _ in 0..2 {
+            // Checked by the first, then held and trusted.
+            let entry = store.get("k").await.unwrap();
+            let (out, err) = stream(&entry).await;
+            assert!(err.is_none() && out == body);
+        }
+        // In place, so the page cache holds the new bytes: were the entry
+        // still held, its fd would send them unchecked. inotify reports the
+        // write and the entry stops being held (as soon as the runtime
+        // takes the event: not within this task's next statement).
+        let path = store.path_of("k");
+        let file = OpenOptions::new().write(true).open(&path).unwrap();
+        file.write_all_at(b"XXXX", 1000).unwrap();
+        drop(file);
+        assert!(
+            eventually(|| store.inner.index.lock().unwrap().held.is_empty()).await,
+            "the write was not noticed"
+        );
+        let entry = store.get("k").await.expect("the metadata is fine");
+        let mut body = entry.body().zero_copy(conn.clone());
+        let mut err = None;
+        while let Some(frame) = body.frame().await {
+            match frame {
+                Ok(frame) => assert!(
+                    !crate::conn::is_zero_copy_marker(&frame.into_data().unwrap()),
+                    "an unchecked region went out"
+                ),
+                Err(e) => {
+                    err = Some(e);
+                    break;
+                }
+            }
+        }
+        assert!(
+            err.is_some_and(|e| e.to_string().contains("checksum")),
+            "the damage must show"
+        );
     }
 
     async fn eventually_for(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
