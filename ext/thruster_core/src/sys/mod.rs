@@ -11,6 +11,7 @@
 //! a temporary file would keep its disk space allocated for the worker's
 //! life.
 
+pub mod ca;
 pub mod fd_registry;
 pub mod inotify;
 pub mod random;

@@ -34,8 +34,9 @@ use instant_acme::{
     ExternalAccountKey, Identifier, NewAccount, NewOrder, Order, OrderStatus, RetryPolicy,
 };
 use rustls::sign::CertifiedKey;
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+
+use crate::sys::ca;
 use tokio::sync::watch;
 
 use super::{certified_key, covers, leaf_validity, write_atomic, CertStore, TlsError};
@@ -470,39 +471,16 @@ fn alpn_certificate(domain: &str, digest: &[u8]) -> Result<Arc<CertifiedKey>, St
 /// The ACME client: system roots (`SSL_CERT_FILE`/`SSL_CERT_DIR` honoured)
 /// plus the `ACME_CA_FILE` bundle, ring provider.
 fn http_client(ca_file: Option<&Path>) -> Result<HttpClient, TlsError> {
-    let mut roots = rustls::RootCertStore::empty();
-    let native = rustls_native_certs::load_native_certs();
-    roots.add_parsable_certificates(native.certs);
-    if let Some(path) = ca_file {
-        let invalid = |why: String| {
-            TlsError(format!(
-                "invalid ACME_CA_FILE={:?}: expected a PEM bundle of CA certificates ({why})",
-                path.display().to_string()
-            ))
-        };
-        let bytes = std::fs::read(path).map_err(|e| invalid(e.to_string()))?;
-        let certs = CertificateDer::pem_slice_iter(&bytes)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| invalid(e.to_string()))?;
-        if certs.is_empty() {
-            return Err(invalid("no CERTIFICATE block found".into()));
-        }
-        for cert in certs {
-            roots.add(cert).map_err(|e| invalid(e.to_string()))?;
-        }
-    }
-    if roots.is_empty() {
-        return Err(TlsError(
+    let tls = ca::client_config(ca_file).map_err(|e| match (e, ca_file) {
+        (ca::CaError::File(why), Some(path)) => TlsError(format!(
+            "invalid ACME_CA_FILE={:?}: expected a PEM bundle of CA certificates ({why})",
+            path.display().to_string()
+        )),
+        _ => TlsError(
             "no CA certificates to verify the ACME directory with: install ca-certificates or set ACME_CA_FILE"
                 .into(),
-        ));
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| TlsError(e.to_string()))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        ),
+    })?;
     let connector = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_only()

@@ -28,8 +28,9 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use redis::{ProtocolVersion, RedisConnectionInfo};
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, ServerName};
+use rustls_pki_types::ServerName;
+
+use crate::sys::ca;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
 use tokio_rustls::client::TlsStream;
@@ -288,37 +289,13 @@ pub fn redact(text: &str) -> String {
 }
 
 fn tls_connector(ca_file: Option<&Path>) -> Result<TlsConnector, SharedConfigError> {
-    let mut roots = rustls::RootCertStore::empty();
-    // SSL_CERT_FILE / SSL_CERT_DIR are honoured by rustls-native-certs.
-    roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
-    if let Some(path) = ca_file {
-        let invalid = |why: String| SharedConfigError::CaFile {
-            path: path.display().to_string(),
+    let config = ca::client_config(ca_file).map_err(|e| match e {
+        ca::CaError::File(why) => SharedConfigError::CaFile {
+            path: ca_file.map(|p| p.display().to_string()).unwrap_or_default(),
             why,
-        };
-        let bytes = std::fs::read(path).map_err(|e| invalid(e.to_string()))?;
-        let certs = CertificateDer::pem_slice_iter(&bytes)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| invalid(e.to_string()))?;
-        if certs.is_empty() {
-            return Err(invalid("no CERTIFICATE block found".into()));
-        }
-        for cert in certs {
-            roots.add(cert).map_err(|e| invalid(e.to_string()))?;
-        }
-    }
-    if roots.is_empty() {
-        return Err(SharedConfigError::NoRoots);
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| SharedConfigError::CaFile {
-            path: String::new(),
-            why: e.to_string(),
-        })?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        },
+        ca::CaError::NoRoots => SharedConfigError::NoRoots,
+    })?;
     Ok(TlsConnector::from(Arc::new(config)))
 }
 
