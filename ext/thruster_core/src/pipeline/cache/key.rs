@@ -202,6 +202,20 @@ impl CacheKey {
     }
 }
 
+/// For tests: the base key of a GET of `path` on host `h`.
+#[cfg(test)]
+pub(crate) fn test_base(path: &str) -> BaseKey {
+    BaseKey::new(
+        &Request::builder()
+            .uri(path)
+            .header("host", "h")
+            .body(())
+            .unwrap(),
+        false,
+        false,
+    )
+}
+
 /// The header names of a response's `Vary`, lower case, sorted, deduplicated.
 pub fn vary_names(response: &HeaderMap) -> Vec<HeaderName> {
     let mut names: Vec<HeaderName> = response

@@ -461,7 +461,6 @@ impl Drop for LeaderGuard {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http::Request;
 
     fn freshness(lifetime: u64, sie: u64) -> Freshness {
         Freshness {
@@ -472,17 +471,7 @@ mod tests {
         }
     }
 
-    fn base(path: &str) -> BaseKey {
-        BaseKey::new(
-            &Request::builder()
-                .uri(path)
-                .header("host", "h")
-                .body(())
-                .unwrap(),
-            false,
-            false,
-        )
-    }
+    use super::super::key::test_base as base;
 
     #[test]
     fn stores_and_finds_by_variant() {

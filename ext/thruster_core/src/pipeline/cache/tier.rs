@@ -563,7 +563,6 @@ async fn body_tag(entry: &Entry) -> Option<HeaderValue> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http::Request;
 
     fn tier(dir: &std::path::Path) -> DiskTier {
         DiskTier {
@@ -574,17 +573,7 @@ mod tests {
         }
     }
 
-    fn base(path: &str) -> BaseKey {
-        BaseKey::new(
-            &Request::builder()
-                .uri(path)
-                .header("host", "h")
-                .body(())
-                .unwrap(),
-            false,
-            false,
-        )
-    }
+    use super::super::key::test_base as base;
 
     fn freshness(lifetime: u64) -> Freshness {
         Freshness {
