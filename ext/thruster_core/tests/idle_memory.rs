@@ -85,6 +85,50 @@ fn get(stream: &mut TcpStream) {
     }
 }
 
+/// An HTTP/2 frame: length, type, flags, stream, payload.
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let mut frame = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+    frame.extend_from_slice(&[kind, flags]);
+    frame.extend_from_slice(&stream.to_be_bytes());
+    frame.extend_from_slice(payload);
+    frame
+}
+
+/// An h2c connection (prior knowledge) that made one GET and read its
+/// response to the end of the stream. Raw frames, so that the test's own
+/// client allocates nothing.
+fn h2c_get(port: u16) -> TcpStream {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    // HPACK: :method GET, :scheme http (static 2, 6), then :path and
+    // :authority as literals without indexing.
+    let mut block = vec![0x82, 0x86, 0x04, 5];
+    block.extend_from_slice(b"/idle");
+    block.extend_from_slice(&[0x01, 12]);
+    block.extend_from_slice(b"example.test");
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend(h2_frame(4, 0, 0, &[]));
+    out.extend(h2_frame(4, 1, 0, &[]));
+    out.extend(h2_frame(1, 0x5, 1, &block));
+    stream.write_all(&out).unwrap();
+    loop {
+        let mut head = [0u8; 9];
+        stream.read_exact(&mut head).unwrap();
+        let length = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+        let mut payload = vec![0u8; length];
+        stream.read_exact(&mut payload).unwrap();
+        let (kind, flags) = (head[3], head[4]);
+        let stream_id = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+        assert_ne!(kind, 7, "GOAWAY");
+        // DATA or HEADERS with END_STREAM on our stream: answered.
+        if stream_id == 1 && (kind == 0 || kind == 1) && flags & 0x1 != 0 {
+            return stream;
+        }
+    }
+}
+
 /// Polls the heap until `per_conn(live)` is at most `limit` bytes, and
 /// panics with the last figure if it never gets there.
 fn wait_until_at_most(limit: isize, what: &str, per_conn: impl Fn(isize) -> isize) {
@@ -154,6 +198,47 @@ fn parked_http1_connections_keep_no_request_buffers() {
     let mut again = idle.into_iter().next().unwrap();
     get(&mut again);
     drop(again);
+    server.stop(Duration::from_secs(1));
+    drop(rt);
+}
+
+/// An idle HTTP/2 connection keeps h2's and hyper's state, but no upstream
+/// read buffer: the app's header values are copied before h2's HPACK
+/// encoder indexes them (they were views into hyper's client read buffer,
+/// 8 KiB, kept by the encoder's dynamic table).
+#[test]
+fn idle_http2_connections_keep_no_upstream_read_buffer() {
+    const CONNS: isize = 100;
+    // h2's buffers (16 KiB to write, 8 KiB to read, 4 KiB for HPACK), its
+    // stream store and hyper's connection: ~37 KiB, debug build; with the
+    // upstream read buffer behind the indexed `date` value, 45 KiB.
+    const LIMIT: isize = 41 * 1024;
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let upstream = support::start_echo_upstream(&rt);
+    let http = support::free_port();
+    let server = support::start_server(
+        support::config(&[("LOG_REQUESTS", "false"), ("H2C_ENABLED", "true")]),
+        upstream,
+        http,
+        support::free_port(),
+    );
+    for _ in 0..3 {
+        drop(h2c_get(http));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let before = LIVE.load(Ordering::Relaxed);
+
+    let idle: Vec<TcpStream> = (0..CONNS).map(|_| h2c_get(http)).collect();
+    wait_until_at_most(LIMIT, "idle HTTP/2 connections", |live| {
+        (live - before) / CONNS
+    });
+
+    drop(idle);
     server.stop(Duration::from_secs(1));
     drop(rt);
 }
