@@ -13,6 +13,32 @@ use std::time::{Duration, Instant};
 
 /// Bytes allocated and not yet freed, process-wide.
 static LIVE: AtomicIsize = AtomicIsize::new(0);
+/// Bytes ever allocated on the proxy's connection setup threads.
+static ON_SETUP_THREADS: AtomicIsize = AtomicIsize::new(0);
+
+thread_local! {
+    /// Whether this thread is a connection setup thread (`thruster-setup`):
+    /// 0 not known yet, 1 yes, 2 no. No destructor, no allocation.
+    static SETUP_THREAD: std::cell::Cell<u8> = const { std::cell::Cell::new(0) };
+}
+
+fn count_if_setup_thread(size: usize) {
+    let _ = SETUP_THREAD.try_with(|known| {
+        if known.get() == 0 {
+            let mut name = [0u8; 16];
+            // SAFETY: PR_GET_NAME writes at most 16 bytes into `name`.
+            unsafe { libc::prctl(libc::PR_GET_NAME, name.as_mut_ptr()) };
+            known.set(if name.starts_with(b"thruster-setup") {
+                1
+            } else {
+                2
+            });
+        }
+        if known.get() == 1 {
+            ON_SETUP_THREADS.fetch_add(size as isize, Ordering::Relaxed);
+        }
+    });
+}
 
 struct Counting;
 
@@ -23,6 +49,7 @@ unsafe impl GlobalAlloc for Counting {
         let ptr = System.alloc(layout);
         if !ptr.is_null() {
             LIVE.fetch_add(layout.size() as isize, Ordering::Relaxed);
+            count_if_setup_thread(layout.size());
         }
         ptr
     }
@@ -31,6 +58,7 @@ unsafe impl GlobalAlloc for Counting {
         let ptr = System.alloc_zeroed(layout);
         if !ptr.is_null() {
             LIVE.fetch_add(layout.size() as isize, Ordering::Relaxed);
+            count_if_setup_thread(layout.size());
         }
         ptr
     }
@@ -177,8 +205,14 @@ fn parked_http1_connections_keep_no_request_buffers() {
         let mut warm = TcpStream::connect(("127.0.0.1", http)).unwrap();
         get(&mut warm);
     }
+    // A burst: connections that sent nothing yet are being served, and
+    // with 64 of them, connections are set up on the setup thread.
+    let burst: Vec<TcpStream> = (0..70)
+        .map(|_| TcpStream::connect(("127.0.0.1", http)).unwrap())
+        .collect();
     std::thread::sleep(Duration::from_millis(300));
     let before = LIVE.load(Ordering::Relaxed);
+    let made_on_setup_thread = ON_SETUP_THREADS.load(Ordering::Relaxed);
 
     // One request at a time: the proxy reuses one upstream connection, so
     // what grows is the client connections'.
@@ -193,6 +227,16 @@ fn parked_http1_connections_keep_no_request_buffers() {
         })
         .collect();
     wait_until_at_most(LIMIT, "parked connections", |live| (live - before) / CONNS);
+    // What they keep (the task, the socket's registration, the state, the
+    // read timer: over 1.5 KiB) was made on the setup thread, during the
+    // burst, not among the buffers of requests on the workers.
+    let on_setup = (ON_SETUP_THREADS.load(Ordering::Relaxed) - made_on_setup_thread) / CONNS;
+    assert!(
+        on_setup >= 1024,
+        "{on_setup} bytes per connection made on the setup thread"
+    );
+
+    drop(burst);
 
     // Still served after parking.
     let mut again = idle.into_iter().next().unwrap();
