@@ -205,10 +205,19 @@ fn parked_http1_connections_keep_no_request_buffers() {
         let mut warm = TcpStream::connect(("127.0.0.1", http)).unwrap();
         get(&mut warm);
     }
-    // A burst: connections that sent nothing yet are being served, and
-    // with 64 of them, connections are set up on the setup thread.
-    let burst: Vec<TcpStream> = (0..70)
-        .map(|_| TcpStream::connect(("127.0.0.1", http)).unwrap())
+    // A burst: 130 requests in flight (their bodies, buffered before they
+    // go upstream, never come), and with 128 of them, new connections are
+    // set up on the setup thread.
+    let burst: Vec<TcpStream> = (0..130)
+        .map(|_| {
+            let mut stream = TcpStream::connect(("127.0.0.1", http)).unwrap();
+            stream
+                .write_all(
+                    b"POST /held HTTP/1.1\r\nHost: example.test\r\nContent-Length: 10\r\n\r\n",
+                )
+                .unwrap();
+            stream
+        })
         .collect();
     std::thread::sleep(Duration::from_millis(300));
     let before = LIVE.load(Ordering::Relaxed);

@@ -182,6 +182,10 @@ pub(super) async fn accept_loop(
 /// of RSS per idle connection for 2.1 KiB allocated. The cost is a thread
 /// hop and two `epoll_ctl` calls per connection, so only connections
 /// accepted during a burst take this way (see `hand_over`).
+/// Requests in flight at once from which connections are set up on the
+/// setup thread.
+const SETUP_BURST: usize = 128;
+
 #[derive(Clone)]
 pub(super) struct ConnSetup {
     /// `None` when the thread could not be started: set up on the worker.
@@ -236,11 +240,14 @@ impl ConnSetup {
         stream: tokio::net::TcpStream,
         registration: fd_registry::Registration,
     ) {
-        // Only in a burst: then the heap is full of the buffers of the
-        // requests in flight. Otherwise the hop is not worth its cost
-        // (~15 µs of CPU per connection measured with every request on a
-        // new connection, all on one CPU).
-        let in_burst = crate::sys::trim::serving() >= crate::sys::trim::BURST;
+        // Only in a burst of requests: then the heap is full of their
+        // buffers. Otherwise the hop is not worth its cost (~15 µs of CPU
+        // per connection measured with every request on a new connection,
+        // all on one CPU; and with 64 such clients kept waiting by Puma,
+        // 64 requests are in flight all the time, hence twice that). Not
+        // counted in open connections: idle HTTP/2 ones would make every
+        // later connection take the hop.
+        let in_burst = crate::conn::requests_in_flight() >= SETUP_BURST;
         let Some(to_thread) = self.to_thread.as_ref().filter(|_| in_burst) else {
             return conn.spawn(stream, registration);
         };

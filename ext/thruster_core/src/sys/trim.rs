@@ -25,11 +25,6 @@ static PEAK: AtomicUsize = AtomicUsize::new(0);
 static EPOCH: AtomicU64 = AtomicU64::new(0);
 static SCHEDULED: AtomicBool = AtomicBool::new(false);
 
-/// How many connections are being served (not parked) right now.
-pub fn serving() -> usize {
-    SERVING.load(Ordering::Acquire)
-}
-
 /// Held while a connection is being served (not parked).
 #[derive(Debug)]
 pub struct Serving(());
