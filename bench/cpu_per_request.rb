@@ -14,7 +14,8 @@
 #
 # `nginx` (no path) is nginx 1 worker with `gzip on` level 6 in front of its
 # own Puma, the reference of the uncached targets (its master and worker
-# counted). WORKLOADS picks among: hello, css (the cached 100 KB asset,
+# counted). WORKLOADS picks among: hello, hello-close (a connection per
+# request), css (the cached 100 KB asset,
 # gzip), page (the private 20 KB page, gzip; page-br, page-zstd: in those
 # codings), page-browser (the same with
 # the `Accept-Encoding` of a current browser). Requests/s and the page's
@@ -57,6 +58,8 @@ end
 
 ALL_WORKLOADS = {
   "hello" => ["/hello", []],
+  # A new connection for every request (wrk reconnects after each answer).
+  "hello-close" => ["/hello", ["-H", "Connection: close"]],
   "css" => ["/assets/app.css", ["-H", "Accept-Encoding: gzip"]],
   "page" => ["/page", ["-H", "Accept-Encoding: gzip"]],
   "page-br" => ["/page", ["-H", "Accept-Encoding: br"]],

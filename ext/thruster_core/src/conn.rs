@@ -79,6 +79,7 @@ impl ConnState {
     /// response body is done).
     pub fn begin_request(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
+        REQUESTS_IN_FLIGHT.fetch_add(1, Ordering::Relaxed);
         self.final_response.store(false, Ordering::Release);
         InFlight(self.clone())
     }
@@ -167,8 +168,18 @@ impl ConnState {
 #[derive(Debug)]
 pub struct InFlight(Arc<ConnState>);
 
+/// Requests in flight on every client connection of the process (TCP).
+static REQUESTS_IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
+
+/// How many requests are in flight right now, over every TCP connection:
+/// while many are, the heap is full of their buffers.
+pub fn requests_in_flight() -> usize {
+    REQUESTS_IN_FLIGHT.load(Ordering::Relaxed)
+}
+
 impl Drop for InFlight {
     fn drop(&mut self) {
+        REQUESTS_IN_FLIGHT.fetch_sub(1, Ordering::Relaxed);
         if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.0.wake_reader();
         }

@@ -30,7 +30,14 @@ use crate::sys::{self, Registration};
 /// Idle upstream connections are dropped after this long (below Puma's 20 s
 /// persistent timeout, so the app never closes one we are about to reuse).
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
-const POOL_MAX_IDLE: usize = 256;
+/// Idle upstream connections kept for reuse; more are closed as their
+/// responses end. Each one costs ~26 KiB while idle (hyper's read and write
+/// buffers and its request channel, 8 KiB each, and its task), and an app
+/// server cannot use many: Puma serves as many requests at once as it has
+/// threads (5 by default) per worker, and connections in use are not
+/// capped, only kept ones. A burst of 1,000 requests used to leave 256 of
+/// them, 6.5 MiB; reconnecting over loopback costs tens of microseconds.
+const POOL_MAX_IDLE: usize = 32;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Where the app listens.
@@ -378,6 +385,73 @@ mod tests {
             assert_eq!(addr.to_string(), input);
             assert_eq!(addr.to_string().parse::<UpstreamAddr>(), Ok(addr));
         }
+    }
+
+    /// After a burst that needed 64 connections at once (a busy moment in
+    /// front of a few Puma threads), the surplus is closed as responses end
+    /// and `POOL_MAX_IDLE` stay open for reuse: not all 64.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_pool_keeps_at_most_its_cap_of_idle_connections() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::Arc;
+
+        const BURST: usize = 64;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        // Connections the app has open (and the most it had at once), and
+        // a barrier that holds every request until all BURST have arrived,
+        // so each took a connection.
+        let open = Arc::new(AtomicUsize::new(0));
+        let peak = Arc::new(AtomicUsize::new(0));
+        let all_arrived = Arc::new(tokio::sync::Barrier::new(BURST));
+        let (app_open, app_peak) = (open.clone(), peak.clone());
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                let (open, all_arrived) = (app_open.clone(), all_arrived.clone());
+                app_peak.fetch_max(open.fetch_add(1, Ordering::SeqCst) + 1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |_req| {
+                        let all_arrived = all_arrived.clone();
+                        async move {
+                            all_arrived.wait().await;
+                            Ok::<_, std::convert::Infallible>(Response::new(
+                                http_body_util::Full::new(bytes::Bytes::from_static(b"ok")),
+                            ))
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                    open.fetch_sub(1, Ordering::SeqCst);
+                });
+            }
+        });
+
+        let upstream = Upstream::new(UpstreamAddr::Tcp(addr));
+        let requests = (0..BURST).map(|_| {
+            let upstream = upstream.clone();
+            tokio::spawn(async move {
+                use http_body_util::BodyExt as _;
+                let req = Request::builder()
+                    .uri(upstream.uri_for(None))
+                    .header(http::header::HOST, "app")
+                    .body(RequestBody::default())
+                    .unwrap();
+                let response = upstream.send(req).await.unwrap();
+                // Read to the end: only then does the connection go back.
+                response.into_body().collect().await.unwrap();
+            })
+        });
+        for request in requests.collect::<Vec<_>>() {
+            request.await.unwrap();
+        }
+        assert_eq!(peak.load(Ordering::SeqCst), BURST, "one connection each");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while open.load(Ordering::SeqCst) > POOL_MAX_IDLE && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(open.load(Ordering::SeqCst), POOL_MAX_IDLE);
     }
 
     #[tokio::test(flavor = "current_thread")]

@@ -69,7 +69,7 @@ pin_project_lite::pin_project! {
         state: Arc<ConnState>,
         timeouts: ConnTimeouts,
         phase: ReadPhase,
-        read_deadline: Option<Pin<Box<Sleep>>>,
+        read_deadline: Deadline,
         write_deadline: Option<Pin<Box<Sleep>>>,
         // Whether an idle connection may be parked (HTTP/1 only: HTTP/2
         // keeps state across requests, its HPACK tables among it).
@@ -83,15 +83,20 @@ pin_project_lite::pin_project! {
 
 impl<T> ConnIo<T> {
     /// A new connection must send its first request head within the header
-    /// timeout, like any later one.
+    /// timeout, like any later one. `timer`: the read timer, when one was
+    /// made ahead (see [`read_timer`]).
     pub fn new(
         inner: T,
         registration: Registration,
         state: Arc<ConnState>,
         timeouts: ConnTimeouts,
+        timer: Option<Pin<Box<Sleep>>>,
     ) -> ConnIo<T> {
-        let mut read_deadline = None;
-        arm(&mut read_deadline, timeouts.header);
+        let mut read_deadline = Deadline {
+            timer,
+            armed: false,
+        };
+        read_deadline.arm(timeouts.header);
         ConnIo {
             registration,
             inner,
@@ -136,7 +141,7 @@ impl<T: ReadReady> ConnIo<T> {
                 self.parked = false;
                 return Poll::Ready(ready.map(|()| Unparked::Readable));
             }
-            if expired(&mut self.read_deadline, cx) {
+            if self.read_deadline.expired(cx) {
                 return Poll::Ready(Ok(Unparked::TimedOut));
             }
             Poll::Pending
@@ -158,6 +163,51 @@ impl<T: AsyncRead + AsyncWrite + SendfileSocket + Unpin> ConnIo<T> {
 /// A socket whose readiness can be awaited without reading from it.
 pub trait ReadReady {
     fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+}
+
+/// The read timer a connection with these timeouts will need, made now:
+/// on the thread that sets connections up (see `server::connection`), it
+/// lands with the rest of what an idle connection keeps instead of among
+/// the buffers of the requests in flight. `None` when no read timeout is on.
+pub fn read_timer(timeouts: &ConnTimeouts) -> Option<Pin<Box<Sleep>>> {
+    (timeouts.idle.is_some() || timeouts.header.is_some())
+        .then(|| Box::pin(tokio::time::sleep_until(Instant::now())))
+}
+
+/// The read deadline (idle or header). Its timer, once made, is kept while
+/// disarmed (a request being served): remade for every request, each new
+/// box would land among that request's buffers, and pin a page of the heap
+/// for as long as the connection then idles. Disarmed, it is not polled.
+struct Deadline {
+    timer: Option<Pin<Box<Sleep>>>,
+    armed: bool,
+}
+
+impl Deadline {
+    fn arm(&mut self, limit: Option<Duration>) {
+        let Some(limit) = limit else {
+            self.armed = false;
+            return;
+        };
+        let at = Instant::now() + limit;
+        match &mut self.timer {
+            Some(timer) => timer.as_mut().reset(at),
+            None => self.timer = Some(Box::pin(tokio::time::sleep_until(at))),
+        }
+        self.armed = true;
+    }
+
+    fn disarm(&mut self) {
+        self.armed = false;
+    }
+
+    fn expired(&mut self, cx: &mut Context<'_>) -> bool {
+        self.armed
+            && self
+                .timer
+                .as_mut()
+                .is_some_and(|t| t.as_mut().poll(cx).is_ready())
+    }
 }
 
 fn arm(slot: &mut Option<Pin<Box<Sleep>>>, limit: Option<Duration>) {
@@ -209,7 +259,7 @@ impl<T: AsyncRead + AsyncWrite> AsyncRead for ConnIo<T> {
         let before = buf.filled().len();
         let polled = this.inner.poll_read(cx, buf);
         if this.state.upgraded() {
-            *this.read_deadline = None;
+            this.read_deadline.disarm();
             return polled;
         }
         let got_bytes = matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before;
@@ -228,12 +278,12 @@ impl<T: AsyncRead + AsyncWrite> AsyncRead for ConnIo<T> {
         if phase != *this.phase {
             *this.phase = phase;
             match phase {
-                ReadPhase::Busy => *this.read_deadline = None,
-                ReadPhase::Idle => arm(this.read_deadline, this.timeouts.idle),
-                ReadPhase::Head => arm(this.read_deadline, this.timeouts.header),
+                ReadPhase::Busy => this.read_deadline.disarm(),
+                ReadPhase::Idle => this.read_deadline.arm(this.timeouts.idle),
+                ReadPhase::Head => this.read_deadline.arm(this.timeouts.header),
             }
         }
-        if polled.is_pending() && expired(this.read_deadline, cx) {
+        if polled.is_pending() && this.read_deadline.expired(cx) {
             let what = match phase {
                 ReadPhase::Head => "request headers not received in time",
                 _ => "idle connection timed out",
@@ -468,5 +518,44 @@ impl<T: AsyncWrite + SendfileSocket> AsyncWrite for ConnIo<T> {
             return Poll::Ready(Ok(()));
         }
         this.inner.poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn poll_expired(deadline: &mut Deadline) -> bool {
+        std::future::poll_fn(|cx| Poll::Ready(deadline.expired(cx))).await
+    }
+
+    /// Disarmed, the read deadline never expires, and arming it again
+    /// reuses its timer: the box made when the connection was set up is the
+    /// one it keeps.
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn the_read_deadline_keeps_its_timer_while_disarmed() {
+        let timeouts = ConnTimeouts {
+            idle: Some(Duration::from_secs(5)),
+            ..ConnTimeouts::default()
+        };
+        let mut deadline = Deadline {
+            timer: read_timer(&timeouts),
+            armed: false,
+        };
+        let made: *const Sleep = &**deadline.timer.as_ref().unwrap();
+
+        deadline.arm(timeouts.idle);
+        assert!(!poll_expired(&mut deadline).await);
+        deadline.disarm();
+        tokio::time::advance(Duration::from_secs(6)).await;
+        assert!(!poll_expired(&mut deadline).await, "disarmed, yet expired");
+        deadline.arm(timeouts.idle);
+        assert!(!poll_expired(&mut deadline).await);
+        tokio::time::advance(Duration::from_secs(6)).await;
+        assert!(poll_expired(&mut deadline).await);
+        assert!(std::ptr::eq(made, &**deadline.timer.as_ref().unwrap()));
+
+        let none = ConnTimeouts::default();
+        assert!(read_timer(&none).is_none());
     }
 }

@@ -41,7 +41,7 @@ use crate::sys::Registered;
 use crate::tls::redirect::Redirect;
 use crate::tls::{Tls, TlsError};
 use crate::upstream::{Upstream, UpstreamAddr};
-use connection::{accept_loop, connection_builders, Role};
+use connection::{accept_loop, connection_builders, ConnSetup, Role};
 use listeners::{inherited_sockets, open_listeners, open_udp_sockets};
 
 /// How long `stop` waits by default for in-flight requests (Thruster: 5 s).
@@ -285,6 +285,8 @@ impl Server {
             .as_ref()
             .map(|tls| TlsAcceptor::from(tls.server_config.clone()));
         let mut accept_tasks = Vec::new();
+        // Shared by the TCP accept loops; its thread ends with them.
+        let setup = ConnSetup::start(runtime.handle().clone());
         for listener in http_listeners {
             let role = match &redirect {
                 Some(redirect) => Role::Redirect(redirect.clone()),
@@ -296,6 +298,7 @@ impl Server {
                 pipeline.clone(),
                 role,
                 conn_limits.clone(),
+                setup.clone(),
                 shutdown_rx.clone(),
             )));
         }
@@ -314,10 +317,12 @@ impl Server {
                     pipeline.clone(),
                     Role::Tls(acceptor.clone(), alt_svc.clone()),
                     conn_limits.clone(),
+                    setup.clone(),
                     shutdown_rx.clone(),
                 )));
             }
         }
+        drop(setup);
         if let Some(tls) = &tls {
             if !udp_std.is_empty() {
                 let crypto = crate::tls::quic_server_config(tls.store.clone())?;
@@ -539,7 +544,7 @@ fn admin_port(config: &Config, inherited: &[Option<Registered<socket2::Socket>>]
 
 /// Runtime threads never take signals: in-process, they belong to Puma's
 /// handlers; in the wrapper, to its relay thread.
-fn block_all_signals() {
+pub(super) fn block_all_signals() {
     // SAFETY: sigfillset/pthread_sigmask only touch the thread-local mask and
     // a stack value.
     unsafe {
