@@ -602,15 +602,17 @@ impl DiskStore {
                 store: self.inner.clone(),
             });
         }
-        if let Ok(found) = self.inner.open_entry(key, Reads::Cached) {
+        if let Ok(found) = self.inner.open_entry(hash, key, Reads::Cached) {
             return found;
         }
         let inner = self.inner.clone();
         let key = key.to_owned();
-        tokio::task::spawn_blocking(move || inner.open_entry(&key, Reads::Blocking).ok().flatten())
-            .await
-            .ok()
-            .flatten()
+        tokio::task::spawn_blocking(move || {
+            inner.open_entry(hash, &key, Reads::Blocking).ok().flatten()
+        })
+        .await
+        .ok()
+        .flatten()
     }
 
     /// Starts writing the entry `meta` describes (its `key` names it).
@@ -741,9 +743,13 @@ impl Inner {
     /// Opens and checks the entry for `key`, reading as `reads` says. A
     /// `Cached` pass gives up (`Retry`) on anything but a plain hit or miss,
     /// so removing a damaged entry and logging stay on the blocking pool.
-    fn open_entry(self: &Arc<Self>, key: &str, reads: Reads) -> Result<Option<DiskEntry>, Retry> {
+    fn open_entry(
+        self: &Arc<Self>,
+        hash: KeyHash,
+        key: &str,
+        reads: Reads,
+    ) -> Result<Option<DiskEntry>, Retry> {
         let cached = reads == Reads::Cached;
-        let hash = KeyHash::of(key);
         let path = self.entry_path(&hash);
         let file = match open_registered(&read_options(), &path) {
             Ok(file) => file,
@@ -1232,9 +1238,9 @@ fn unframe(seed: u64, body_len: u64, framed: &Bytes) -> Result<Bytes, DiskError>
 /// those pages hold the bytes that passed, and the CRC was most of a hot
 /// hit's cost beyond a memory hit. Should something write into the file
 /// anyway (a tool, a person), inotify reports it and the entry stops being
-/// held: the next hit opens and checks it afresh ([`Held`]). A read that went to the disk
-/// (the blocking pool) is always checked, and a held entry is reopened, and
-/// checked afresh, every `KEEP_OPEN`.
+/// held: the next hit opens and checks it afresh ([`Held`]). A read that
+/// went to the disk (the blocking pool) is always checked, and a held entry
+/// is reopened, and checked afresh, every `KEEP_OPEN`.
 fn read_chunk(
     opened: &Opened,
     framed: Option<&Bytes>,
@@ -1245,10 +1251,13 @@ fn read_chunk(
     let len = chunk_len(body_len, index) as usize;
     let start = chunk_offset(index);
     let buf = match framed {
-        Some(framed) => framed
-            .get(start as usize..start as usize + CHUNK_HEADER_LEN + len)
-            .map(|b| framed.slice_ref(b))
-            .ok_or(DiskError::Task)?,
+        Some(framed) => {
+            let (from, to) = (start as usize, start as usize + CHUNK_HEADER_LEN + len);
+            if to > framed.len() {
+                return Err(DiskError::Task);
+            }
+            framed.slice(from..to)
+        }
         None => {
             let mut buf = BytesMut::zeroed(CHUNK_HEADER_LEN + len);
             reads
@@ -1257,13 +1266,9 @@ fn read_chunk(
             buf.freeze()
         }
     };
-    let bit = (index < 64).then(|| 1u64 << index);
-    let checked = bit.is_some_and(|bit| opened.checked.load(Ordering::Acquire) & bit != 0);
-    if !(checked && reads == Reads::Cached && framed.is_none()) {
+    if !(opened.is_checked(index) && reads == Reads::Cached && framed.is_none()) {
         entry::verify_chunk(opened.hash.chunk_seed(), index, body_len, &buf)?;
-        if let Some(bit) = bit {
-            opened.checked.fetch_or(bit, Ordering::AcqRel);
-        }
+        opened.mark_checked(index);
     }
     Ok(buf.slice(CHUNK_HEADER_LEN..))
 }
@@ -1283,6 +1288,32 @@ struct Opened {
     hash: KeyHash,
     id: FileId,
     path: PathBuf,
+}
+
+impl Opened {
+    /// Whether chunk `index` was read and checked through this fd (only
+    /// the first 64 are remembered; later ones always count as unchecked).
+    fn is_checked(&self, index: u64) -> bool {
+        index < 64 && self.checked.load(Ordering::Acquire) & (1 << index) != 0
+    }
+
+    fn mark_checked(&self, index: u64) {
+        if index < 64 {
+            self.checked.fetch_or(1 << index, Ordering::AcqRel);
+        }
+    }
+
+    /// Removes the entry on the blocking pool: a chunk failed its check.
+    fn remove_later(self: &Arc<Self>, store: &Arc<Inner>) {
+        let (opened, store) = (self.clone(), store.clone());
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            drop(
+                runtime.spawn_blocking(move || {
+                    store.remove_bad(&opened.hash, &opened.path, opened.id)
+                }),
+            );
+        }
+    }
 }
 
 /// A checked entry, open: the metadata is verified; the body is verified
@@ -1327,28 +1358,20 @@ impl DiskEntry {
             }
         };
         let inline = self.framed.is_some() || framed_body_len(body_len) <= INLINE_READ_MAX;
-        let first = if inline {
-            read(&opened.file, self.framed.as_ref(), Reads::Cached)
-        } else {
-            Err(DiskError::Io {
-                op: "read",
-                source: io::ErrorKind::WouldBlock.into(),
-            })
-        };
-        let result = match first {
-            Err(err) if would_block(&err) => {
+        let result = match inline.then(|| read(&opened.file, self.framed.as_ref(), Reads::Cached)) {
+            Some(done) if !matches!(&done, Err(err) if would_block(err)) => done,
+            _ => {
                 let opened = opened.clone();
                 tokio::task::spawn_blocking(move || read(&opened.file, None, Reads::Blocking))
                     .await
                     .unwrap_or(Err(DiskError::Task))
             }
-            done => done,
         };
         match result {
             Ok(body) => Some(body),
             Err(DiskError::Entry(err)) => {
                 debug("disk cache: bad chunk, entry removed", &opened.path, &err);
-                self.remove_later();
+                opened.remove_later(&self.store);
                 None
             }
             Err(err) => {
@@ -1359,8 +1382,9 @@ impl DiskEntry {
     }
 
     /// The body, read chunk by chunk (from the page cache inline, else on
-    /// the blocking pool) and verified before each chunk is yielded; a bad chunk yields an error (the
-    /// response must then end as an error, never as a complete body).
+    /// the blocking pool) and verified before each chunk is yielded; a bad
+    /// chunk yields an error (the response must then end as an error, never
+    /// as a complete body).
     pub fn body(&self) -> DiskBody {
         self.body_range(0, self.opened.meta.body_len)
     }
@@ -1376,46 +1400,13 @@ impl DiskEntry {
         DiskBody {
             opened: self.opened.clone(),
             framed: self.framed.clone(),
-            body_len,
             next: start / chunk,
             skip: (start % chunk) as usize,
             remaining: len,
             pending: None,
             done: len == 0,
             zero_copy: None,
-            bad: BadEntry {
-                store: self.store.clone(),
-                hash: self.opened.hash,
-                id: self.opened.id,
-                path: self.opened.path.clone(),
-            },
-        }
-    }
-
-    fn remove_later(&self) {
-        BadEntry {
             store: self.store.clone(),
-            hash: self.opened.hash,
-            id: self.opened.id,
-            path: self.opened.path.clone(),
-        }
-        .remove();
-    }
-}
-
-/// What a body needs to remove its entry when a chunk fails.
-struct BadEntry {
-    store: Arc<Inner>,
-    hash: KeyHash,
-    id: FileId,
-    path: PathBuf,
-}
-
-impl BadEntry {
-    fn remove(&self) {
-        let (store, hash, id, path) = (self.store.clone(), self.hash, self.id, self.path.clone());
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            drop(runtime.spawn_blocking(move || store.remove_bad(&hash, &path, id)));
         }
     }
 }
@@ -1446,7 +1437,6 @@ pub struct DiskBody {
     zero_copy: Option<Arc<ConnState>>,
     opened: Arc<Opened>,
     framed: Option<Bytes>,
-    body_len: u64,
     /// The chunk the pending read is for (or the next to start).
     next: u64,
     /// Bytes of the next chunk before the range starts.
@@ -1455,7 +1445,8 @@ pub struct DiskBody {
     remaining: u64,
     pending: Option<ChunkRead>,
     done: bool,
-    bad: BadEntry,
+    /// To remove the entry when a chunk fails its check.
+    store: Arc<Inner>,
 }
 
 impl DiskBody {
@@ -1474,17 +1465,20 @@ impl DiskBody {
     /// [`read_chunk`]) and is not in memory already.
     fn sends_from_file(&self, index: u64) -> bool {
         self.zero_copy.is_some()
-            && chunk_len(self.body_len, index) >= ZERO_COPY_MIN
+            && chunk_len(self.body_len(), index) >= ZERO_COPY_MIN
             && self.framed.is_none()
-            && index < 64
-            && self.opened.checked.load(Ordering::Acquire) & (1 << index) != 0
+            && self.opened.is_checked(index)
+    }
+
+    fn body_len(&self) -> u64 {
+        self.opened.meta.body_len
     }
 
     /// The marker frame standing for the rest of chunk `next` (as much of
     /// it as the range wants), queued on the connection.
     fn file_frame(&mut self) -> Option<Bytes> {
         let conn = self.zero_copy.as_ref()?;
-        let data_len = chunk_len(self.body_len, self.next);
+        let data_len = chunk_len(self.body_len(), self.next);
         let skip = self.skip as u64;
         let len = data_len
             .saturating_sub(skip)
@@ -1507,7 +1501,7 @@ impl DiskBody {
         } else {
             self.skip += len as usize;
         }
-        if self.remaining == 0 || self.next >= chunk_count(self.body_len) {
+        if self.remaining == 0 || self.next >= chunk_count(self.body_len()) {
             self.done = true;
         }
         Some(frame)
@@ -1533,8 +1527,12 @@ impl DiskBody {
         self.done = true;
         self.pending = None;
         if matches!(err, DiskError::Entry(_)) {
-            debug("disk cache: bad chunk, entry removed", &self.bad.path, &err);
-            self.bad.remove();
+            debug(
+                "disk cache: bad chunk, entry removed",
+                &self.opened.path,
+                &err,
+            );
+            self.opened.remove_later(&self.store);
         }
         Poll::Ready(Some(Err(Box::new(err))))
     }
@@ -1578,7 +1576,7 @@ impl Body for DiskBody {
         }
         this.remaining -= chunk.len() as u64;
         this.next += 1;
-        if this.remaining > 0 && this.next < chunk_count(this.body_len) {
+        if this.remaining > 0 && this.next < chunk_count(this.body_len()) {
             // Read ahead while this chunk goes to the client (unless the
             // next goes out from the file).
             if !this.sends_from_file(this.next) {
@@ -2428,7 +2426,7 @@ mod tests {
         // poll, every poll ready at once.
         let entry = store
             .inner
-            .open_entry("small", Reads::Cached)
+            .open_entry(KeyHash::of("small"), "small", Reads::Cached)
             .expect("a hot entry opens inline")
             .expect("hit");
         assert!(entry.framed.is_some(), "a small file is read whole at once");
@@ -2439,7 +2437,7 @@ mod tests {
         }
         let entry = store
             .inner
-            .open_entry("large", Reads::Cached)
+            .open_entry(KeyHash::of("large"), "large", Reads::Cached)
             .expect("a hot entry opens inline")
             .expect("hit");
         assert!(
@@ -2462,7 +2460,10 @@ mod tests {
         drop_cached_pages(&store.path_of("small"));
         drop_cached_pages(&store.path_of("large"));
         assert!(
-            store.inner.open_entry("small", Reads::Cached).is_err(),
+            store
+                .inner
+                .open_entry(KeyHash::of("small"), "small", Reads::Cached)
+                .is_err(),
             "a cold entry must not be read inline"
         );
         let entry = store.get("small").await.expect("hit from the pool");
