@@ -228,17 +228,10 @@ impl DiskTier {
         tag: &HeaderValue,
     ) -> Option<Option<Bytes>> {
         let found = self.store.get(text).await?;
-        let meta = found.meta();
-        if meta.headers.get(&ENCODING_OF) != Some(tag) {
-            return None;
+        match encodes(found.meta(), tag, entry)? {
+            false => Some(None),
+            true => found.read_all().await.map(Some),
         }
-        if !meta.headers.contains_key(header::CONTENT_ENCODING) {
-            return Some(None);
-        }
-        if meta.body_len >= entry.body.len() as u64 {
-            return None;
-        }
-        found.read_all().await.map(Some)
     }
 
     /// The stored `coding` encoding of `found`, an entry too large for
@@ -377,17 +370,12 @@ pub async fn encoding(
     }
     if let Some(shared) = below.shared {
         if let Some((meta, body)) = shared.get(&text).await {
-            if meta.headers.get(&ENCODING_OF) == Some(&tag) {
-                let found = meta
-                    .headers
-                    .contains_key(header::CONTENT_ENCODING)
-                    .then_some(body);
-                if found.as_ref().is_none_or(|b| b.len() < entry.body.len()) {
-                    if let Some(disk) = below.disk {
-                        disk.put_encoding(text, entry, coding, tag, found.as_ref());
-                    }
-                    return found;
+            if let Some(encoded) = encodes(&meta, &tag, entry) {
+                let found = encoded.then_some(body);
+                if let Some(disk) = below.disk {
+                    disk.put_encoding(text, entry, coding, tag, found.as_ref());
                 }
+                return found;
             }
         }
     }
@@ -404,6 +392,20 @@ pub async fn encoding(
         }
     }
     made
+}
+
+/// What an encoding record (`record`, the metadata of one) says of
+/// `entry`'s body: `None` when it is not for this very body (`tag`) or is
+/// no smaller, so useless; `Some(false)` when encoding does not make the
+/// body smaller; `Some(true)` when its body is the encoding.
+fn encodes(record: &EntryMeta, tag: &HeaderValue, entry: &Entry) -> Option<bool> {
+    if record.headers.get(&ENCODING_OF) != Some(tag) {
+        return None;
+    }
+    if !record.headers.contains_key(header::CONTENT_ENCODING) {
+        return Some(false);
+    }
+    (record.body_len < entry.body.len() as u64).then_some(true)
 }
 
 /// The record that keeps `encoded` (`None`: encoding does not make it
