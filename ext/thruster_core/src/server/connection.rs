@@ -171,6 +171,10 @@ pub(super) async fn accept_loop(
     let _ = all_closed.recv().await;
 }
 
+/// Requests in flight at once from which connections are set up on the
+/// setup thread.
+const SETUP_BURST: usize = 128;
+
 /// Sets accepted connections up on a thread of its own: registers the
 /// socket with the runtime, makes the connection's state and read timer, and
 /// spawns its task. glibc gives each thread an arena of its own, so what
@@ -182,10 +186,6 @@ pub(super) async fn accept_loop(
 /// of RSS per idle connection for 2.1 KiB allocated. The cost is a thread
 /// hop and two `epoll_ctl` calls per connection, so only connections
 /// accepted during a burst take this way (see `hand_over`).
-/// Requests in flight at once from which connections are set up on the
-/// setup thread.
-const SETUP_BURST: usize = 128;
-
 #[derive(Clone)]
 pub(super) struct ConnSetup {
     /// `None` when the thread could not be started: set up on the worker.
