@@ -59,6 +59,24 @@ const UNTRUSTED_CLAIMS: [&str; 5] = [
     "client-ip",
 ];
 
+/// Gives every header value of an app's response an allocation of its
+/// own. hyper's HTTP/1 client parses them as views into its connection's
+/// read buffer (8 KiB), and some outlive the response: a cache entry keeps
+/// its headers, and h2's HPACK encoder keeps the values it indexes (most
+/// but `content-length`, `etag`, `set-cookie` and a few others) in the
+/// client connection's dynamic table until newer ones push them out. Each
+/// such view kept a whole upstream read buffer alive (an idle HTTP/2
+/// connection one per indexed value). A copy is a few small allocations per
+/// response.
+fn own_header_values(headers: &mut HeaderMap) {
+    for value in headers.values_mut() {
+        let mut owned = HeaderValue::from_bytes(value.as_bytes())
+            .expect("the bytes of a header value make a valid header value");
+        owned.set_sensitive(value.is_sensitive());
+        *value = owned;
+    }
+}
+
 /// Removes hop-by-hop fields and every field named in `Connection`
 /// (RFC 9110 §7.6.1). Returns the `Upgrade` value when the message asked for
 /// a protocol upgrade (RFC 9110 §7.8), so the caller can carry it across.
@@ -554,6 +572,7 @@ impl Forwarder {
             return Ok(Response::from_parts(parts, full_body(Bytes::new())));
         }
         remove_hop_by_hop(response.headers_mut());
+        own_header_values(response.headers_mut());
         if self.config.response_buffering {
             let limits = SpoolLimits {
                 memory: self.config.response_buffer_memory,
@@ -701,6 +720,28 @@ fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn owned_header_values_keep_no_view_of_the_buffer_they_were_parsed_from() {
+        let read_buf = Bytes::from(vec![b'a'; 8192]);
+        let mut headers = HeaderMap::new();
+        let view = HeaderValue::from_maybe_shared(read_buf.slice(0..10)).unwrap();
+        headers.insert(header::CONTENT_TYPE, view);
+        let mut secret = HeaderValue::from_maybe_shared(read_buf.slice(10..20)).unwrap();
+        secret.set_sensitive(true);
+        headers.insert(header::AUTHORIZATION, secret);
+        assert!(!read_buf.is_unique());
+
+        own_header_values(&mut headers);
+
+        assert!(
+            read_buf.is_unique(),
+            "a header value still views the buffer"
+        );
+        assert_eq!(headers[header::CONTENT_TYPE], "aaaaaaaaaa");
+        assert!(headers[header::AUTHORIZATION].is_sensitive());
+        assert!(!headers[header::CONTENT_TYPE].is_sensitive());
+    }
 
     /// An error that wraps another, as hyper-util's client error wraps
     /// hyper's and the I/O error under it.

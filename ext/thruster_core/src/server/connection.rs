@@ -395,7 +395,7 @@ impl Connection {
                 && !wants_close(req.headers());
             let park_state = service_state.clone();
             async move {
-                let mut response = match &redirect {
+                let response = match &redirect {
                     Some(redirect) => redirect.respond(&req),
                     None => {
                         // The name the response speaks for, before the
@@ -415,9 +415,6 @@ impl Connection {
                         response
                     }
                 };
-                if h2 {
-                    own_header_values(response.headers_mut());
-                }
                 park_state.allow_park(parkable_request && !wants_close(response.headers()));
                 Ok::<_, std::convert::Infallible>(response.map(|body| InFlightBody {
                     body,
@@ -546,22 +543,6 @@ where
     Some((io, parts.service))
 }
 
-/// Gives every header value an allocation of its own. hyper's HTTP/1
-/// client parses the app's header values as views into its connection's
-/// read buffer (8 KiB), and h2's HPACK encoder keeps the values it indexes
-/// (most but `content-length`, `etag`, `set-cookie` and a few others) in
-/// the connection's dynamic table until newer ones push them out: an idle
-/// HTTP/2 connection kept a whole upstream read buffer per indexed value.
-/// A copy is a few small allocations per response.
-fn own_header_values(headers: &mut http::HeaderMap) {
-    for value in headers.values_mut() {
-        let mut owned = http::HeaderValue::from_bytes(value.as_bytes())
-            .expect("the bytes of a header value make a valid header value");
-        owned.set_sensitive(value.is_sensitive());
-        *value = owned;
-    }
-}
-
 /// `Connection: close` among the connection options (any letter case).
 fn wants_close(headers: &http::HeaderMap) -> bool {
     headers
@@ -642,32 +623,5 @@ impl http_body::Body for InFlightBody {
 
     fn size_hint(&self) -> http_body::SizeHint {
         self.body.size_hint()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn owned_header_values_keep_no_view_of_the_buffer_they_were_parsed_from() {
-        let read_buf = bytes::Bytes::from(vec![b'a'; 8192]);
-        let mut headers = http::HeaderMap::new();
-        let view = http::HeaderValue::from_maybe_shared(read_buf.slice(0..10)).unwrap();
-        headers.insert(http::header::CONTENT_TYPE, view);
-        let mut secret = http::HeaderValue::from_maybe_shared(read_buf.slice(10..20)).unwrap();
-        secret.set_sensitive(true);
-        headers.insert(http::header::AUTHORIZATION, secret);
-        assert!(!read_buf.is_unique());
-
-        own_header_values(&mut headers);
-
-        assert!(
-            read_buf.is_unique(),
-            "a header value still views the buffer"
-        );
-        assert_eq!(headers[http::header::CONTENT_TYPE], "aaaaaaaaaa");
-        assert!(headers[http::header::AUTHORIZATION].is_sensitive());
-        assert!(!headers[http::header::CONTENT_TYPE].is_sensitive());
     }
 }
