@@ -121,6 +121,8 @@ def start(name, path, settings, dir)
   target = BenchSupport.free_port
   env = { "HTTP_PORT" => port.to_s, "TARGET_PORT" => target.to_s, "LOG_REQUESTS" => "false",
           "BENCH_BIG" => File.join(dir, "big.bin"), "PUMA_MAX_THREADS" => "8",
+          # Puma's 8 threads, as a deploy sets it (binaries before it ignore it).
+          "UPSTREAM_MAX_CONNECTIONS" => "8",
           # A disk cache of its own per run: none starts warm from another.
           "STORAGE_PATH" => File.join(dir, "storage-#{name}-#{port}") }
   settings.each { |var, value| env[var] = value == "free" ? BenchSupport.free_port.to_s : value }
