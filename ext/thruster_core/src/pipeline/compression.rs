@@ -521,7 +521,7 @@ mod mapped {
                 if self.mapped > 0 {
                     ptr::drop_in_place(values);
                     if self.pooled {
-                        pool::STREAMS.put(self.ptr.cast(), self.mapped);
+                        pool::STREAMS.put_mapping(self.ptr.cast(), self.mapped);
                     } else {
                         libc::munmap(self.ptr.as_ptr().cast(), self.mapped);
                     }
@@ -567,7 +567,7 @@ mod mapped {
             let bytes = len.saturating_mul(size_of::<T>());
             if bytes >= self.map_from && align_of::<T>() <= 4096 {
                 let reused = if self.pooled {
-                    pool::STREAMS.take(bytes)
+                    pool::STREAMS.take_mapping(bytes)
                 } else {
                     None
                 };
@@ -603,10 +603,11 @@ mod mapped {
 
     impl brotli::enc::BrotliAlloc for Alloc {}
 
-    /// Mappings of per-stream encoders waiting for the next stream. A sweep
-    /// task unmaps them all once none has been taken or returned for
-    /// [`pool::IDLE`]; without a runtime to run it, blocks are unmapped when
-    /// freed.
+    /// What finished streams leave for the next one (mapped blocks of the
+    /// brotli encoders, zstd contexts), in pools that are emptied once none
+    /// has been taken or returned for [`pool::IDLE`]: an idle proxy keeps
+    /// none of it. Without a runtime to run the sweep, what is returned is
+    /// freed at once.
     pub mod pool {
         use std::ptr::NonNull;
         use std::sync::atomic::{AtomicBool, Ordering};
@@ -615,75 +616,63 @@ mod mapped {
 
         use tokio::time::Instant;
 
-        /// How long a pool stays unused before it is unmapped.
+        /// How long a pool stays unused before it is emptied.
         pub const IDLE: Duration = Duration::from_secs(1);
-        /// Bytes kept at most; blocks beyond are unmapped when freed.
+        /// Bytes of blocks kept at most; blocks beyond are unmapped when
+        /// freed.
         const MAX_BYTES: usize = 16 << 20;
 
-        /// The pool of the per-stream encoders.
-        pub static STREAMS: Pool = Pool::new();
-
-        pub struct Pool {
-            state: Mutex<State>,
+        /// Items kept for reuse; `free` releases those the pool lets go.
+        pub struct IdlePool<T: 'static> {
+            state: Mutex<State<T>>,
             /// A sweep task is scheduled.
             sweeping: AtomicBool,
+            free: fn(T),
         }
 
-        struct State {
-            /// (address, bytes) of each mapping.
-            blocks: Vec<(usize, usize)>,
-            bytes: usize,
+        struct State<T> {
+            items: Vec<T>,
             used: Option<Instant>,
         }
 
-        fn unmap(blocks: Vec<(usize, usize)>) {
-            for (address, bytes) in blocks {
-                // SAFETY: a mapping of `bytes` made by `map`, owned by the
-                // pool alone.
-                unsafe { libc::munmap(address as *mut libc::c_void, bytes) };
-            }
-        }
-
-        impl Pool {
-            pub const fn new() -> Pool {
-                Pool {
+        impl<T: Send + 'static> IdlePool<T> {
+            pub const fn new(free: fn(T)) -> IdlePool<T> {
+                IdlePool {
                     state: Mutex::new(State {
-                        blocks: Vec::new(),
-                        bytes: 0,
+                        items: Vec::new(),
                         used: None,
                     }),
                     sweeping: AtomicBool::new(false),
+                    free,
                 }
             }
 
-            fn lock(&self) -> MutexGuard<'_, State> {
+            fn lock(&self) -> MutexGuard<'_, State<T>> {
                 self.state.lock().unwrap_or_else(|e| e.into_inner())
             }
 
-            /// A pooled mapping of exactly `bytes`, if any.
-            pub fn take(&'static self, bytes: usize) -> Option<NonNull<u8>> {
+            /// The last item returned that `fits`, if any.
+            pub fn take(&self, fits: impl Fn(&T) -> bool) -> Option<T> {
                 let mut state = self.lock();
-                let i = state.blocks.iter().position(|&(_, n)| n == bytes)?;
-                let (address, _) = state.blocks.swap_remove(i);
-                state.bytes -= bytes;
+                let i = state.items.iter().rposition(fits)?;
+                let item = state.items.swap_remove(i);
                 state.used = Some(Instant::now());
-                NonNull::new(address as *mut u8)
+                Some(item)
             }
 
-            /// Gives a mapping of `bytes` to the pool (or unmaps it).
-            pub fn put(&'static self, ptr: NonNull<u8>, bytes: usize) {
-                let block = vec![(ptr.as_ptr() as usize, bytes)];
+            /// Keeps `item` for the next stream if `admit` lets it join the
+            /// items kept; frees it otherwise.
+            pub fn put(&'static self, item: T, admit: impl FnOnce(&T, &[T]) -> bool) {
                 let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-                    return unmap(block);
+                    return (self.free)(item);
                 };
                 {
                     let mut state = self.lock();
-                    if state.bytes + bytes > MAX_BYTES {
+                    if !admit(&item, &state.items) {
                         drop(state);
-                        return unmap(block);
+                        return (self.free)(item);
                     }
-                    state.blocks.extend(block);
-                    state.bytes += bytes;
+                    state.items.push(item);
                     state.used = Some(Instant::now());
                 }
                 if !self.sweeping.swap(true, Ordering::AcqRel) {
@@ -702,26 +691,58 @@ mod mapped {
             }
 
             #[cfg(test)]
-            pub fn bytes(&self) -> usize {
-                self.lock().bytes
+            pub fn len(&self) -> usize {
+                self.lock().items.len()
             }
         }
 
         /// Empties the pool when dropped: when it has been idle, or when the
         /// runtime shuts down with the sweep task pending.
-        struct Empty(&'static Pool);
+        struct Empty<T: Send + 'static>(&'static IdlePool<T>);
 
-        impl Drop for Empty {
+        impl<T: Send + 'static> Drop for Empty<T> {
             fn drop(&mut self) {
-                let blocks = {
+                let items = {
                     let mut state = self.0.lock();
-                    state.bytes = 0;
-                    // Under the lock: a block put after this schedules a
+                    // Under the lock: an item put after this schedules a
                     // sweep of its own.
                     self.0.sweeping.store(false, Ordering::Release);
-                    std::mem::take(&mut state.blocks)
+                    std::mem::take(&mut state.items)
                 };
-                unmap(blocks);
+                items.into_iter().for_each(self.0.free);
+            }
+        }
+
+        /// A mapping of a per-stream brotli encoder: (address, bytes).
+        pub type Mapping = (usize, usize);
+
+        /// The mappings of per-stream encoders.
+        pub static STREAMS: IdlePool<Mapping> = IdlePool::new(unmap);
+
+        fn unmap((address, bytes): Mapping) {
+            // SAFETY: a mapping of `bytes` made by `map`, owned by the pool
+            // alone.
+            unsafe { libc::munmap(address as *mut libc::c_void, bytes) };
+        }
+
+        impl IdlePool<Mapping> {
+            /// A pooled mapping of exactly `bytes`, if any.
+            pub fn take_mapping(&self, bytes: usize) -> Option<NonNull<u8>> {
+                let (address, _) = self.take(|&(_, n)| n == bytes)?;
+                NonNull::new(address as *mut u8)
+            }
+
+            /// Gives a mapping of `bytes` to the pool (or unmaps it past
+            /// [`MAX_BYTES`] kept).
+            pub fn put_mapping(&'static self, ptr: NonNull<u8>, bytes: usize) {
+                self.put((ptr.as_ptr() as usize, bytes), |_, kept| {
+                    kept.iter().map(|&(_, n)| n).sum::<usize>() + bytes <= MAX_BYTES
+                });
+            }
+
+            #[cfg(test)]
+            pub fn bytes(&self) -> usize {
+                self.lock().items.iter().map(|&(_, n)| n).sum()
             }
         }
     }
@@ -866,7 +887,7 @@ mod mapped {
             level: i32,
             size_hint: Option<u32>,
         ) -> std::io::Result<ZstdStream> {
-            let context = match pool.take() {
+            let context = match pool.take(|_| true).and_then(|c| NonNull::new(c as *mut _)) {
                 Some(context) => context,
                 None => create_context()?,
             };
@@ -942,7 +963,8 @@ mod mapped {
 
     impl Drop for ZstdStream {
         fn drop(&mut self) {
-            self.pool.put(self.context);
+            self.pool
+                .put(self.context.as_ptr() as usize, contexts::admit);
         }
     }
 
@@ -957,18 +979,9 @@ mod mapped {
             .ok_or_else(|| std::io::Error::other("zstd: no memory for a context"))
     }
 
-    /// Contexts of finished streams waiting for the next one. Freed all at
-    /// once after [`pool::IDLE`] without a stream (the same rule as the
-    /// brotli blocks: an idle proxy keeps none), and without a runtime to
-    /// sweep them they are freed at once.
+    /// Contexts of finished zstd streams waiting for the next one.
     pub mod contexts {
-        use std::ptr::NonNull;
-        use std::sync::atomic::{AtomicBool, Ordering};
-        use std::sync::{Mutex, MutexGuard};
-
-        use tokio::time::Instant;
-
-        use super::pool::IDLE;
+        use super::pool::IdlePool;
         use super::sys;
 
         /// Contexts kept at most: about one per runtime thread compressing
@@ -979,101 +992,25 @@ mod mapped {
         /// page's 0.6 MiB).
         const MAX_BYTES: usize = 4 << 20;
 
+        /// A context's address.
+        pub type Context = usize;
+        pub type Contexts = IdlePool<Context>;
+
         /// The contexts of per-response zstd streams.
-        pub static STREAMS: Contexts = Contexts::new();
+        pub static STREAMS: Contexts = Contexts::new(free);
 
-        pub struct Contexts {
-            state: Mutex<State>,
-            /// A sweep task is scheduled.
-            sweeping: AtomicBool,
-        }
-
-        struct State {
-            /// Addresses of the contexts.
-            contexts: Vec<usize>,
-            used: Option<Instant>,
-        }
-
-        fn free(context: usize) {
+        pub fn free(context: Context) {
             // SAFETY: a context made by ZSTD_createCCtx_advanced, owned by
             // the pool alone.
             unsafe { sys::ZSTD_freeCCtx(context as *mut sys::ZSTD_CCtx) };
         }
 
-        impl Contexts {
-            pub const fn new() -> Contexts {
-                Contexts {
-                    state: Mutex::new(State {
-                        contexts: Vec::new(),
-                        used: None,
-                    }),
-                    sweeping: AtomicBool::new(false),
-                }
-            }
-
-            fn lock(&self) -> MutexGuard<'_, State> {
-                self.state.lock().unwrap_or_else(|e| e.into_inner())
-            }
-
-            pub(super) fn take(&self) -> Option<NonNull<sys::ZSTD_CCtx>> {
-                let mut state = self.lock();
-                let context = state.contexts.pop()?;
-                state.used = Some(Instant::now());
-                NonNull::new(context as *mut sys::ZSTD_CCtx)
-            }
-
-            pub(super) fn put(&'static self, context: NonNull<sys::ZSTD_CCtx>) {
-                let address = context.as_ptr() as usize;
-                // SAFETY: a live context.
-                let size = unsafe { sys::ZSTD_sizeof_CCtx(context.as_ptr()) };
-                let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-                    return free(address);
-                };
-                {
-                    let mut state = self.lock();
-                    if size > MAX_BYTES || state.contexts.len() >= MAX {
-                        drop(state);
-                        return free(address);
-                    }
-                    state.contexts.push(address);
-                    state.used = Some(Instant::now());
-                }
-                if !self.sweeping.swap(true, Ordering::AcqRel) {
-                    runtime.spawn(self.sweep());
-                }
-            }
-
-            async fn sweep(&'static self) {
-                let _empty = Empty(self);
-                loop {
-                    tokio::time::sleep(IDLE).await;
-                    if self.lock().used.is_none_or(|used| used.elapsed() >= IDLE) {
-                        return;
-                    }
-                }
-            }
-
-            #[cfg(test)]
-            pub fn len(&self) -> usize {
-                self.lock().contexts.len()
-            }
-        }
-
-        /// Frees the pool when dropped: after an idle second, or when the
-        /// runtime shuts down with the sweep pending.
-        struct Empty(&'static Contexts);
-
-        impl Drop for Empty {
-            fn drop(&mut self) {
-                let contexts = {
-                    let mut state = self.0.lock();
-                    // Under the lock: a context put after this schedules a
-                    // sweep of its own.
-                    self.0.sweeping.store(false, Ordering::Release);
-                    std::mem::take(&mut state.contexts)
-                };
-                contexts.into_iter().for_each(free);
-            }
+        /// Keeps a context of a finished stream, unless its workspace grew
+        /// too large or enough are kept.
+        pub fn admit(&context: &Context, kept: &[Context]) -> bool {
+            // SAFETY: a live context.
+            let size = unsafe { sys::ZSTD_sizeof_CCtx(context as *const sys::ZSTD_CCtx) };
+            size <= MAX_BYTES && kept.len() < MAX
         }
     }
 }
@@ -1783,26 +1720,34 @@ mod tests {
 
     #[tokio::test(flavor = "current_thread", start_paused = true)]
     async fn the_stream_pool_reuses_mappings_and_unmaps_them_when_idle() {
-        use mapped::pool::{Pool, IDLE};
-        let pool: &'static Pool = Box::leak(Box::new(Pool::new()));
+        use mapped::pool::{IdlePool, Mapping, IDLE};
+        fn unmap((address, bytes): Mapping) {
+            // SAFETY: a mapping made by `mapped::map`.
+            unsafe { libc::munmap(address as *mut libc::c_void, bytes) };
+        }
+        let pool: &'static IdlePool<Mapping> = Box::leak(Box::new(IdlePool::new(unmap)));
         let bytes = 1 << 20;
         let block = mapped::map(bytes).unwrap();
-        pool.put(block, bytes);
+        pool.put_mapping(block, bytes);
         assert_eq!(pool.bytes(), bytes);
-        assert_eq!(pool.take(bytes / 2), None, "only the same size");
-        assert_eq!(pool.take(bytes), Some(block), "the same mapping again");
+        assert_eq!(pool.take_mapping(bytes / 2), None, "only the same size");
+        assert_eq!(
+            pool.take_mapping(bytes),
+            Some(block),
+            "the same mapping again"
+        );
         assert_eq!(pool.bytes(), 0);
-        pool.put(block, bytes);
+        pool.put_mapping(block, bytes);
         // Still in use within IDLE: kept.
         tokio::time::sleep(IDLE / 2).await;
-        assert_eq!(pool.take(bytes), Some(block));
-        pool.put(block, bytes);
+        assert_eq!(pool.take_mapping(bytes), Some(block));
+        pool.put_mapping(block, bytes);
         tokio::time::sleep(IDLE * 3).await;
         tokio::task::yield_now().await;
         assert_eq!(pool.bytes(), 0, "unmapped after a second unused");
-        assert_eq!(pool.take(bytes), None);
+        assert_eq!(pool.take_mapping(bytes), None);
         // Without a runtime nothing could sweep: unmapped at once.
-        std::thread::spawn(move || pool.put(mapped::map(bytes).unwrap(), bytes))
+        std::thread::spawn(move || pool.put_mapping(mapped::map(bytes).unwrap(), bytes))
             .join()
             .unwrap();
         assert_eq!(pool.bytes(), 0);
@@ -1814,10 +1759,10 @@ mod tests {
     /// without a stream, and at once without a runtime to sweep it.
     #[tokio::test(flavor = "current_thread", start_paused = true)]
     async fn zstd_streams_reuse_pooled_contexts_and_each_frame_stands_alone() {
-        use mapped::contexts::Contexts;
+        use mapped::contexts::{self, Contexts};
         use mapped::pool::IDLE;
         use mapped::ZstdStream;
-        let pool: &'static Contexts = Box::leak(Box::new(Contexts::new()));
+        let pool: &'static Contexts = Box::leak(Box::new(Contexts::new(contexts::free)));
         let page = bench_page();
         let other: Vec<u8> = page.iter().rev().copied().collect();
         let encode = |stream: &mut ZstdStream, body: &[u8]| {
