@@ -34,7 +34,6 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -188,60 +187,7 @@ impl Connection for AppStream {
     }
 }
 
-impl AsyncRead for AppStream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match &mut self.get_mut().io {
-            AppIo::Tcp(s) => Pin::new(s).poll_read(cx, buf),
-            AppIo::Unix(s) => Pin::new(s).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for AppStream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match &mut self.get_mut().io {
-            AppIo::Tcp(s) => Pin::new(s).poll_write(cx, buf),
-            AppIo::Unix(s) => Pin::new(s).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        match &mut self.get_mut().io {
-            AppIo::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            AppIo::Unix(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-        }
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        true
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match &mut self.get_mut().io {
-            AppIo::Tcp(s) => Pin::new(s).poll_flush(cx),
-            AppIo::Unix(s) => Pin::new(s).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match &mut self.get_mut().io {
-            AppIo::Tcp(s) => Pin::new(s).poll_shutdown(cx),
-            AppIo::Unix(s) => Pin::new(s).poll_shutdown(cx),
-        }
-    }
-}
+crate::sys::enum_stream_io!(AppStream { io }: AppIo { Tcp, Unix });
 
 #[derive(Clone)]
 pub struct Upstream {
