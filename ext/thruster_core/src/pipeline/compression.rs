@@ -730,14 +730,39 @@ mod mapped {
     /// its free function gets only the address. 16 bytes keep malloc's
     /// alignment.
     const HEADER: usize = 16;
+    /// Origins in the header: malloc, a mapping of its own, a pooled one.
+    const FROM_MALLOC: usize = 0;
+    const FROM_MAP: usize = 1;
+    const FROM_POOL: usize = 2;
 
+    /// Stored variants: blocks of [`MIN_MAPPED`] bytes and more mapped.
     unsafe extern "C" fn zstd_alloc(_: *mut c_void, size: usize) -> *mut c_void {
+        // SAFETY: the same contract.
+        unsafe { zstd_alloc_from(size, false) }
+    }
+
+    /// Per-stream contexts: blocks of [`MIN_POOLED`] bytes and more from the
+    /// pool, as brotli's (a 20 KB page's context is one block of ~0.6 MiB;
+    /// from malloc, its first free raised the dynamic mmap threshold to that
+    /// and the arena trim threshold to twice that, and each tokio worker's
+    /// arena kept it).
+    unsafe extern "C" fn zstd_stream_alloc(_: *mut c_void, size: usize) -> *mut c_void {
+        // SAFETY: the same contract.
+        unsafe { zstd_alloc_from(size, true) }
+    }
+
+    unsafe fn zstd_alloc_from(size: usize, pooled: bool) -> *mut c_void {
         let Some(total) = size.checked_add(HEADER) else {
             return ptr::null_mut();
         };
-        let (base, mapped) = if total >= MIN_MAPPED {
+        let (base, mapped) = if pooled && total >= MIN_POOLED {
+            match pool::STREAMS.take(total).or_else(|| map(total)) {
+                Some(p) => (p.as_ptr(), FROM_POOL),
+                None => return ptr::null_mut(),
+            }
+        } else if !pooled && total >= MIN_MAPPED {
             match map(total) {
-                Some(p) => (p.as_ptr(), 1usize),
+                Some(p) => (p.as_ptr(), FROM_MAP),
                 None => return ptr::null_mut(),
             }
         } else {
@@ -746,7 +771,7 @@ mod mapped {
             if p.is_null() {
                 return ptr::null_mut();
             }
-            (p, 0)
+            (p, FROM_MALLOC)
         };
         // SAFETY: `base` holds `total >= HEADER` bytes, aligned for usize.
         unsafe {
@@ -764,10 +789,12 @@ mod mapped {
         unsafe {
             let base = address.cast::<u8>().sub(HEADER);
             let total = base.cast::<usize>().read();
-            if base.cast::<usize>().add(1).read() == 1 {
-                libc::munmap(base.cast(), total);
-            } else {
-                libc::free(base.cast());
+            match base.cast::<usize>().add(1).read() {
+                FROM_MAP => {
+                    libc::munmap(base.cast(), total);
+                }
+                FROM_POOL => pool::STREAMS.put(NonNull::new_unchecked(base), total),
+                _ => libc::free(base.cast()),
             }
         }
     }
@@ -831,15 +858,106 @@ mod mapped {
             Ok(brotli::SliceWrapper::slice(&scratch)[..written].to_vec())
         }
     }
+
+    /// A per-stream zstd encoder whose context comes from the pool
+    /// (`zstd_stream_alloc`): the zstd crate's encoder allocates with
+    /// malloc and takes no allocator.
+    pub struct ZstdStream(NonNull<sys::ZSTD_CCtx>);
+
+    // SAFETY: the context is owned by this value alone and zstd keeps no
+    // thread-local state: it may be used from any one thread at a time.
+    unsafe impl Send for ZstdStream {}
+
+    impl Drop for ZstdStream {
+        fn drop(&mut self) {
+            // SAFETY: made by ZSTD_createCCtx_advanced, freed once.
+            unsafe { sys::ZSTD_freeCCtx(self.0.as_ptr()) };
+        }
+    }
+
+    impl ZstdStream {
+        /// A frame at `level`; `size_hint` sizes its window and tables (a
+        /// hint, not a pledge: another length still encodes).
+        pub fn new(level: i32, size_hint: Option<u32>) -> std::io::Result<ZstdStream> {
+            let memory = sys::ZSTD_customMem {
+                customAlloc: Some(zstd_stream_alloc),
+                customFree: Some(zstd_free),
+                opaque: ptr::null_mut(),
+            };
+            // SAFETY: both functions follow ZSTD_customMem's contract.
+            let context = NonNull::new(unsafe { sys::ZSTD_createCCtx_advanced(memory) })
+                .ok_or_else(|| std::io::Error::other("zstd: no memory for a context"))?;
+            let stream = ZstdStream(context);
+            // SAFETY: a live context.
+            unsafe {
+                check(sys::ZSTD_CCtx_setParameter(
+                    stream.0.as_ptr(),
+                    sys::ZSTD_cParameter::ZSTD_c_compressionLevel,
+                    level,
+                ))?;
+                if let Some(n) = size_hint.and_then(|n| i32::try_from(n).ok()) {
+                    // ZSTD_c_srcSizeHint, under its experimental name.
+                    check(sys::ZSTD_CCtx_setParameter(
+                        stream.0.as_ptr(),
+                        sys::ZSTD_cParameter::ZSTD_c_experimentalParam7,
+                        n,
+                    ))?;
+                }
+            }
+            Ok(stream)
+        }
+
+        /// Compresses `data` and flushes (`end`: ends the frame), returning
+        /// the bytes produced.
+        pub fn compress(&mut self, data: &[u8], end: bool) -> std::io::Result<Vec<u8>> {
+            let directive = if end {
+                sys::ZSTD_EndDirective::ZSTD_e_end
+            } else {
+                sys::ZSTD_EndDirective::ZSTD_e_flush
+            };
+            let mut input = sys::ZSTD_inBuffer {
+                src: data.as_ptr().cast(),
+                size: data.len(),
+                pos: 0,
+            };
+            let mut out: Vec<u8> = Vec::with_capacity(data.len() / 2 + 64);
+            loop {
+                if out.capacity() == out.len() {
+                    out.reserve(out.len().max(64));
+                }
+                let spare = out.capacity() - out.len();
+                let mut output = sys::ZSTD_outBuffer {
+                    // SAFETY: `out.len()` is within the allocation.
+                    dst: unsafe { out.as_mut_ptr().add(out.len()) }.cast(),
+                    size: spare,
+                    pos: 0,
+                };
+                // SAFETY: a live context; `input` and `output` describe
+                // memory valid for their sizes.
+                let remaining = check(unsafe {
+                    sys::ZSTD_compressStream2(self.0.as_ptr(), &mut output, &mut input, directive)
+                })?;
+                // SAFETY: zstd wrote `output.pos <= spare` bytes there.
+                unsafe { out.set_len(out.len() + output.pos) };
+                if remaining == 0 && input.pos == input.size {
+                    return Ok(out);
+                }
+            }
+        }
+    }
 }
 
 type BrotliWriter =
     brotli::enc::writer::CompressorWriterCustomAlloc<Vec<u8>, mapped::Block<u8>, mapped::Alloc>;
 
+// One per compressed body, inside it: boxing gzip's state would only add an
+// allocation per stream (zstd's encoder was as large before its context
+// moved behind a pointer).
+#[allow(clippy::large_enum_variant)]
 enum Encoder {
     Gzip(flate2::write::GzEncoder<Vec<u8>>),
     Brotli(Box<BrotliWriter>),
-    Zstd(zstd::stream::write::Encoder<'static, Vec<u8>>, usize),
+    Zstd(mapped::ZstdStream, usize),
 }
 
 impl Encoder {
@@ -872,16 +990,13 @@ impl Encoder {
                 )))
             }
             Coding::Zstd => {
-                let mut e = zstd::stream::write::Encoder::new(Vec::new(), 3)?;
                 // With the size zstd picks its window and tables for it: a
                 // 20 KB page then needs 0.6 MiB instead of the 3.5 MiB of
                 // level 3's 2 MiB window and tables to match. A hint, not a
                 // pledge: a body longer or shorter than announced still
                 // encodes.
-                if let Some(n) = length.and_then(|n| u32::try_from(n).ok()) {
-                    e.set_parameter(zstd::zstd_safe::CParameter::SrcSizeHint(n))?;
-                }
-                Encoder::Zstd(e, padding)
+                let hint = length.and_then(|n| u32::try_from(n).ok());
+                Encoder::Zstd(mapped::ZstdStream::new(3, hint)?, padding)
             }
         })
     }
@@ -899,11 +1014,7 @@ impl Encoder {
                 e.flush()?;
                 Ok(Bytes::from(std::mem::take(e.get_mut())))
             }
-            Encoder::Zstd(e, _) => {
-                e.write_all(data)?;
-                e.flush()?;
-                Ok(Bytes::from(std::mem::take(e.get_mut())))
-            }
+            Encoder::Zstd(e, _) => Ok(Bytes::from(e.compress(data, false)?)),
         }
     }
 
@@ -911,8 +1022,8 @@ impl Encoder {
         Ok(Bytes::from(match self {
             Encoder::Gzip(e) => e.finish()?,
             Encoder::Brotli(e) => e.into_inner(),
-            Encoder::Zstd(e, padding) => {
-                let mut out = e.finish()?;
+            Encoder::Zstd(mut e, padding) => {
+                let mut out = e.compress(&[], true)?;
                 if padding > 0 {
                     // RFC 8878 §3.1.2: a skippable frame decoders ignore.
                     out.extend_from_slice(&0x184D_2A50u32.to_le_bytes());
@@ -1566,6 +1677,33 @@ mod tests {
             .join()
             .unwrap();
         assert_eq!(pool.bytes(), 0);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn the_pooled_zstd_stream_writes_what_the_zstd_crate_wrote() {
+        let page = bench_page();
+        for hint in [Some(page.len() as u32), None] {
+            let mut ours = mapped::ZstdStream::new(3, hint).unwrap();
+            let mut theirs = zstd::stream::write::Encoder::new(Vec::new(), 3).unwrap();
+            if let Some(n) = hint {
+                theirs
+                    .set_parameter(zstd::zstd_safe::CParameter::SrcSizeHint(n))
+                    .unwrap();
+            }
+            let (mut a, mut b) = (Vec::new(), Vec::new());
+            for chunk in page.chunks(7000).chain([&[][..]]) {
+                a.extend(ours.compress(chunk, false).unwrap());
+                theirs.write_all(chunk).unwrap();
+                theirs.flush().unwrap();
+                b.append(theirs.get_mut());
+            }
+            a.extend(ours.compress(&[], true).unwrap());
+            b.extend(theirs.finish().unwrap());
+            assert_eq!(a, b, "hint {hint:?}");
+            assert_eq!(decode(Coding::Zstd, &a), page);
+        }
+        // Its context went back to the pool (other tests may take from it).
+        assert!(mapped::pool::STREAMS.bytes() > 0);
     }
 
     #[test]
