@@ -419,7 +419,8 @@ pub fn compress_stored(data: &[u8], coding: Coding, immutable: bool) -> std::io:
 /// stylesheet). Here every block of 64 KiB or more is an anonymous
 /// mapping of its own, unmapped when freed; smaller ones come from malloc.
 ///
-/// Per-stream brotli encoders use the same allocator ([`Alloc::STREAM`]).
+/// Per-stream brotli encoders use the same allocator ([`Alloc::STREAM`]),
+/// and per-stream zstd contexts the same pool ([`ZstdStream`]).
 /// Their large blocks (a 1 MiB hash table and a ring buffer of 320 KiB up to
 /// 8 MiB at quality 5) are needed again by the next response at once:
 /// mapping each afresh would cost a page fault per page per response (2-3x
