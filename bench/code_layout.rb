@@ -80,41 +80,60 @@ def workload(port)
   end.each(&:join)
 end
 
-# Self cost by function of the extension in one callgrind dump.
-def functions(file)
-  names = {}
-  objects = {}
-  object = function = nil
-  skip = false
-  costs = Hash.new(0)
-  resolve = lambda do |value, table|
-    m = value.match(/\A\((\d+)\)(?: (.*))?\z/) or next value
-    table[m[1]] = m[2] if m[2]
-    table[m[1]]
+# Names behind callgrind's compressed "(id) name" references.
+class Names
+  def initialize
+    @table = {}
   end
-  File.foreach(file, chomp: true) do |line|
-    case line
-    when /\Aob=(.*)/ then object = resolve.call(Regexp.last_match(1), objects)
-    when /\Afn=(.*)/ then function = resolve.call(Regexp.last_match(1), names)
-    when /\Acfn=(.*)/ then resolve.call(Regexp.last_match(1), names)
-    when /\Acob=(.*)/ then resolve.call(Regexp.last_match(1), objects)
-    when /\Acalls=/ then skip = true
-    when /\A[+\-*]?\d/
-      if skip
-        skip = false
-      elsif object&.end_with?("thruster_rs.so")
-        costs[function.sub(/'\d+\z/, "")] += line.split[1].to_i
-      end
+
+  def [](value)
+    m = value.match(/\A\((\d+)\)(?: (.*))?\z/) or return value
+    @table[m[1]] = m[2] if m[2]
+    @table[m[1]]
+  end
+end
+
+# The extension's functions and their own cost in one callgrind dump.
+class Dump
+  attr_reader :costs
+
+  def initialize(file)
+    @names = Names.new
+    @objects = Names.new
+    @costs = Hash.new(0)
+    File.foreach(file, chomp: true) { |line| read(line) }
+  end
+
+  private
+
+  def read(line)
+    key, value = line.split("=", 2)
+    case key
+    when "ob" then @object = @objects[value]
+    when "fn" then @function = @names[value]
+    when "cfn" then @names[value]
+    when "cob" then @objects[value]
+    when "calls" then @call = true # the next cost line is a call's
+    else cost(line)
     end
   end
-  costs
+
+  def cost(line)
+    return unless line.match?(/\A[+\-*]?\d/)
+
+    @costs[@function.sub(/'\d+\z/, "")] += line.split[1].to_i if !@call && @object&.end_with?("thruster_rs.so")
+    @call = false
+  end
 end
+
+def functions(file) = Dump.new(file).costs
 
 # Input-section patterns of a function, without the hashes.
 def patterns(name)
   base = if name.start_with?("_ZN") then name.sub(/17h\h{16}E(\..*)?\z/, "17h*")
          elsif name.start_with?("_R") then "#{name.gsub(/Cs[0-9A-Za-z]*_/, 'Cs*_').gsub(/B[0-9A-Za-z]*_/, 'B*_')}*"
-         else "#{name}*" # C: zstd, ring
+         else
+           "#{name}*" # C: zstd, ring
          end
   # LLVM puts functions it deems cold in .text.unlikely.<name>.
   ".text.#{base} .text.unlikely.#{base}"
