@@ -10,16 +10,17 @@
 #
 #   bench/cpu_per_request.rb NAME=path/to/thrust[:VAR=VALUE,...] [NAME=... ...]
 #   REPEAT=5 DURATION=8 CONNS=64 bench/cpu_per_request.rb before=/tmp/thrust-old after=lib/thruster/thrust
-#   WORKLOADS=hello,page-browser bench/cpu_per_request.rb nginx thrust=lib/thruster/thrust
+#   WORKLOADS=hello,page-browser bench/cpu_per_request.rb nginx thrust=lib/thruster/thrust inproc
 #
 # `nginx` (no path) is nginx 1 worker with `gzip on` level 6 in front of its
 # own Puma, the reference of the uncached targets (its master and worker
-# counted). WORKLOADS picks among: hello, hello-close (a connection per
-# request), css (the cached 100 KB asset,
-# gzip), page (the private 20 KB page, gzip; page-br, page-zstd: in those
-# codings), page-browser (the same with
-# the `Accept-Encoding` of a current browser). Requests/s and the page's
-# bytes on the wire are printed too.
+# counted). `inproc` is Puma with the plugin (this checkout's extension),
+# measured by the CPU of the proxy's threads in Puma's process. WORKLOADS
+# picks among: hello, hello-close (a connection per request), css (the
+# cached 100 KB asset, gzip), page (the private 20 KB page, gzip; page-br,
+# page-zstd: in those codings), page-browser (the same with the
+# `Accept-Encoding` of a current browser). Requests/s and the page's bytes
+# on the wire are printed too.
 #   bench/cpu_per_request.rb off=lib/thruster/thrust on=lib/thruster/thrust:METRICS_PORT=free
 #
 # Settings after a `:` go to that binary only (`free` = a free port), so one
@@ -41,9 +42,11 @@ SERVER_CPU = ENV.fetch("SERVER_CPU", "0")
 CLIENT_CPU = ENV.fetch("CLIENT_CPU", "1")
 PUMA = Gem.bin_path("puma", "puma")
 APP = File.expand_path("app.ru", __dir__)
+ROOT = File.expand_path("..", __dir__)
 
 binaries = ARGV.map do |arg|
   next ["nginx", "nginx", {}] if arg == "nginx"
+  next ["inproc", "inproc", {}] if arg == "inproc"
 
   name, spec = arg.split("=", 2)
   path, settings = spec.to_s.split(":", 2)
@@ -53,7 +56,7 @@ if binaries.empty? || binaries.any? { |_, p, _| p.nil? }
   abort "usage: #{$PROGRAM_NAME} NAME=path/to/thrust[:VAR=VALUE,...] ..."
 end
 binaries.each do |name, path, _|
-  abort "#{name}: #{path} is not executable" unless name == "nginx" || File.executable?(path)
+  abort "#{name}: #{path} is not executable" unless %w[nginx inproc].include?(name) || File.executable?(path)
 end
 
 ALL_WORKLOADS = {
@@ -114,13 +117,37 @@ def start_nginx(dir)
   [pid, port, [pid, puma]]
 end
 
+# Puma (single mode, same threads) with the proxy in-process, from this
+# checkout's extension (`bundle exec rake compile`); the plugin caps the
+# requests to Puma at its 8 threads by itself.
+def start_inproc(dir)
+  port = BenchSupport.free_port
+  conf = File.join(dir, "inproc-puma.rb")
+  File.write(conf, <<~RUBY)
+    threads 8, 8
+    bind "tcp://127.0.0.1:#{port}"
+    plugin :thruster_rs
+    thruster_rs log_requests: false, storage_path: #{File.join(dir, "storage-inproc-#{port}").inspect}
+  RUBY
+  log = File.join(dir, "inproc.log")
+  env = { "BENCH_BIG" => File.join(dir, "big.bin"), "RUBYLIB" => File.join(ROOT, "lib"),
+          "RUBYOPT" => nil, "BUNDLE_GEMFILE" => nil }
+  pid = Process.spawn(env, "taskset", "-c", SERVER_CPU, RbConfig.ruby, PUMA, "-q", "-C", conf, APP,
+                      out: log, err: log, pgroup: true)
+  BenchSupport.wait_for(port, what: "inproc")
+  [pid, port, [pid]]
+end
+
 def start(name, path, settings, dir)
   return start_nginx(dir) if name == "nginx"
+  return start_inproc(dir) if name == "inproc"
 
   port = BenchSupport.free_port
   target = BenchSupport.free_port
   env = { "HTTP_PORT" => port.to_s, "TARGET_PORT" => target.to_s, "LOG_REQUESTS" => "false",
           "BENCH_BIG" => File.join(dir, "big.bin"), "PUMA_MAX_THREADS" => "8",
+          # Puma's 8 threads, as a deploy sets it (binaries before it ignore it).
+          "UPSTREAM_MAX_CONNECTIONS" => "8",
           # A disk cache of its own per run: none starts warm from another.
           "STORAGE_PATH" => File.join(dir, "storage-#{name}-#{port}") }
   settings.each { |var, value| env[var] = value == "free" ? BenchSupport.free_port.to_s : value }
@@ -140,12 +167,27 @@ def measured_pids(name, pid)
   BenchSupport.tree(pid).select { |p| File.read("/proc/#{p}/comm").strip == "nginx" rescue false } # rubocop:disable Style/RescueModifier
 end
 
+# CPU seconds of the proxy: its processes; in-process, the Puma process's
+# threads the proxy runs on (named thruster-*), Puma's own excluded.
+def proxy_cpu_seconds(name, pids)
+  return BenchSupport.cpu_seconds(pids) unless name == "inproc"
+
+  ticks = Dir.glob("/proc/#{pids.first}/task/*").sum do |task|
+    next 0 unless File.read("#{task}/comm").start_with?("thruster-")
+
+    File.read("#{task}/stat").split(")").last.split.values_at(11, 12).sum(&:to_i)
+  rescue Errno::ENOENT, Errno::ESRCH
+    0
+  end
+  ticks / 100.0
+end
+
 # Requests completed, proxy CPU seconds, req/s and p99 (ms) over one wrk run.
-def measure(pids, port, (path, header))
-  before = BenchSupport.cpu_seconds(pids)
+def measure(name, pids, port, (path, header))
+  before = proxy_cpu_seconds(name, pids)
   out, = Open3.capture2e("taskset", "-c", CLIENT_CPU, "wrk", "-t2", "-c#{CONNS}", "-d#{DURATION}s", "--latency",
                          *header, "http://127.0.0.1:#{port}#{path}")
-  cpu = BenchSupport.cpu_seconds(pids) - before
+  cpu = proxy_cpu_seconds(name, pids) - before
   requests = out[/(\d+) requests in/, 1].to_i
   abort "wrk failed:\n#{out}" if requests.zero? || out.include?("Non-2xx")
   [requests, cpu, out[%r{Requests/sec:\s+([\d.]+)}, 1].to_f, ms(out[/^\s+99%\s+(\S+)/, 1].to_s)]
@@ -203,7 +245,7 @@ Dir.mktmpdir("cpu-per-request") do |dir|
   REPEAT.times do |rep|
     WORKLOADS.each do |workload, spec|
       servers.each do |name, (pid, port)|
-        requests, cpu, rps, p99 = measure(measured_pids(name, pid), port, spec)
+        requests, cpu, rps, p99 = measure(name, measured_pids(name, pid), port, spec)
         samples[[workload, name]] << (cpu * 1e6 / requests)
         samples[[workload, name, :rps]] << rps
         samples[[workload, name, :p99]] << p99

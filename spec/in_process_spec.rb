@@ -65,6 +65,23 @@ RSpec.describe "in-process mode (Puma plugin)" do
     wait_until(message: "request log") { puma.log_lines.any? { |l| l["msg"] == "Request" && l["path"] == "/h" } }
   end
 
+  it "sends Puma no more requests at once than its threads (workers x max threads), the rest wait in the proxy" do
+    metrics_port = free_port
+    puma, port = start_puma(workers: 2, options: { metrics_port: })
+    # puma_plugin.rb: threads 1, 4 in each of 2 workers.
+    expect(puma.output).to include("thruster-rs: at most 8 requests at once to Puma (UPSTREAM_MAX_CONNECTIONS)")
+    waiting = lambda do
+      body = Net::HTTP.get(URI("http://127.0.0.1:#{metrics_port}/metrics"))
+      Float(body[/^thruster_upstream_waiting_requests (\S+)$/, 1])
+    end
+    expect(waiting.call).to eq(0)
+    # Distinct URLs: identical concurrent misses would be coalesced by the cache.
+    requests = Array.new(12) { |i| Thread.new { http_get(port, "/slow?s=1.5&i=#{i}") } }
+    wait_until(timeout: 10, message: "4 requests waiting for a slot") { waiting.call == 4 }
+    expect(requests.map { |t| [t.value.code, t.value.body] }.uniq).to eq([["200", "slow done"]])
+    expect(waiting.call).to eq(0)
+  end
+
   [false, true].each do |preload|
     it "serves through the proxy with 2 workers (preload_app! #{preload ? 'on' : 'off'}) and stops on TERM" do
       puma, port = start_puma(workers: 2, preload:)

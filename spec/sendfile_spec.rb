@@ -155,6 +155,24 @@ RSpec.describe "X-Sendfile" do
     expect(calls.sum).to eq(File.size(big))
   end
 
+  it "writes the response head with MSG_MORE right before the sendfile(2) body, so they share a segment",
+     if: system("command -v strace >/dev/null") do
+    thrust, port = start_thrust_with_puma
+    trace = File.join(@dir, "strace.out")
+    strace = ChildProcess.start({}, "strace", "-f", "-e", "trace=sendmsg,sendfile,writev,write", "-o", trace,
+                                "-p", thrust.pid.to_s)
+    strace.wait_for_output(/attached/)
+    response = sendfile(port, file)
+    expect(response.body.b).to eq(data)
+    strace.signal("INT")
+    strace.wait
+    calls = File.readlines(trace).grep(/\b(sendmsg|sendfile|writev|write)\(/)
+    first_sendfile = calls.index { |l| l.include?("sendfile(") }
+    expect(first_sendfile).not_to be_nil
+    head = calls[first_sendfile - 1]
+    expect(head).to include("sendmsg(").and include("MSG_MORE").and include("HTTP/1.1 200")
+  end
+
   it "serves a real Rails app's send_file through the Railtie's token check" do
     File.write(File.join(@dir, "report.txt"), "quarterly numbers\n" * 5000)
     env = { "RUBYLIB" => File.join(ROOT, "lib"), "SENDFILE_FIXTURE_DIR" => @dir, "RAILS_ENV" => "production",

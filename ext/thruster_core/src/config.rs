@@ -287,6 +287,16 @@ pub const SETTINGS: &[Setting] = &[
          `≤ 0` = no retry.",
     ),
     row(
+        "UPSTREAM_MAX_CONNECTIONS",
+        Value("0"),
+        ACCEPT_COUNT,
+        "Requests sent to the app at once at most (each on a connection of its own); the rest \
+         wait in the proxy, first come first served, within `HTTP_WRITE_TIMEOUT`. Set it to the \
+         app server's threads × workers (`RAILS_MAX_THREADS` × `WEB_CONCURRENCY`), so Puma is \
+         never sent more than it can serve at once. `0` = no cap; the Puma plugin sets Puma's \
+         own count. See [Upstream connections](#upstream-connections).",
+    ),
+    row(
         "REQUEST_BUFFERING",
         Value("true"),
         ACCEPT_BOOL,
@@ -700,6 +710,8 @@ pub struct Config {
     pub max_connections_per_ip: u32,
     /// How long a refused connection to the app is retried (app restarting).
     pub upstream_retry_timeout: Timeout,
+    /// Requests in flight to the app at most; `0` = no cap.
+    pub upstream_max_connections: u64,
     pub h2c_enabled: bool,
     pub forward_headers: bool,
     pub log_requests: bool,
@@ -849,6 +861,7 @@ impl Config {
             http_read_timeout: read_timeout,
             http_write_timeout: r.seconds("HTTP_WRITE_TIMEOUT")?,
             upstream_retry_timeout: r.seconds("UPSTREAM_RETRY_TIMEOUT")?,
+            upstream_max_connections: r.unsigned("UPSTREAM_MAX_CONNECTIONS")?,
             max_connections: r.unsigned("MAX_CONNECTIONS")?,
             max_connections_per_ip: r.unsigned("MAX_CONNECTIONS_PER_IP")?.min(u32::MAX as u64)
                 as u32,

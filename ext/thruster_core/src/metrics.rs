@@ -177,6 +177,7 @@ pub struct Metrics {
     upstream_errors: [IntCounter; 7],
     upstream_retries: IntCounter,
     upstream_duration: Histogram,
+    upstream_waiting: IntGauge,
     connections_open: [IntGauge; 3],
     connections_per_ip_closed: IntCounter,
     connections_waiting: IntGauge,
@@ -295,6 +296,11 @@ impl Metrics {
             "Time from sending a request to the app until its response head arrived (retries \
              included).",
         );
+        let upstream_waiting = gauge(
+            "thruster_upstream_waiting_requests",
+            "Requests waiting for one of the UPSTREAM_MAX_CONNECTIONS slots to the app (always 0 \
+             without it).",
+        );
         let open = gauge_vec(
             "thruster_connections_open",
             "Client connections open, by protocol (h2c connections count from their first \
@@ -370,6 +376,7 @@ impl Metrics {
             upstream_errors,
             upstream_retries,
             upstream_duration,
+            upstream_waiting,
             connections_open,
             connections_per_ip_closed,
             connections_waiting,
@@ -417,6 +424,10 @@ impl Metrics {
 
     pub fn upstream_retry(&self) {
         self.upstream_retries.inc();
+    }
+
+    pub fn upstream_waiting(&self, change: i64) {
+        self.upstream_waiting.add(change);
     }
 
     pub fn upstream_response(&self, took: Duration) {

@@ -420,3 +420,101 @@ fn a_truncated_app_body_is_never_passed_on_as_complete_nor_cached() {
     }
     proxy.stop(Duration::from_secs(1));
 }
+
+/// An app whose `/stream` sends its head and a first chunk, then the rest
+/// once `release` is sent; anything else is answered `ok` at once. Counts
+/// the requests for anything but `/stream` it received.
+fn start_streaming_upstream() -> (
+    SocketAddr,
+    std::sync::mpsc::Sender<()>,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    let released = std::sync::Arc::new(std::sync::Mutex::new(released));
+    let others = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = others.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let (released, counted) = (released.clone(), counted.clone());
+            std::thread::spawn(move || loop {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if stream.read_exact(&mut byte).is_err() {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                if head.starts_with(b"GET /stream ") {
+                    let first =
+                        "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n";
+                    let _ = stream.write_all(first.as_bytes());
+                    let _ = released
+                        .lock()
+                        .unwrap()
+                        .recv_timeout(Duration::from_secs(10));
+                    let _ = stream.write_all(b"6\r\n world\r\n0\r\n\r\n");
+                } else {
+                    counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
+                }
+            });
+        }
+    });
+    (addr, release, others)
+}
+
+/// `UPSTREAM_MAX_CONNECTIONS=1`: while a streamed response holds the only
+/// slot, another request waits in the proxy and never reaches the app; it
+/// gets `504` once `HTTP_WRITE_TIMEOUT` has passed. The streamed response
+/// ends whole, and its slot is free again afterwards.
+#[test]
+fn a_request_waiting_for_an_upstream_slot_past_the_write_timeout_gets_504() {
+    let (upstream, release, others) = start_streaming_upstream();
+    let proxy = start_proxy(
+        upstream,
+        vec![
+            ("LOG_REQUESTS", "false".into()),
+            ("CACHE_SIZE", "0".into()),
+            ("HTTP_WRITE_TIMEOUT", "1".into()),
+            ("UPSTREAM_MAX_CONNECTIONS", "1".into()),
+        ],
+    );
+    let mut streaming = TcpStream::connect(proxy.http_addr()).unwrap();
+    streaming
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    streaming
+        .write_all(b"GET /stream HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut first = [0u8; 1024];
+    let n = streaming.read(&mut first).unwrap();
+    assert!(first[..n].starts_with(b"HTTP/1.1 200"));
+
+    let started = std::time::Instant::now();
+    let waited = exchange(
+        proxy.http_addr(),
+        "GET /other HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    assert!(waited.starts_with("HTTP/1.1 504"), "{waited}");
+    assert!(started.elapsed() < Duration::from_secs(8));
+    assert_eq!(others.load(std::sync::atomic::Ordering::SeqCst), 0);
+
+    release.send(()).unwrap();
+    let mut rest = Vec::new();
+    streaming.read_to_end(&mut rest).unwrap();
+    let whole = String::from_utf8_lossy(&[&first[..n], &rest[..]].concat()).to_string();
+    let body = whole.split_once("\r\n\r\n").unwrap().1;
+    assert_eq!(body, "5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n", "{whole}");
+    let after = exchange(
+        proxy.http_addr(),
+        "GET /other HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    assert!(after.starts_with("HTTP/1.1 200"), "{after}");
+    assert!(after.ends_with("ok"), "{after}");
+    assert_eq!(others.load(std::sync::atomic::Ordering::SeqCst), 1);
+    proxy.stop(Duration::from_secs(1));
+}

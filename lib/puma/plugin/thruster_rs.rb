@@ -67,6 +67,7 @@ module Thruster
         socket = File.expand_path(options.delete(:puma_socket) || DEFAULT_SOCKET)
         takeover = options.delete(:takeover) != false
         explicit_upstream = options.delete(:upstream)
+        cap_upstream(launcher, options) if takeover || !explicit_upstream
         upstream, proxy_binds =
           if takeover
             take_over_binds(launcher, socket, options)
@@ -122,8 +123,34 @@ module Thruster
         launcher.events.log "* thruster-rs: running under `thrust`, so the plugin stands aside"
       end
 
+      # The app behind the proxy is this Puma (not a server `upstream:`
+      # names): unless told otherwise, send it no more requests at once than
+      # it has threads, so it never parks connections or closes keep-alive
+      # ones.
+      def cap_upstream(launcher, options)
+        return if setting_set?(options, :upstream_max_connections)
+
+        options[:upstream_max_connections] = puma_capacity(launcher)
+        launcher.events.log "* thruster-rs: at most #{options[:upstream_max_connections]} requests " \
+                            "at once to Puma (UPSTREAM_MAX_CONNECTIONS)"
+      end
+
       def http_port_set?(options)
-        options.key?(:http_port) || %w[THRUSTER_HTTP_PORT HTTP_PORT].any? { |k| !ENV[k].to_s.empty? }
+        setting_set?(options, :http_port)
+      end
+
+      # Given as a keyword or in the environment (THRUSTER_X or X).
+      def setting_set?(options, name)
+        env = name.to_s.upcase
+        options.key?(name) || ["THRUSTER_#{env}", env].any? { |k| !ENV[k].to_s.empty? }
+      end
+
+      # Requests Puma serves at once: its threads in each worker (or in
+      # itself, single mode).
+      def puma_capacity(launcher)
+        threads = Integer(launcher.options[:max_threads] || 5)
+        workers = Integer(launcher.options[:workers] || 0)
+        threads * [workers, 1].max
       end
 
       # Puma 5/6 name the stop event on_stopped; Puma 7 after_stopped.

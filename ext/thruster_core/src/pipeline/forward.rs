@@ -8,12 +8,12 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::upstream::AppBody;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Version};
 use http_body::Body as _;
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 
 use super::logging::{TunnelEnd, TunnelOpen};
@@ -490,7 +490,7 @@ impl Forwarder {
         &self,
         out: Outgoing,
         conn: &ConnInfo,
-    ) -> Result<(Response<Incoming>, Option<OnUpgrade>), ForwardError> {
+    ) -> Result<(Response<AppBody>, Option<OnUpgrade>), ForwardError> {
         if log::enabled(log::Level::Debug) {
             log::debug(
                 "Proxying request",
@@ -550,7 +550,7 @@ impl Forwarder {
     /// response buffering.
     async fn finish(
         &self,
-        mut response: Response<Incoming>,
+        mut response: Response<AppBody>,
         client_on_upgrade: Option<OnUpgrade>,
         conn: &ConnInfo,
     ) -> Result<Response<ResponseBody>, ForwardError> {
@@ -640,7 +640,7 @@ impl Forwarder {
 }
 
 /// The outcome of one upstream call; `None`: no response head in time.
-type SendResult = Option<Result<Response<Incoming>, hyper_util::client::legacy::Error>>;
+type SendResult = Option<Result<Response<AppBody>, hyper_util::client::legacy::Error>>;
 
 /// Passes the app's 1xx responses (103 Early Hints) on to the client as they
 /// arrive. 100 Continue is hyper's business on each side; 101 is an upgrade.

@@ -21,12 +21,12 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
+use crate::upstream::AppBody;
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap};
 use http::Response;
 use http_body::{Body, Frame};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use tokio::sync::Notify;
 
 use crate::http::{BoxError, ResponseBody, X_ACCEL_BUFFERING};
@@ -65,7 +65,7 @@ fn wants_buffering(headers: &mut HeaderMap) -> bool {
 /// An error means a small body failed before anything was sent: the caller
 /// answers 502 instead.
 pub async fn buffer(
-    response: Response<Incoming>,
+    response: Response<AppBody>,
     limits: SpoolLimits,
     stall_limit: Option<Duration>,
 ) -> Result<Response<ResponseBody>, BoxError> {
@@ -101,7 +101,7 @@ where
 }
 
 async fn read_small(
-    body: Incoming,
+    body: AppBody,
     stall_limit: Option<Duration>,
 ) -> Result<ResponseBody, BoxError> {
     let read = body.collect();

@@ -248,7 +248,10 @@ impl Server {
         let builders = Arc::new(connection_builders(&config));
         let pipeline = Arc::new(Pipeline::new(
             config.clone(),
-            Upstream::new(options.upstream),
+            Upstream::new(
+                options.upstream,
+                config.upstream_max_connections.min(usize::MAX as u64) as usize,
+            ),
             &options.sendfile_token,
         )?);
         let (shutdown, shutdown_rx) = watch::channel(false);

@@ -19,6 +19,76 @@ pub mod inotify;
 pub mod random;
 pub mod trim;
 
+/// `AsyncRead` and `AsyncWrite` for a socket type that is an enum of
+/// streams (TCP, TLS over TCP, Unix), or holds one in a field: every call
+/// goes to the variant's stream. For the client socket, the app's and
+/// Redis's.
+///
+/// `enum_stream_io!(AppStream { io }: AppIo { Tcp, Unix });`
+/// `enum_stream_io!(ClientIo {}: ClientIo { Plain, Tls });`
+macro_rules! enum_stream_io {
+    ($outer:ty { $($field:ident)? } : $enum:ident { $($variant:ident),+ $(,)? }) => {
+        impl tokio::io::AsyncRead for $outer {
+            fn poll_read(
+                self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+                buf: &mut tokio::io::ReadBuf<'_>,
+            ) -> std::task::Poll<std::io::Result<()>> {
+                match &mut self.get_mut()$(.$field)? {
+                    $($enum::$variant(s) => tokio::io::AsyncRead::poll_read(std::pin::Pin::new(s), cx, buf),)+
+                }
+            }
+        }
+
+        impl tokio::io::AsyncWrite for $outer {
+            fn poll_write(
+                self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+                buf: &[u8],
+            ) -> std::task::Poll<std::io::Result<usize>> {
+                match &mut self.get_mut()$(.$field)? {
+                    $($enum::$variant(s) => tokio::io::AsyncWrite::poll_write(std::pin::Pin::new(s), cx, buf),)+
+                }
+            }
+
+            fn poll_write_vectored(
+                self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+                bufs: &[std::io::IoSlice<'_>],
+            ) -> std::task::Poll<std::io::Result<usize>> {
+                match &mut self.get_mut()$(.$field)? {
+                    $($enum::$variant(s) => tokio::io::AsyncWrite::poll_write_vectored(std::pin::Pin::new(s), cx, bufs),)+
+                }
+            }
+
+            fn is_write_vectored(&self) -> bool {
+                match &self$(.$field)? {
+                    $($enum::$variant(s) => tokio::io::AsyncWrite::is_write_vectored(s),)+
+                }
+            }
+
+            fn poll_flush(
+                self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+            ) -> std::task::Poll<std::io::Result<()>> {
+                match &mut self.get_mut()$(.$field)? {
+                    $($enum::$variant(s) => tokio::io::AsyncWrite::poll_flush(std::pin::Pin::new(s), cx),)+
+                }
+            }
+
+            fn poll_shutdown(
+                self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+            ) -> std::task::Poll<std::io::Result<()>> {
+                match &mut self.get_mut()$(.$field)? {
+                    $($enum::$variant(s) => tokio::io::AsyncWrite::poll_shutdown(std::pin::Pin::new(s), cx),)+
+                }
+            }
+        }
+    };
+}
+pub(crate) use enum_stream_io;
+
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
