@@ -13,7 +13,7 @@ Gem::Specification.new do |s|
   s.required_ruby_version = ">= 3.1"
   s.metadata["rubygems_mfa_required"] = "true"
 
-  s.files = Dir["lib/**/*.rb", "exe/*", "ext/**/*.{rb,rs,toml}", "Cargo.toml", "Cargo.lock",
+  s.files = Dir["lib/**/*.rb", "exe/*", "ext/**/*.{rb,rs,toml,ld}", "Cargo.toml", "Cargo.lock",
                 "README.md", "docs/*.md", "CHANGELOG.md", "LICENSE"]
   s.bindir = "exe"
   s.executables = ["thrust"]

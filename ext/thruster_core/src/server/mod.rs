@@ -110,6 +110,10 @@ impl ServerOptions {
     }
 }
 
+/// How long after the start its code pages are released
+/// (`sys::code_pages`).
+const CODE_RELEASE_DELAY: Duration = Duration::from_secs(1);
+
 /// A running proxy. Dropping it without `stop` aborts connections.
 pub struct Server {
     runtime: Option<Runtime>,
@@ -373,6 +377,15 @@ impl Server {
         fields.push(("max_connections", max_connections.into()));
         fields.push(("fd_limit", fd_limit.into()));
         log::info("Server started", &fields);
+        // What only the start ran (config, TLS, QUIC, Redis and metrics
+        // set-up) need not stay resident: see sys::code_pages. A moment
+        // later, not here: the tasks spawned above make their first polls
+        // (and this function returns through the front end) after this
+        // point, and would map their set-up code again.
+        runtime.spawn(async {
+            tokio::time::sleep(CODE_RELEASE_DELAY).await;
+            crate::sys::code_pages::release();
+        });
         Ok(Server {
             runtime: Some(runtime),
             shutdown,

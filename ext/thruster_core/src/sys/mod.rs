@@ -1,6 +1,7 @@
 //! System helpers of the bottom layer: the fork registry of every fd the
 //! proxy owns, the one way to open such an fd, unnamed temporary files,
-//! random bytes, and memory given back after a burst of connections.
+//! random bytes, memory given back after a burst of connections, and code
+//! pages given back once the proxy has started (`code_pages`).
 //!
 //! Fork safety: in-process, the proxy lives in the Puma master, which forks
 //! workers while connections are open. Every fd the proxy opens — sockets,
@@ -12,6 +13,7 @@
 //! life.
 
 pub mod ca;
+pub mod code_pages;
 pub mod fd_registry;
 pub mod inotify;
 pub mod random;
