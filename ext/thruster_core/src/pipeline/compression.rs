@@ -680,12 +680,17 @@ mod mapped {
                 }
             }
 
+            /// Empties the pool IDLE after its last use (not up to twice
+            /// that, as a fixed period would).
             async fn sweep(&'static self) {
                 let _empty = Empty(self);
                 loop {
-                    tokio::time::sleep(IDLE).await;
-                    if self.lock().used.is_none_or(|used| used.elapsed() >= IDLE) {
-                        return;
+                    let used = self.lock().used;
+                    match used {
+                        Some(used) if used.elapsed() < IDLE => {
+                            tokio::time::sleep_until(used + IDLE).await;
+                        }
+                        _ => return,
                     }
                 }
             }
@@ -1742,7 +1747,9 @@ mod tests {
         tokio::time::sleep(IDLE / 2).await;
         assert_eq!(pool.take_mapping(bytes), Some(block));
         pool.put_mapping(block, bytes);
-        tokio::time::sleep(IDLE * 3).await;
+        // Unmapped a second after that last use, not at the sweep's next
+        // whole period (a second later still).
+        tokio::time::sleep(IDLE + std::time::Duration::from_millis(10)).await;
         tokio::task::yield_now().await;
         assert_eq!(pool.bytes(), 0, "unmapped after a second unused");
         assert_eq!(pool.take_mapping(bytes), None);
