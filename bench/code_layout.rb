@@ -171,7 +171,7 @@ warm = ((start_up.keys + exit_dump.keys).map { patterns(_1) }.uniq - hot).sort
 File.write(OUT, <<~LD)
   /* The code the proxy runs once started, gathered: written by
      bench/code_layout.rb (#{Time.now.utc.strftime('%Y-%m-%d')}), which says why and how; linked by
-     ext/thruster_rs/build.rs and ext/thrust/build.rs. .text.hot: what
+     ext/code_layout.rs, both front ends' build script. .text.hot: what
      bench/memory.rb's requests ran; .text.warm: what else ran, the start
      mostly (released after it by sys::code_pages). A function missing from
      both stays in .text, where the linker puts it. */

@@ -1,6 +1,8 @@
-//! Links `thrust` with `ext/code_layout.ld`, which gathers the code the
-//! proxy runs once started into one place (see that file and
-//! `bench/code_layout.rb`). Its twin for the extension: `ext/thruster_rs/build.rs`.
+//! The build script of both front ends (`build = "../code_layout.rs"` in
+//! `ext/thruster_rs` and `ext/thrust`): links the extension and the `thrust`
+//! executable with `ext/code_layout.ld`, which gathers the code the proxy
+//! runs once started into one place (see that file and
+//! `bench/code_layout.rb`).
 
 fn main() {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../code_layout.ld");
@@ -18,6 +20,8 @@ fn main() {
         && std::env::var_os("THRUSTER_NO_CODE_LAYOUT").is_none()
         && std::path::Path::new(script).exists()
     {
-        println!("cargo:rustc-link-arg-bins=-Wl,-T,{script}");
+        // Each package has one linked target (the extension's cdylib, the
+        // `thrust` bin), which this link argument reaches.
+        println!("cargo:rustc-link-arg=-Wl,-T,{script}");
     }
 }
