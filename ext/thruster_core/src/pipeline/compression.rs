@@ -817,28 +817,21 @@ mod mapped {
     /// `data` as one zstd frame at `level`, with its size in the header
     /// (zstd picks its window and tables for that size).
     pub fn zstd(data: &[u8], level: i32) -> std::io::Result<Vec<u8>> {
-        struct Context(*mut sys::ZSTD_CCtx);
+        // Not from the stream pool: a level 12 or 19 workspace is freed at
+        // once, not kept for the next response.
+        struct Context(NonNull<sys::ZSTD_CCtx>);
         impl Drop for Context {
             fn drop(&mut self) {
                 // SAFETY: made by ZSTD_createCCtx_advanced, freed once.
-                unsafe { sys::ZSTD_freeCCtx(self.0) };
+                unsafe { sys::ZSTD_freeCCtx(self.0.as_ptr()) };
             }
         }
-        let memory = sys::ZSTD_customMem {
-            customAlloc: Some(zstd_alloc),
-            customFree: Some(zstd_free),
-            opaque: ptr::null_mut(),
-        };
-        // SAFETY: both functions follow ZSTD_customMem's contract.
-        let context = Context(unsafe { sys::ZSTD_createCCtx_advanced(memory) });
-        if context.0.is_null() {
-            return Err(std::io::Error::other("zstd: no memory for a context"));
-        }
+        let context = Context(create_context()?);
         // SAFETY: a live context; the output block holds `bound` bytes and
         // the input `data.len()`.
         unsafe {
             check(sys::ZSTD_CCtx_setParameter(
-                context.0,
+                context.0.as_ptr(),
                 sys::ZSTD_cParameter::ZSTD_c_compressionLevel,
                 level,
             ))?;
@@ -846,7 +839,7 @@ mod mapped {
             let mut alloc = Alloc::MAPPED;
             let mut scratch = brotli::Allocator::<u8>::alloc_cell(&mut alloc, bound);
             let written = check(sys::ZSTD_compress2(
-                context.0,
+                context.0.as_ptr(),
                 brotli::SliceWrapperMut::slice_mut(&mut scratch)
                     .as_mut_ptr()
                     .cast(),
