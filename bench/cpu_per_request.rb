@@ -172,14 +172,7 @@ end
 def proxy_cpu_seconds(name, pids)
   return BenchSupport.cpu_seconds(pids) unless name == "inproc"
 
-  ticks = Dir.glob("/proc/#{pids.first}/task/*").sum do |task|
-    next 0 unless File.read("#{task}/comm").start_with?("thruster-")
-
-    File.read("#{task}/stat").split(")").last.split.values_at(11, 12).sum(&:to_i)
-  rescue Errno::ENOENT, Errno::ESRCH
-    0
-  end
-  ticks / 100.0
+  BenchSupport.thread_cpu_seconds(pids.first, "thruster-")
 end
 
 # Requests completed, proxy CPU seconds, req/s and p99 (ms) over one wrk run.

@@ -56,13 +56,18 @@ module BenchSupport
   def peak_rss_kib(pids) = sum_kib(pids, "status", "VmHWM")
 
   # User + system CPU seconds used so far by pids (gone pids count 0).
-  def cpu_seconds(pids)
-    ticks = pids.sum do |pid|
-      File.read("/proc/#{pid}/stat").split(")").last.split.values_at(11, 12).sum(&:to_i)
-    rescue Errno::ENOENT, Errno::ESRCH
-      0
-    end
-    ticks / 100.0 # USER_HZ
+  def cpu_seconds(pids) = pids.sum { |pid| stat_seconds("/proc/#{pid}") }
+
+  # The same for the threads of `pid` named `prefix`* (the in-process proxy's in Puma).
+  def thread_cpu_seconds(pid, prefix) = Dir.glob("/proc/#{pid}/task/*").sum { |task| stat_seconds(task, prefix) }
+
+  # utime + stime of a /proc process or thread directory (only if its name starts with `prefix`).
+  def stat_seconds(dir, prefix = nil)
+    return 0 if prefix && !File.read("#{dir}/comm").start_with?(prefix)
+
+    File.read("#{dir}/stat").split(")").last.split.values_at(11, 12).sum(&:to_i) / 100.0 # USER_HZ
+  rescue Errno::ENOENT, Errno::ESRCH
+    0
   end
 
   # Milliseconds from one of wrk's latency figures ("812.00us", "1.20ms", "2.01s").
