@@ -373,12 +373,7 @@ pub fn compress_stored(data: &[u8], coding: Coding, immutable: bool) -> std::io:
     // (immutable) assets, which are cached for a year.
     const BROTLI_MAX_FOR: usize = 1 << 20;
     let mut out = match coding {
-        Coding::Gzip => {
-            let out = Vec::with_capacity(data.len() / 3 + 64);
-            let mut e = flate2::write::GzEncoder::new(out, flate2::Compression::best());
-            e.write_all(data)?;
-            e.finish()?
-        }
+        Coding::Gzip => mapped::GzipStream::new(9, None)?.compress(data, true)?,
         Coding::Brotli => {
             let quality = if immutable && data.len() <= BROTLI_MAX_FOR {
                 11
@@ -1011,6 +1006,268 @@ mod mapped {
             size <= MAX_BYTES && kept.len() < MAX
         }
     }
+
+    // zlib's allocation functions: the same blocks as zstd's (64 KiB and
+    // more mapped, the rest from malloc).
+    unsafe extern "C" fn zlib_alloc(
+        opaque: *mut c_void,
+        items: std::ffi::c_uint,
+        size: std::ffi::c_uint,
+    ) -> *mut c_void {
+        match (items as usize).checked_mul(size as usize) {
+            // SAFETY: zstd_alloc's contract is zalloc's, with one size.
+            Some(bytes) => unsafe { zstd_alloc(opaque, bytes) },
+            None => ptr::null_mut(),
+        }
+    }
+
+    unsafe extern "C" fn zlib_free(opaque: *mut c_void, address: *mut c_void) {
+        // SAFETY: `address` came from zlib_alloc, hence zstd_alloc.
+        unsafe { zstd_free(opaque, address) }
+    }
+
+    /// gzip (RFC 1952) of one body: a raw deflate stream from zlib-rs,
+    /// framed here (header, CRC-32 and length trailer).
+    ///
+    /// Why not flate2: its encoder takes the deflate state (371 KiB at
+    /// level 6) from malloc, and glibc maps a block that large, so its
+    /// first free raised the process's dynamic mmap threshold to 371 KiB
+    /// and the arena trim threshold to 742 KiB: every tokio worker's arena
+    /// (and, in the Puma master, every arena of Ruby's) then kept up to
+    /// 742 KiB of freed memory at its top. zlib's C API takes allocation
+    /// functions, so the state's blocks are mappings of their own here,
+    /// and per-response streams (level [`GZIP_STREAM_LEVEL`]) go back to a
+    /// pool for the next response, freed after a second unused, as zstd's
+    /// contexts are: a reused state also skips the allocation and its page
+    /// faults.
+    pub struct GzipStream {
+        stream: NonNull<z::z_stream>,
+        pool: Option<&'static gzip_states::States>,
+        /// The header, until the first output carries it.
+        header: Vec<u8>,
+        crc: u32,
+        /// Bytes of input modulo 2^32 (gzip's ISIZE).
+        length: u32,
+    }
+
+    use libz_rs_sys as z;
+
+    /// The level of gzip compressed per response: most of the gain for a
+    /// fraction of the CPU of level 9.
+    pub const GZIP_STREAM_LEVEL: i32 = 6;
+
+    // SAFETY: a deflate state is used by one thread at a time; the stream
+    // owns it alone.
+    unsafe impl Send for GzipStream {}
+    // SAFETY: every method that touches the state takes `&mut self`.
+    unsafe impl Sync for GzipStream {}
+
+    impl GzipStream {
+        /// A stream at `level`; `comment` goes in the header's FCOMMENT
+        /// field (no NUL in it). Level [`GZIP_STREAM_LEVEL`] streams come
+        /// from and go back to the pool.
+        pub fn new(level: i32, comment: Option<&[u8]>) -> std::io::Result<GzipStream> {
+            let pool = (level == GZIP_STREAM_LEVEL).then_some(&gzip_states::STATES);
+            GzipStream::from_pool(pool, level, comment)
+        }
+
+        pub fn from_pool(
+            pool: Option<&'static gzip_states::States>,
+            level: i32,
+            comment: Option<&[u8]>,
+        ) -> std::io::Result<GzipStream> {
+            let reused = pool
+                .and_then(|p| p.take(|_| true))
+                .and_then(|s| NonNull::new(s as *mut z::z_stream));
+            let stream = match reused {
+                Some(stream) => {
+                    // SAFETY: a live state of the pool's level, owned now by
+                    // this stream; a reset keeps its memory.
+                    if unsafe { z::deflateReset(stream.as_ptr()) } != z::Z_OK {
+                        gzip_states::free(stream.as_ptr() as usize);
+                        return Err(std::io::Error::other(
+                            "gzip: a pooled state failed to reset",
+                        ));
+                    }
+                    stream
+                }
+                None => create_deflate(level)?,
+            };
+            let mut header = vec![0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 255];
+            if let Some(comment) = comment {
+                header[3] = 0x10; // FCOMMENT
+                header.extend_from_slice(comment);
+                header.push(0);
+            }
+            // XFL: 2 for the slowest level, 4 for the fastest (RFC 1952).
+            header[8] = match level {
+                9.. => 2,
+                ..=1 => 4,
+                _ => 0,
+            };
+            Ok(GzipStream {
+                stream,
+                pool,
+                header,
+                crc: 0,
+                length: 0,
+            })
+        }
+
+        #[cfg(test)]
+        pub fn state(&self) -> usize {
+            self.stream.as_ptr() as usize
+        }
+
+        #[cfg(test)]
+        pub fn is_pooled(&self) -> bool {
+            self.pool.is_some()
+        }
+
+        /// Compresses `data` and flushes it (`end`: ends the stream with the
+        /// trailer), returning what is ready to send.
+        pub fn compress(&mut self, mut data: &[u8], end: bool) -> std::io::Result<Vec<u8>> {
+            let s = self.stream.as_ptr();
+            let mut out = std::mem::take(&mut self.header);
+            // SAFETY: a live state; deflateBound only reads its parameters.
+            let bound = unsafe { z::deflateBound(s, data.len() as std::ffi::c_ulong) };
+            out.reserve(bound as usize + 16);
+            self.crc = zlib_rs::crc32::crc32(self.crc, data);
+            self.length = self.length.wrapping_add(data.len() as u32);
+            loop {
+                // avail_in is 32 bits: a larger input goes in parts, each
+                // compressed without a flush of its own.
+                let part = data.len().min(1 << 30);
+                let last = part == data.len();
+                let flush = match (last, end) {
+                    (false, _) => z::Z_NO_FLUSH,
+                    (true, false) => z::Z_SYNC_FLUSH,
+                    (true, true) => z::Z_FINISH,
+                };
+                // SAFETY: a live state; `data[..part]` outlives the calls
+                // that read it.
+                unsafe {
+                    (*s).next_in = data.as_ptr();
+                    (*s).avail_in = part as std::ffi::c_uint;
+                }
+                loop {
+                    if out.capacity() - out.len() < 64 {
+                        out.reserve(16 * 1024);
+                    }
+                    let spare = (out.capacity() - out.len()).min(u32::MAX as usize);
+                    // SAFETY: next_out/avail_out describe the vector's spare
+                    // capacity, which deflate writes and we then count.
+                    let (code, written, input_left) = unsafe {
+                        (*s).next_out = out.as_mut_ptr().add(out.len());
+                        (*s).avail_out = spare as std::ffi::c_uint;
+                        let code = z::deflate(s, flush);
+                        let written = spare - (*s).avail_out as usize;
+                        out.set_len(out.len() + written);
+                        (code, written, (*s).avail_in)
+                    };
+                    match code {
+                        z::Z_STREAM_END => break,
+                        // Done with this part once its input is taken and
+                        // the flush fit (output space was left over).
+                        z::Z_OK | z::Z_BUF_ERROR
+                            if input_left == 0 && flush != z::Z_FINISH && spare > written =>
+                        {
+                            break
+                        }
+                        z::Z_OK => {}
+                        // No progress although there was room: a bug, not
+                        // a reason to spin.
+                        z::Z_BUF_ERROR if written > 0 || spare == 0 => {}
+                        code => {
+                            return Err(std::io::Error::other(format!(
+                                "gzip: deflate failed ({code})"
+                            )))
+                        }
+                    }
+                }
+                data = &data[part..];
+                if last {
+                    break;
+                }
+            }
+            if end {
+                out.extend_from_slice(&self.crc.to_le_bytes());
+                out.extend_from_slice(&self.length.to_le_bytes());
+            }
+            Ok(out)
+        }
+    }
+
+    impl Drop for GzipStream {
+        fn drop(&mut self) {
+            let state = self.stream.as_ptr() as usize;
+            match self.pool {
+                Some(pool) => pool.put(state, gzip_states::admit),
+                None => gzip_states::free(state),
+            }
+        }
+    }
+
+    /// A raw deflate state at `level` whose memory comes from [`zlib_alloc`].
+    fn create_deflate(level: i32) -> std::io::Result<NonNull<z::z_stream>> {
+        // Boxed: the state points back at its z_stream, which must not move.
+        let mut stream = Box::new(z::z_stream {
+            zalloc: Some(zlib_alloc),
+            zfree: Some(zlib_free),
+            ..z::z_stream::default()
+        });
+        // SAFETY: a zeroed z_stream with both allocation functions; the
+        // version and size are the library's own.
+        let code = unsafe {
+            z::deflateInit2_(
+                &mut *stream,
+                level,
+                z::Z_DEFLATED,
+                -15, // raw deflate, 32 KiB window: the framing is ours
+                8,
+                z::Z_DEFAULT_STRATEGY,
+                z::zlibVersion(),
+                size_of::<z::z_stream>() as std::ffi::c_int,
+            )
+        };
+        if code != z::Z_OK {
+            return Err(std::io::Error::other(format!(
+                "gzip: no deflate state ({code})"
+            )));
+        }
+        // SAFETY: Box::into_raw never returns null.
+        Ok(unsafe { NonNull::new_unchecked(Box::into_raw(stream)) })
+    }
+
+    /// Deflate states of finished per-response gzip streams.
+    pub mod gzip_states {
+        use super::pool::IdlePool;
+        use super::z;
+
+        /// States kept at most: about one per runtime thread compressing
+        /// at once.
+        const MAX: usize = 4;
+
+        /// A boxed z_stream's address.
+        pub type State = usize;
+        pub type States = IdlePool<State>;
+
+        pub static STATES: States = States::new(free);
+
+        pub fn free(state: State) {
+            let stream = state as *mut z::z_stream;
+            // SAFETY: a live state made by create_deflate, owned by the
+            // caller alone; deflateEnd frees its memory, then its box.
+            unsafe {
+                z::deflateEnd(stream);
+                drop(Box::from_raw(stream));
+            }
+        }
+
+        pub fn admit(_: &State, kept: &[State]) -> bool {
+            kept.len() < MAX
+        }
+    }
 }
 
 type BrotliWriter =
@@ -1020,7 +1277,7 @@ type BrotliWriter =
 // would add an allocation per response to save ~230 bytes while it lives.
 #[allow(clippy::large_enum_variant)]
 enum Encoder {
-    Gzip(flate2::write::GzEncoder<Vec<u8>>),
+    Gzip(mapped::GzipStream),
     Brotli(Box<BrotliWriter>),
     Zstd(mapped::ZstdStream, usize),
 }
@@ -1034,15 +1291,10 @@ impl Encoder {
         Ok(match coding {
             // Levels tuned for on-the-fly work: most of the gain, a fraction
             // of the CPU of the maximum levels.
-            Coding::Gzip if padding > 0 => Encoder::Gzip(
-                flate2::GzBuilder::new()
-                    .comment(padding_text(padding))
-                    .write(Vec::new(), flate2::Compression::new(6)),
-            ),
-            Coding::Gzip => Encoder::Gzip(flate2::write::GzEncoder::new(
-                Vec::new(),
-                flate2::Compression::new(6),
-            )),
+            Coding::Gzip => Encoder::Gzip(mapped::GzipStream::new(
+                mapped::GZIP_STREAM_LEVEL,
+                (padding > 0).then(|| padding_text(padding)).as_deref(),
+            )?),
             Coding::Brotli => {
                 let mut alloc = mapped::Alloc::STREAM;
                 let buffer = brotli::Allocator::<u8>::alloc_cell(&mut alloc, 4096);
@@ -1068,11 +1320,7 @@ impl Encoder {
     /// Compresses `data` and flushes, returning what is ready to send.
     fn write_flush(&mut self, data: &[u8]) -> std::io::Result<Bytes> {
         match self {
-            Encoder::Gzip(e) => {
-                e.write_all(data)?;
-                e.flush()?;
-                Ok(Bytes::from(std::mem::take(e.get_mut())))
-            }
+            Encoder::Gzip(e) => Ok(Bytes::from(e.compress(data, false)?)),
             Encoder::Brotli(e) => {
                 e.write_all(data)?;
                 e.flush()?;
@@ -1084,7 +1332,7 @@ impl Encoder {
 
     fn finish(self) -> std::io::Result<Bytes> {
         Ok(Bytes::from(match self {
-            Encoder::Gzip(e) => e.finish()?,
+            Encoder::Gzip(mut e) => e.compress(&[], true)?,
             Encoder::Brotli(e) => e.into_inner(),
             Encoder::Zstd(mut e, padding) => {
                 let mut out = e.compress(&[], true)?;
@@ -1806,6 +2054,80 @@ mod tests {
             .join()
             .unwrap();
         assert_eq!(pool.len(), 0, "freed at once without a runtime");
+    }
+
+    /// Per-response gzip: a finished stream's deflate state goes back to
+    /// the pool and the next stream reuses it; each stream decodes on its
+    /// own to its body, also after one dropped mid-stream, across flushes
+    /// and with a header comment; the pool keeps at most 4 states and is
+    /// freed after a second without a stream, and at once without a
+    /// runtime. Stored variants (level 9) never join it.
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn gzip_streams_reuse_pooled_states_and_each_stream_stands_alone() {
+        use mapped::gzip_states::{self, States};
+        use mapped::pool::IDLE;
+        use mapped::{GzipStream, GZIP_STREAM_LEVEL};
+        let pool: &'static States = Box::leak(Box::new(States::new(gzip_states::free)));
+        let stream = || GzipStream::from_pool(Some(pool), GZIP_STREAM_LEVEL, None).unwrap();
+        let page = bench_page();
+        let other: Vec<u8> = page.iter().rev().copied().collect();
+        let encode = |stream: &mut GzipStream, body: &[u8]| {
+            let (a, b) = body.split_at(body.len() / 3);
+            let mut out = stream.compress(a, false).unwrap();
+            // Each flush leaves a whole prefix a client can inflate.
+            let mut prefix = Vec::new();
+            let _ = flate2::read::GzDecoder::new(&out[..]).read_to_end(&mut prefix);
+            assert_eq!(prefix, a, "the first part decodes once flushed");
+            out.extend(stream.compress(&[], false).unwrap());
+            out.extend(stream.compress(b, false).unwrap());
+            out.extend(stream.compress(&[], true).unwrap());
+            out
+        };
+
+        let mut first = stream();
+        let state = first.state();
+        assert_eq!(decode(Coding::Gzip, &encode(&mut first, &page)), page);
+        drop(first);
+        assert_eq!(pool.len(), 1);
+
+        // Cut off mid-stream: its state comes back all the same...
+        let mut cut = stream();
+        assert_eq!(cut.state(), state, "the pooled state reused");
+        cut.compress(&page[..5000], false).unwrap();
+        drop(cut);
+        // ...and the next stream starts afresh, with its own header.
+        let mut next =
+            GzipStream::from_pool(Some(pool), GZIP_STREAM_LEVEL, Some(b"Padding")).unwrap();
+        assert_eq!(next.state(), state);
+        let encoded = encode(&mut next, &other);
+        assert_eq!(&encoded[..4], [0x1f, 0x8b, 8, 0x10], "FCOMMENT");
+        assert_eq!(decode(Coding::Gzip, &encoded), other);
+        drop(next);
+        // The same bytes as a fresh state gives.
+        let mut again = stream();
+        let mut fresh = GzipStream::from_pool(None, GZIP_STREAM_LEVEL, None).unwrap();
+        assert_eq!(
+            again.compress(&page, true).unwrap(),
+            fresh.compress(&page, true).unwrap()
+        );
+        drop(again);
+        assert_eq!(pool.len(), 1);
+        let five: Vec<GzipStream> = (0..5).map(|_| stream()).collect();
+        drop(five);
+        assert_eq!(pool.len(), 4, "at most 4 kept");
+
+        tokio::time::sleep(IDLE / 2).await;
+        assert_eq!(pool.len(), 4, "kept while in use");
+        tokio::time::sleep(IDLE * 3).await;
+        tokio::task::yield_now().await;
+        assert_eq!(pool.len(), 0, "freed after a second unused");
+        std::thread::spawn(move || drop(stream())).join().unwrap();
+        assert_eq!(pool.len(), 0, "freed at once without a runtime");
+        // Level 9 (stored variants) is never pooled.
+        assert!(!GzipStream::new(9, None).unwrap().is_pooled());
+        assert!(GzipStream::new(GZIP_STREAM_LEVEL, None)
+            .unwrap()
+            .is_pooled());
     }
 
     #[test]
