@@ -12,11 +12,15 @@
 #
 # How: Puma with the proxy in-process (bench/app.ru, 2 workers) runs under
 # valgrind's callgrind; the profile is cut once the proxy has started
-# ("start-up") and again after bench/memory.rb's workload (50 small
-# requests, then the mixed warm-up: the cached CSS in four codings, the
-# page compressed per request, 13-byte responses, X-Sendfile downloads)
-# ("steady"). Every function of the extension with a cost in the steady
-# part goes to `.text.hot`; the other functions seen go to `.text.warm`.
+# ("start-up"), again after a first round of bench/memory.rb's workload (50
+# small requests, then the mixed warm-up: the cached CSS in four codings,
+# the page compressed per request, 13-byte responses, X-Sendfile
+# downloads), which fills the cache ("fill"), and after a second round of
+# the same requests, all answered from a filled cache ("steady"). Every
+# function of the extension with a cost in the steady part goes to
+# `.text.hot`; the other functions seen go to `.text.warm`: the start, and
+# what only cache fills run (the stored variants' encoders at brotli 11,
+# zstd 19, gzip 9), whose pages sys::code_pages releases once fills settle.
 #
 # Names are matched without their hashes (`17h<hash>E`, `Cs<hash>_`), which
 # change with every compiler and dependency version: the script keeps
@@ -64,7 +68,6 @@ MIX = [["/assets/app.css", "gzip"], ["/assets/app.css", "br"], ["/assets/app.css
        ["/hello", "gzip"]].freeze
 
 def workload(port)
-  50.times { Net::HTTP.get_response(URI("http://127.0.0.1:#{port}/hello")) }
   jobs = Queue.new
   300.times { |i| jobs << MIX[i % MIX.size] }
   4.times { jobs << ["/download", "identity"] }
@@ -155,6 +158,10 @@ begin
   sleep 1 until BenchSupport.tree(pid).size >= 3
   sleep 5 # the proxy's set-up tasks and sys::code_pages' release
   system("callgrind_control", "--dump=start-up", pid.to_s, out: File::NULL, err: File::NULL, exception: true)
+  50.times { Net::HTTP.get_response(URI("http://127.0.0.1:#{port}/hello")) }
+  workload(port)
+  system("callgrind_control", "--dump=fill", pid.to_s, out: File::NULL, err: File::NULL, exception: true)
+  sleep 3 # pools freed, pages of the fills released (sys::code_pages)
   workload(port)
   system("callgrind_control", "--dump=steady", pid.to_s, out: File::NULL, err: File::NULL, exception: true)
 ensure
@@ -162,18 +169,20 @@ ensure
   Process.wait(pid)
 end
 
-# Dumps of the master: .1 start-up, .2 steady, the last at exit.
-start_up, steady, exit_dump = %W[#{profile}.#{pid}.1 #{profile}.#{pid}.2 #{profile}.#{pid}].map { functions(_1) }
+# Dumps of the master: .1 start-up, .2 fill, .3 steady, the last at exit.
+start_up, fill, steady, exit_dump = %W[#{profile}.#{pid}.1 #{profile}.#{pid}.2 #{profile}.#{pid}.3
+                                       #{profile}.#{pid}].map { functions(_1) }
 # Sorted by name, not by cost: within a region the order matters little
 # (all of it is touched), and a new run then changes only what changed.
 hot = steady.keys.map { patterns(_1) }.uniq.sort
-warm = ((start_up.keys + exit_dump.keys).map { patterns(_1) }.uniq - hot).sort
+warm = ((start_up.keys + fill.keys + exit_dump.keys).map { patterns(_1) }.uniq - hot).sort
 File.write(OUT, <<~LD)
   /* The code the proxy runs once started, gathered: written by
      bench/code_layout.rb (#{Time.now.utc.strftime('%Y-%m-%d')}), which says why and how; linked by
      ext/code_layout.rs, both front ends' build script. .text.hot: what
-     bench/memory.rb's requests ran; .text.warm: what else ran, the start
-     mostly (released after it by sys::code_pages). A function missing from
+     bench/memory.rb's requests ran on a filled cache; .text.warm: what
+     else ran, the start and cache fills (released after them by
+     sys::code_pages). A function missing from
      both stays in .text, where the linker puts it. */
   SECTIONS
   {

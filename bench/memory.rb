@@ -12,8 +12,10 @@
 # WARMUP requests (default 300) on 4 connections: the cached 100 KB CSS in
 # gzip, br, zstd and identity, the 20 KB private page compressed per request
 # (br and gzip), 13-byte responses, and DOWNLOADS (default 4) 16 MiB
-# downloads (X-Sendfile through the proxy, streamed by Puma alone) — left
-# idle again and measured ("after warm-up"). PSS is summed over the whole
+# downloads (X-Sendfile through the proxy, streamed by Puma alone), twice,
+# 1.5 s apart (the second round finds the cache filled and the proxy
+# settled: what steady traffic keeps) — left idle again and measured
+# ("after warm-up"). PSS is summed over the whole
 # process tree from /proc/<pid>/smaps_rollup. Repeated REPEAT times
 # (default 3), interleaved; medians are reported.
 #
@@ -140,6 +142,11 @@ def measure(name)
   50.times { Net::HTTP.get_response(URI("http://127.0.0.1:#{port}/hello")) }
   sleep 2 # idle
   idle = sample(pid, name)
+  warm_up(port)
+  # Then the same traffic again once the proxy has settled (a second after
+  # the last cache fill it gives back the pages only fills touched, and its
+  # encoder pools go), so what is measured is what steady traffic keeps.
+  sleep 1.5
   warm_up(port)
   sleep 2 # idle again
   { idle:, after: sample(pid, name) }

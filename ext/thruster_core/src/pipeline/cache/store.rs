@@ -430,7 +430,7 @@ impl Store {
 pub async fn encode(entry: &Entry, coding: Coding) -> Option<Bytes> {
     let body = entry.body.clone();
     let immutable = entry.freshness.immutable;
-    tokio::task::spawn_blocking(move || {
+    let encoded = tokio::task::spawn_blocking(move || {
         compression::compress_stored(&body, coding, immutable)
             .ok()
             .filter(|encoded| encoded.len() < body.len())
@@ -438,7 +438,10 @@ pub async fn encode(entry: &Entry, coding: Coding) -> Option<Bytes> {
     })
     .await
     .ok()
-    .flatten()
+    .flatten();
+    // The high levels' code and tables are used by nothing else.
+    crate::sys::code_pages::release_after_rare_work();
+    encoded
 }
 
 /// Held by the request that asks upstream on behalf of everyone waiting
