@@ -157,6 +157,22 @@ fn h2c_get(port: u16) -> TcpStream {
     }
 }
 
+/// A proxy with `settings` (request logs off) on a runtime of one worker,
+/// in front of an echo app on the same runtime, and its HTTP port.
+fn proxy(settings: &[(&str, &str)]) -> (tokio::runtime::Runtime, thruster_core::Server, u16) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let upstream = support::start_echo_upstream(&rt);
+    let http = support::free_port();
+    let mut all = vec![("LOG_REQUESTS", "false")];
+    all.extend_from_slice(settings);
+    let server = support::start_server(support::config(&all), upstream, http, support::free_port());
+    (rt, server, http)
+}
+
 /// Polls the heap until `per_conn(live)` is at most `limit` bytes, and
 /// panics with the last figure if it never gets there.
 fn wait_until_at_most(limit: isize, what: &str, per_conn: impl Fn(isize) -> isize) {
@@ -186,19 +202,7 @@ fn parked_http1_connections_keep_no_request_buffers() {
     // it was over 10 KiB.
     const LIMIT: isize = 4096;
 
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    let upstream = support::start_echo_upstream(&rt);
-    let http = support::free_port();
-    let server = support::start_server(
-        support::config(&[("LOG_REQUESTS", "false")]),
-        upstream,
-        http,
-        support::free_port(),
-    );
+    let (rt, server, http) = proxy(&[]);
     // Whatever a first request sets up for good (the upstream connection
     // the pool keeps, lazily built state) is not the idle connections'.
     for _ in 0..3 {
@@ -267,19 +271,7 @@ fn idle_http2_connections_keep_no_upstream_read_buffer() {
     // upstream read buffer behind the indexed `date` value, 45 KiB.
     const LIMIT: isize = 41 * 1024;
 
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    let upstream = support::start_echo_upstream(&rt);
-    let http = support::free_port();
-    let server = support::start_server(
-        support::config(&[("LOG_REQUESTS", "false"), ("H2C_ENABLED", "true")]),
-        upstream,
-        http,
-        support::free_port(),
-    );
+    let (rt, server, http) = proxy(&[("H2C_ENABLED", "true")]);
     for _ in 0..3 {
         drop(h2c_get(http));
     }
