@@ -1015,4 +1015,74 @@ mod tests {
         assert_eq!(upstream.uri_for(Some(&path)).to_string(), "/a/b?c=d&e");
         assert_eq!(upstream.uri_for(Some(&path)).authority(), None);
     }
+
+    /// A 101 hands the connection to the caller (a WebSocket tunnel): it is
+    /// not pooled, and the next request gets a connection of its own.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_upgraded_connection_is_the_callers_and_not_pooled() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = std::sync::Arc::new(AtomicUsize::new(0));
+        let app_accepted = accepted.clone();
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                app_accepted.fetch_add(1, SeqCst);
+                tokio::spawn(async move {
+                    // Echoes what comes through the upgraded connection.
+                    let service =
+                        hyper::service::service_fn(|mut req: Request<Incoming>| async move {
+                            let mut response =
+                                Response::new(http_body_util::Full::new(Bytes::from_static(b"ok")));
+                            if req.headers().contains_key(http::header::UPGRADE) {
+                                let on_upgrade = hyper::upgrade::on(&mut req);
+                                tokio::spawn(async move {
+                                    let mut io = TokioIo::new(on_upgrade.await.unwrap());
+                                    let mut buf = [0u8; 4];
+                                    io.read_exact(&mut buf).await.unwrap();
+                                    io.write_all(&buf).await.unwrap();
+                                });
+                                *response.body_mut() = http_body_util::Full::new(Bytes::new());
+                                *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+                                response.headers_mut().insert(
+                                    http::header::CONNECTION,
+                                    HeaderValue::from_static("upgrade"),
+                                );
+                                response.headers_mut().insert(
+                                    http::header::UPGRADE,
+                                    HeaderValue::from_static("echo"),
+                                );
+                            }
+                            Ok::<_, std::convert::Infallible>(response)
+                        });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .with_upgrades()
+                        .await;
+                });
+            }
+        });
+        let upstream = Upstream::new(UpstreamAddr::Tcp(addr), 1);
+        let mut req = get(&upstream, "/ws");
+        req.headers_mut().insert(
+            http::header::CONNECTION,
+            HeaderValue::from_static("upgrade"),
+        );
+        req.headers_mut()
+            .insert(http::header::UPGRADE, HeaderValue::from_static("echo"));
+        let mut response = upstream.send(req).await.unwrap();
+        assert_eq!(response.status(), StatusCode::SWITCHING_PROTOCOLS);
+        let upgraded = hyper::upgrade::on(&mut response).await.unwrap();
+        let mut io = TokioIo::new(upgraded);
+        io.write_all(b"ping").await.unwrap();
+        let mut echoed = [0u8; 4];
+        io.read_exact(&mut echoed).await.unwrap();
+        assert_eq!(&echoed, b"ping");
+        assert_eq!(upstream.pool.idle_len(), 0);
+        // The 101's empty body freed the one slot.
+        drop(response);
+        get_ok(&upstream).await;
+        assert_eq!(accepted.load(SeqCst), 2);
+    }
 }

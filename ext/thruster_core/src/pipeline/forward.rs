@@ -743,7 +743,7 @@ mod tests {
         assert!(!headers[header::CONTENT_TYPE].is_sensitive());
     }
 
-    /// An error that wraps another, as hyper-util's client error wraps
+    /// An error that wraps another, as the upstream's `SendError` wraps
     /// hyper's and the I/O error under it.
     #[derive(Debug, thiserror::Error)]
     #[error("wrapped")]
