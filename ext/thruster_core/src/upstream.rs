@@ -17,7 +17,8 @@
 //! and 64 clients, went from 0.72× to 0.91× nginx's requests/s and its p99
 //! from 44 to 7 ms (docs/benchmarks.md).
 
-use std::future::Future;
+mod pool;
+
 use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -27,22 +28,23 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{HeaderValue, Request, Response, Uri};
+use http::uri::PathAndQuery;
+use http::{HeaderValue, Request, Response, StatusCode, Uri};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::connect::{Connected, Connection};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 pub use crate::http::RequestBody;
+use crate::log;
 use crate::metrics;
 use crate::sys::{self, Registration};
+use pool::{Pool, PoolLimits, Sender, Taken};
 
 /// Idle upstream connections are dropped after this long (below Puma's 20 s
-/// persistent timeout, so the app never closes one we are about to reuse).
+/// persistent timeout, so the app never closes one we are about to reuse);
+/// the pool's sweep closes them at most half as long again later.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Idle upstream connections kept for reuse; more are closed as their
 /// responses end. Each one costs ~26 KiB while idle (hyper's read and write
@@ -53,6 +55,10 @@ const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// them, 6.5 MiB; reconnecting over loopback costs tens of microseconds.
 const POOL_MAX_IDLE: usize = 32;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a request waits for a pooled connection whose response has
+/// been read but whose hyper task has not yet turned ready for the next
+/// request, before it opens a new connection instead.
+const SETTLE_WAIT: Duration = Duration::from_millis(2);
 
 /// Where the app listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -114,49 +120,32 @@ impl FromStr for UpstreamAddr {
     }
 }
 
-/// Connects every request to the one app address, whatever the URI says.
-#[derive(Clone)]
-pub struct AppConnector {
-    addr: std::sync::Arc<UpstreamAddr>,
-}
-
-impl tower_service::Service<Uri> for AppConnector {
-    type Response = TokioIo<AppStream>;
-    type Error = io::Error;
-    type Future = Pin<Box<dyn Future<Output = io::Result<Self::Response>> + Send>>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, _uri: Uri) -> Self::Future {
-        let addr = self.addr.clone();
-        Box::pin(async move {
-            let connect = async {
-                match &*addr {
-                    UpstreamAddr::Tcp(sock) => {
-                        // Registered as it is created, before the connect
-                        // wait, so no fork in between keeps it.
-                        let (registration, socket) = sys::tcp_socket(sock)?.into_parts();
-                        let stream = socket.connect(*sock).await?;
-                        stream.set_nodelay(true)?;
-                        Ok(AppStream::new(registration, AppIo::Tcp(stream)))
-                    }
-                    UpstreamAddr::Unix(path) => {
-                        let (registration, socket) = sys::unix_socket()?.into_parts();
-                        let stream = socket.connect(path).await?;
-                        Ok(AppStream::new(registration, AppIo::Unix(stream)))
-                    }
-                }
-            };
-            match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
-                Ok(result) => result.map(TokioIo::new),
-                Err(_) => Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "connect to the app timed out",
-                )),
+/// Opens a connection to the app, registered in the fork registry from the
+/// socket's creation, within `CONNECT_TIMEOUT`.
+async fn connect(addr: &UpstreamAddr) -> io::Result<AppStream> {
+    let connect = async {
+        match addr {
+            UpstreamAddr::Tcp(sock) => {
+                // Registered as it is created, before the connect wait, so
+                // no fork in between keeps it.
+                let (registration, socket) = sys::tcp_socket(sock)?.into_parts();
+                let stream = socket.connect(*sock).await?;
+                stream.set_nodelay(true)?;
+                Ok(AppStream::new(registration, AppIo::Tcp(stream)))
             }
-        })
+            UpstreamAddr::Unix(path) => {
+                let (registration, socket) = sys::unix_socket()?.into_parts();
+                let stream = socket.connect(path).await?;
+                Ok(AppStream::new(registration, AppIo::Unix(stream)))
+            }
+        }
+    };
+    match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
+        Ok(result) => result,
+        Err(_) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "connect to the app timed out",
+        )),
     }
 }
 
@@ -181,23 +170,40 @@ impl AppStream {
     }
 }
 
-impl Connection for AppStream {
-    fn connected(&self) -> Connected {
-        Connected::new()
-    }
-}
-
 crate::sys::enum_stream_io!(AppStream { io }: AppIo { Tcp, Unix });
 
 #[derive(Clone)]
 pub struct Upstream {
-    client: Client<AppConnector, RequestBody>,
-    authority: Authority,
+    pool: Pool,
     addr: std::sync::Arc<UpstreamAddr>,
     fallback_host: HeaderValue,
     /// `UPSTREAM_MAX_CONNECTIONS`'s slots; `None`: no cap. Tokio's
     /// semaphore is fair, so requests are sent in the order they came.
     slots: Option<std::sync::Arc<Semaphore>>,
+    /// Requests sent again after hyper handed them back unsent.
+    #[cfg(test)]
+    resent: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// Why a request got no response from the app.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// No connection to the app could be opened (refused, no such socket,
+    /// timed out): the app saw nothing of the request.
+    #[error("connecting to the app failed")]
+    Connect(#[source] io::Error),
+    /// The exchange on an open connection failed: the app closed or reset
+    /// it, sent something that is not HTTP/1.1, or the request body broke
+    /// (its error is the cause).
+    #[error("request to the app failed")]
+    Request(#[source] hyper::Error),
+}
+
+impl SendError {
+    /// Nothing reached the app: safe to try again for any method.
+    pub fn is_connect(&self) -> bool {
+        matches!(self, SendError::Connect(_))
+    }
 }
 
 /// The app's response body. It holds the request's slot (when
@@ -206,14 +212,43 @@ pub struct Upstream {
 pub struct AppBody {
     body: Incoming,
     slot: Option<OwnedSemaphorePermit>,
+    /// The connection the body comes on, when hyper was not yet ready for
+    /// another request as the head arrived (it was still reading the body).
+    /// It goes back to the pool as the body ends, before the slot is freed,
+    /// so the request the slot wakes finds it there.
+    conn: Option<(Pool, Sender)>,
 }
 
 impl AppBody {
-    fn new(body: Incoming, slot: Option<OwnedSemaphorePermit>) -> AppBody {
+    fn new(
+        body: Incoming,
+        slot: Option<OwnedSemaphorePermit>,
+        conn: Option<(Pool, Sender)>,
+    ) -> AppBody {
+        let mut body = AppBody { body, slot, conn };
         // A body already complete (204, HEAD, `Content-Length: 0`) may
         // never be polled: give its slot back now.
-        let slot = slot.filter(|_| !body.is_end_stream());
-        AppBody { body, slot }
+        if body.body.is_end_stream() {
+            body.ended();
+        }
+        body
+    }
+
+    fn ended(&mut self) {
+        if let Some((pool, sender)) = self.conn.take() {
+            pool.give_back(sender);
+        }
+        self.slot = None;
+    }
+}
+
+impl Drop for AppBody {
+    fn drop(&mut self) {
+        // Dropped before its end: hyper closes the connection unless it had
+        // read the whole response already, so only a ready one is kept.
+        if let Some((pool, sender)) = self.conn.take() {
+            pool.keep_if_ready(sender);
+        }
     }
 }
 
@@ -227,8 +262,15 @@ impl Body for AppBody {
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = self.get_mut();
         let frame = std::task::ready!(Pin::new(&mut this.body).poll_frame(cx));
-        if !matches!(frame, Some(Ok(_))) || this.body.is_end_stream() {
-            this.slot = None;
+        match &frame {
+            Some(Ok(_)) if !this.body.is_end_stream() => {}
+            // The end: the connection can carry the next request.
+            Some(Ok(_)) | None => this.ended(),
+            // hyper closes the connection after a broken body.
+            Some(Err(_)) => {
+                this.conn = None;
+                this.slot = None;
+            }
         }
         Poll::Ready(frame)
     }
@@ -274,12 +316,18 @@ impl Upstream {
     /// `max_connections`: requests in flight to the app at most, `0` = no
     /// cap (`UPSTREAM_MAX_CONNECTIONS`).
     pub fn new(addr: UpstreamAddr, max_connections: usize) -> Upstream {
-        // The URI authority only keys the pool; the connector ignores it.
-        let authority = match &addr {
-            UpstreamAddr::Tcp(sock) => Authority::try_from(sock.to_string()),
-            UpstreamAddr::Unix(_) => Authority::try_from("localhost"),
-        }
-        .expect("a socket address or `localhost` is a valid authority");
+        let limits = PoolLimits {
+            max_idle: POOL_MAX_IDLE,
+            idle_timeout: POOL_IDLE_TIMEOUT,
+        };
+        Upstream::with_pool_limits(addr, max_connections, limits)
+    }
+
+    fn with_pool_limits(
+        addr: UpstreamAddr,
+        max_connections: usize,
+        limits: PoolLimits,
+    ) -> Upstream {
         // RFC 9112 §3.2: every HTTP/1.1 request carries Host. For clients
         // that sent none (HTTP/1.0), name the app the way Thruster does.
         let fallback_host = match &addr {
@@ -287,26 +335,16 @@ impl Upstream {
             UpstreamAddr::Unix(_) => HeaderValue::try_from("localhost"),
         }
         .expect("`localhost[:port]` is a valid header value");
-        let addr = std::sync::Arc::new(addr);
-        let connector = AppConnector { addr: addr.clone() };
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-            .pool_max_idle_per_host(POOL_MAX_IDLE)
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            // Keep the client's Host header (Thruster preserves it); we set it
-            // ourselves when the client sent none.
-            .set_host(false)
-            .build(connector);
         let slots = (max_connections > 0).then(|| {
             std::sync::Arc::new(Semaphore::new(max_connections.min(Semaphore::MAX_PERMITS)))
         });
         Upstream {
-            client,
-            authority,
-            addr,
+            pool: Pool::new(limits),
+            addr: std::sync::Arc::new(addr),
             fallback_host,
             slots,
+            #[cfg(test)]
+            resent: Default::default(),
         }
     }
 
@@ -316,28 +354,24 @@ impl Upstream {
         &self.fallback_host
     }
 
-    /// The URI the upstream request is sent to: the app's address plus the
-    /// client's path and query, byte for byte.
+    /// The URI the upstream request is sent with: the client's path and
+    /// query, byte for byte, in origin form (`/path?query`), which is what
+    /// hyper writes on the request line.
     pub fn uri_for(&self, path_and_query: Option<&PathAndQuery>) -> Uri {
-        Uri::builder()
-            .scheme(Scheme::HTTP)
-            .authority(self.authority.clone())
-            .path_and_query(
-                path_and_query
-                    .cloned()
-                    .unwrap_or_else(|| PathAndQuery::from_static("/")),
-            )
-            .build()
-            .expect("scheme, authority and path form a valid URI")
+        match path_and_query {
+            Some(path) if path.as_str() != "/" => {
+                let mut parts = http::uri::Parts::default();
+                parts.path_and_query = Some(path.clone());
+                Uri::from_parts(parts).expect("a path and query alone is a valid URI")
+            }
+            _ => Uri::from_static("/"),
+        }
     }
 
     /// Sends `req` once a slot is free (see the module's comment); the
     /// slot travels with the response's body. The caller bounds the whole
     /// wait, slot included, by `HTTP_WRITE_TIMEOUT`.
-    pub async fn send(
-        &self,
-        req: Request<RequestBody>,
-    ) -> Result<Response<AppBody>, hyper_util::client::legacy::Error> {
+    pub async fn send(&self, req: Request<RequestBody>) -> Result<Response<AppBody>, SendError> {
         let slot = match &self.slots {
             None => None,
             Some(slots) => Some(match slots.clone().try_acquire_owned() {
@@ -352,8 +386,91 @@ impl Upstream {
                 }
             }),
         };
-        let response = self.client.request(req).await?;
-        Ok(response.map(|body| AppBody::new(body, slot)))
+        let (response, conn) = self.exchange(req).await?;
+        let conn = conn.map(|sender| (self.pool.clone(), sender));
+        Ok(response.map(|body| AppBody::new(body, slot, conn)))
+    }
+
+    /// One request on a pooled connection, or on a new one when none is
+    /// idle. A pooled connection can turn out closed after it was taken
+    /// (the app closed it as we picked it): hyper then hands the request
+    /// back unsent, and it goes on the next connection. On a new
+    /// connection that failure is the app's answer.
+    ///
+    /// The connection is back in the pool when hyper is already ready for
+    /// the next request (the response was read whole); else it is returned
+    /// for the body to put back as it ends.
+    async fn exchange(
+        &self,
+        mut req: Request<RequestBody>,
+    ) -> Result<(Response<Incoming>, Option<Sender>), SendError> {
+        loop {
+            let (mut sender, reused) = match self.pool.take() {
+                Taken::Ready(sender) => (sender, true),
+                // A connection whose response just ended is usually
+                // microseconds from ready (its task is finishing on another
+                // thread): far less than a new connection costs the app.
+                Taken::Settling(mut sender) => {
+                    match tokio::time::timeout(SETTLE_WAIT, sender.ready()).await {
+                        Ok(Ok(())) => (sender, true),
+                        // Closed: look again.
+                        Ok(Err(_)) => continue,
+                        // Still writing a request body the app answered
+                        // before reading: leave it to finish.
+                        Err(_) => {
+                            self.pool.put(sender);
+                            (self.open().await?, false)
+                        }
+                    }
+                }
+                Taken::Empty => (self.open().await?, false),
+            };
+            match sender.try_send_request(req).await {
+                Ok(response) => {
+                    // After 101 the connection belongs to the tunnel.
+                    if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+                        return Ok((response, None));
+                    }
+                    // Read whole already: back now, for any request.
+                    if sender.is_ready() {
+                        self.pool.put(sender);
+                        return Ok((response, None));
+                    }
+                    return Ok((response, Some(sender)));
+                }
+                Err(mut err) => match err.take_message() {
+                    Some(unsent) if reused => {
+                        #[cfg(test)]
+                        self.resent
+                            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        req = unsent;
+                    }
+                    _ => return Err(SendError::Request(err.into_error())),
+                },
+            }
+        }
+    }
+
+    /// A new connection to the app, its hyper task spawned. The request
+    /// can be sent at once: hyper queues the first one until its task runs.
+    async fn open(&self) -> Result<Sender, SendError> {
+        let stream = connect(&self.addr).await.map_err(SendError::Connect)?;
+        let (sender, connection) = hyper::client::conn::http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(SendError::Request)?;
+        tokio::spawn(async move {
+            // Upgrades: a 101 hands the socket to the tunnel.
+            if let Err(err) = connection.with_upgrades().await {
+                if log::enabled(log::Level::Debug) {
+                    log::debug(
+                        "Upstream connection failed",
+                        &[("error", err.to_string().into())],
+                    );
+                }
+            }
+        });
+        Ok(sender)
     }
 }
 
@@ -505,6 +622,7 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         assert_eq!(open.load(Ordering::SeqCst), POOL_MAX_IDLE);
+        assert_eq!(upstream.pool.idle_len(), POOL_MAX_IDLE);
     }
 
     /// An app that answers after `hold`, counting the requests it is
@@ -641,5 +759,330 @@ mod tests {
         assert_eq!(tcp.fallback_host(), "localhost:3001");
         let unix = Upstream::new(UpstreamAddr::Unix("/tmp/puma.sock".into()), 0);
         assert_eq!(unix.fallback_host(), "localhost");
+    }
+
+    /// An app on a plain socket that answers every request `ok` with
+    /// keep-alive and counts the connections it accepted and has open. The
+    /// returned sender closes, from the app's side, every connection open at
+    /// that moment (as Puma does with idle keep-alive connections).
+    struct ClosingApp {
+        addr: SocketAddr,
+        accepted: std::sync::Arc<AtomicUsize>,
+        open: std::sync::Arc<AtomicUsize>,
+        close_all: tokio::sync::watch::Sender<u32>,
+    }
+
+    async fn closing_app() -> ClosingApp {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = std::sync::Arc::new(AtomicUsize::new(0));
+        let open = std::sync::Arc::new(AtomicUsize::new(0));
+        let (close_all, closing) = tokio::sync::watch::channel(0u32);
+        let (app_accepted, app_open) = (accepted.clone(), open.clone());
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                app_accepted.fetch_add(1, SeqCst);
+                app_open.fetch_add(1, SeqCst);
+                let (open, mut closing) = (app_open.clone(), closing.clone());
+                closing.mark_unchanged();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(|_req| async {
+                        Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Full::new(
+                            Bytes::from_static(b"ok"),
+                        )))
+                    });
+                    let connection = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service);
+                    tokio::select! {
+                        _ = connection => {}
+                        _ = closing.changed() => {}
+                    }
+                    open.fetch_sub(1, SeqCst);
+                });
+            }
+        });
+        ClosingApp {
+            addr,
+            accepted,
+            open,
+            close_all,
+        }
+    }
+
+    async fn get_ok(upstream: &Upstream) {
+        let response = upstream.send(get(upstream, "/")).await.unwrap();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body, "ok");
+    }
+
+    /// Requests one after another share one connection.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sequential_requests_reuse_one_connection() {
+        let app = closing_app().await;
+        let upstream = Upstream::new(UpstreamAddr::Tcp(app.addr), 0);
+        for _ in 0..20 {
+            get_ok(&upstream).await;
+        }
+        assert_eq!(app.accepted.load(SeqCst), 1);
+        assert_eq!(upstream.pool.idle_len(), 1);
+    }
+
+    /// The app closed the idle connection (its keep-alive timeout): the
+    /// next request goes on a new one and succeeds.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_connection_the_app_closed_is_not_used_again() {
+        let app = closing_app().await;
+        let upstream = Upstream::new(UpstreamAddr::Tcp(app.addr), 0);
+        for round in 1..=3 {
+            get_ok(&upstream).await;
+            assert_eq!(app.accepted.load(SeqCst), round);
+            app.close_all.send_modify(|n| *n += 1);
+            while app.open.load(SeqCst) > 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            // Time for hyper to read the end of the connection.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The race a keep-alive pool has with the app: the app closes an idle
+    /// connection just as a request takes it. Hyper hands the request back
+    /// unsent, and it goes on a new connection instead of failing. The
+    /// runtime thread is blocked while the app closes, so the pool still
+    /// sees the connection ready when the request takes it.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_request_on_a_connection_closed_under_it_is_sent_on_a_new_one() {
+        use std::io::{Read as _, Write as _};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (close_tx, close_rx) = std::sync::mpsc::channel::<()>();
+        let (closed_tx, closed_rx) = std::sync::mpsc::channel::<()>();
+        let accepted = std::sync::Arc::new(AtomicUsize::new(0));
+        let app_accepted = accepted.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let mut stream = stream.unwrap();
+                app_accepted.fetch_add(1, SeqCst);
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if stream.read(&mut byte).unwrap() == 0 {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                stream
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                    .unwrap();
+                // Keep-alive was promised; close when told to.
+                if close_rx.recv().is_err() {
+                    return;
+                }
+                drop(stream);
+                closed_tx.send(()).unwrap();
+            }
+        });
+        let upstream = Upstream::new(UpstreamAddr::Tcp(addr), 0);
+        get_ok(&upstream).await;
+        // Give hyper's task its turn to mark the connection ready.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(upstream.pool.idle_len(), 1);
+
+        close_tx.send(()).unwrap();
+        closed_rx.recv().unwrap();
+        // Blocking, so the close has arrived but no task saw it; then a
+        // yield, after which the runtime polls its I/O driver (waking
+        // hyper's task for the close) and resumes this task first.
+        std::thread::sleep(Duration::from_millis(50));
+        tokio::task::yield_now().await;
+        let sent = upstream.send(get(&upstream, "/"));
+        let response = tokio::time::timeout(Duration::from_secs(5), sent)
+            .await
+            .expect("answered")
+            .expect("sent again on a new connection");
+        assert_eq!(
+            response.into_body().collect().await.unwrap().to_bytes(),
+            "ok"
+        );
+        assert_eq!(accepted.load(SeqCst), 2);
+        assert_eq!(
+            upstream.resent.load(SeqCst),
+            1,
+            "taken while ready, handed back"
+        );
+        close_tx.send(()).unwrap();
+    }
+
+    /// An idle connection is closed after the idle timeout, and the next
+    /// request opens a new one.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn idle_connections_are_closed_after_the_idle_timeout() {
+        let app = closing_app().await;
+        let limits = PoolLimits {
+            max_idle: POOL_MAX_IDLE,
+            idle_timeout: Duration::from_millis(200),
+        };
+        let upstream = Upstream::with_pool_limits(UpstreamAddr::Tcp(app.addr), 0, limits);
+        get_ok(&upstream).await;
+        get_ok(&upstream).await;
+        assert_eq!(app.accepted.load(SeqCst), 1);
+        assert_eq!(app.open.load(SeqCst), 1);
+        // Swept at most 1.5 timeouts after its last use.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while app.open.load(SeqCst) > 0 && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(app.open.load(SeqCst), 0, "closed by the sweep");
+        assert_eq!(upstream.pool.idle_len(), 0);
+        get_ok(&upstream).await;
+        assert_eq!(app.accepted.load(SeqCst), 2);
+    }
+
+    /// A connection whose idle time passed is not used even before the
+    /// sweep closes it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_expired_connection_is_not_taken() {
+        let app = closing_app().await;
+        let limits = PoolLimits {
+            max_idle: POOL_MAX_IDLE,
+            // The sweep runs every 5 s: after the test.
+            idle_timeout: Duration::from_secs(10),
+        };
+        let upstream = Upstream::with_pool_limits(UpstreamAddr::Tcp(app.addr), 0, limits);
+        get_ok(&upstream).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(matches!(
+            upstream.pool.take_after(Duration::from_secs(11)),
+            Taken::Empty
+        ));
+        assert_eq!(upstream.pool.idle_len(), 0, "the expired one was dropped");
+    }
+
+    /// Requests reach an app on a Unix socket, over one kept connection.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn unix_socket_connections_are_pooled_too() {
+        let dir = std::env::temp_dir().join(format!("thruster-upstream-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("app.sock");
+        let _ = std::fs::remove_file(&path);
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        let accepted = std::sync::Arc::new(AtomicUsize::new(0));
+        let app_accepted = accepted.clone();
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                app_accepted.fetch_add(1, SeqCst);
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(|_req| async {
+                        Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Full::new(
+                            Bytes::from_static(b"ok"),
+                        )))
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        let upstream = Upstream::new(UpstreamAddr::Unix(path.clone()), 0);
+        for _ in 0..5 {
+            get_ok(&upstream).await;
+        }
+        assert_eq!(accepted.load(SeqCst), 1);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A refused connection is a connect error (retried by the forwarder),
+    /// not a failed request.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_refused_connection_is_a_connect_error() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        drop(listener);
+        let upstream = Upstream::new(UpstreamAddr::Tcp(addr), 0);
+        let Err(err) = upstream.send(get(&upstream, "/")).await else {
+            panic!("answered on a refused port");
+        };
+        assert!(err.is_connect(), "{err:?}");
+    }
+
+    #[test]
+    fn the_request_line_carries_the_path_and_query_alone() {
+        let upstream = Upstream::new(UpstreamAddr::Tcp("127.0.0.1:3001".parse().unwrap()), 0);
+        assert_eq!(upstream.uri_for(None), "/");
+        let path = PathAndQuery::from_static("/a/b?c=d&e");
+        assert_eq!(upstream.uri_for(Some(&path)).to_string(), "/a/b?c=d&e");
+        assert_eq!(upstream.uri_for(Some(&path)).authority(), None);
+    }
+
+    /// A 101 hands the connection to the caller (a WebSocket tunnel): it is
+    /// not pooled, and the next request gets a connection of its own.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_upgraded_connection_is_the_callers_and_not_pooled() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = std::sync::Arc::new(AtomicUsize::new(0));
+        let app_accepted = accepted.clone();
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                app_accepted.fetch_add(1, SeqCst);
+                tokio::spawn(async move {
+                    // Echoes what comes through the upgraded connection.
+                    let service =
+                        hyper::service::service_fn(|mut req: Request<Incoming>| async move {
+                            let mut response =
+                                Response::new(http_body_util::Full::new(Bytes::from_static(b"ok")));
+                            if req.headers().contains_key(http::header::UPGRADE) {
+                                let on_upgrade = hyper::upgrade::on(&mut req);
+                                tokio::spawn(async move {
+                                    let mut io = TokioIo::new(on_upgrade.await.unwrap());
+                                    let mut buf = [0u8; 4];
+                                    io.read_exact(&mut buf).await.unwrap();
+                                    io.write_all(&buf).await.unwrap();
+                                });
+                                *response.body_mut() = http_body_util::Full::new(Bytes::new());
+                                *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+                                response.headers_mut().insert(
+                                    http::header::CONNECTION,
+                                    HeaderValue::from_static("upgrade"),
+                                );
+                                response.headers_mut().insert(
+                                    http::header::UPGRADE,
+                                    HeaderValue::from_static("echo"),
+                                );
+                            }
+                            Ok::<_, std::convert::Infallible>(response)
+                        });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .with_upgrades()
+                        .await;
+                });
+            }
+        });
+        let upstream = Upstream::new(UpstreamAddr::Tcp(addr), 1);
+        let mut req = get(&upstream, "/ws");
+        req.headers_mut().insert(
+            http::header::CONNECTION,
+            HeaderValue::from_static("upgrade"),
+        );
+        req.headers_mut()
+            .insert(http::header::UPGRADE, HeaderValue::from_static("echo"));
+        let mut response = upstream.send(req).await.unwrap();
+        assert_eq!(response.status(), StatusCode::SWITCHING_PROTOCOLS);
+        let upgraded = hyper::upgrade::on(&mut response).await.unwrap();
+        let mut io = TokioIo::new(upgraded);
+        io.write_all(b"ping").await.unwrap();
+        let mut echoed = [0u8; 4];
+        io.read_exact(&mut echoed).await.unwrap();
+        assert_eq!(&echoed, b"ping");
+        assert_eq!(upstream.pool.idle_len(), 0);
+        // The 101's empty body freed the one slot.
+        drop(response);
+        get_ok(&upstream).await;
+        assert_eq!(accepted.load(SeqCst), 2);
     }
 }

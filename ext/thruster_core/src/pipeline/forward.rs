@@ -8,7 +8,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::upstream::AppBody;
+use crate::upstream::{AppBody, SendError};
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Version};
@@ -262,7 +262,7 @@ impl ForwardError {
 
     /// A failed upstream call: a cut of the streamed request body shows up
     /// as its cause; anything else is the app's side.
-    fn from_send(err: hyper_util::client::legacy::Error) -> ForwardError {
+    fn from_send(err: SendError) -> ForwardError {
         match BodyCutError::find(&err) {
             Some(BodyCut::TooLarge) => ForwardError::BodyTooLarge,
             Some(BodyCut::TooSlow) => ForwardError::BodyTooSlow,
@@ -640,7 +640,7 @@ impl Forwarder {
 }
 
 /// The outcome of one upstream call; `None`: no response head in time.
-type SendResult = Option<Result<Response<AppBody>, hyper_util::client::legacy::Error>>;
+type SendResult = Option<Result<Response<AppBody>, SendError>>;
 
 /// Passes the app's 1xx responses (103 Early Hints) on to the client as they
 /// arrive. 100 Continue is hyper's business on each side; 101 is an upgrade.
@@ -743,7 +743,7 @@ mod tests {
         assert!(!headers[header::CONTENT_TYPE].is_sensitive());
     }
 
-    /// An error that wraps another, as hyper-util's client error wraps
+    /// An error that wraps another, as the upstream's `SendError` wraps
     /// hyper's and the I/O error under it.
     #[derive(Debug, thiserror::Error)]
     #[error("wrapped")]
