@@ -63,24 +63,8 @@ if !`nm #{SO} 2>&1`.include?(" T Init_thruster_rs") || `readelf -SW #{SO}`.inclu
         "THRUSTER_NO_CODE_LAYOUT=1 CARGO_PROFILE_RELEASE_STRIP=false bundle exec rake compile"
 end
 
-MIX = [["/assets/app.css", "gzip"], ["/assets/app.css", "br"], ["/assets/app.css", "zstd"],
-       ["/assets/app.css", "identity"], ["/page", "gzip, deflate, br, zstd"], ["/page", "gzip"],
-       ["/hello", "gzip"]].freeze
-
 def workload(port)
-  jobs = Queue.new
-  300.times { |i| jobs << MIX[i % MIX.size] }
-  4.times { jobs << ["/download", "identity"] }
-  Array.new(4) do
-    Thread.new do
-      Net::HTTP.start("127.0.0.1", port, read_timeout: 120) do |http|
-        while (job = jobs.pop(true) rescue nil) # rubocop:disable Style/RescueModifier
-          path, coding = job
-          http.request(Net::HTTP::Get.new(path, "Accept-Encoding" => coding)) { |r| r.read_body { nil } }
-        end
-      end
-    end
-  end.each(&:join)
+  BenchTraffic.mixed_traffic(port, requests: 300, downloads: 4, read_timeout: 120)
 end
 
 # Names behind callgrind's compressed "(id) name" references.

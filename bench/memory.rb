@@ -77,31 +77,9 @@ def setup_command(name, port, dir)
   end
 end
 
-# [path, Accept-Encoding] of the warm-up, in turn.
-MIX = [["/assets/app.css", "gzip"], ["/assets/app.css", "br"], ["/assets/app.css", "zstd"],
-       ["/assets/app.css", "identity"], ["/page", "gzip, deflate, br, zstd"], ["/page", "gzip"],
-       ["/hello", "gzip"]].freeze
-
 def warm_up(port)
-  queue = Queue.new
-  WARMUP.times { |i| queue << MIX[i % MIX.size] }
-  DOWNLOADS.times { queue << ["/download", "identity"] }
-  errors = Queue.new
-  Array.new(4) do
-    Thread.new do
-      Net::HTTP.start("127.0.0.1", port, read_timeout: 30) do |http|
-        while (job = queue.pop(true) rescue nil) # rubocop:disable Style/RescueModifier
-          path, coding = job
-          http.request(Net::HTTP::Get.new(path, "Accept-Encoding" => coding)) do |response|
-            bytes = 0
-            response.read_body { |chunk| bytes += chunk.bytesize }
-            errors << "#{path}: #{response.code}, #{bytes} bytes" unless response.code == "200" && bytes.positive?
-          end
-        end
-      end
-    end
-  end.each(&:join)
-  abort "bench/memory: warm-up failed: #{errors.pop}" unless errors.empty?
+  failures = BenchTraffic.mixed_traffic(port, requests: WARMUP, downloads: DOWNLOADS)
+  abort "bench/memory: warm-up failed: #{failures.first}" unless failures.empty?
 end
 
 # PSS in KiB of each file a process maps, and of its anonymous memory

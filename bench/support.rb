@@ -155,3 +155,40 @@ module BenchSupport
     socket
   end
 end
+
+# The mixed traffic of bench/memory.rb and bench/code_layout.rb.
+module BenchTraffic
+  module_function
+
+  # [path, Accept-Encoding] of bench/memory.rb's (and bench/code_layout.rb's)
+  # mixed traffic, in turn: the cached CSS in four codings, the page
+  # compressed per request, 13-byte responses.
+  MIXED = [["/assets/app.css", "gzip"], ["/assets/app.css", "br"], ["/assets/app.css", "zstd"],
+           ["/assets/app.css", "identity"], ["/page", "gzip, deflate, br, zstd"], ["/page", "gzip"],
+           ["/hello", "gzip"]].freeze
+
+  # `requests` of MIXED, then `downloads` of /download, on 4 keep-alive
+  # connections to bench/app.ru behind `port`. Returns what failed (a path,
+  # its status and bytes read), empty when every answer was a 200 with a body.
+  def mixed_traffic(port, requests:, downloads:, read_timeout: 30)
+    jobs = Queue.new
+    requests.times { |i| jobs << MIXED[i % MIXED.size] }
+    downloads.times { jobs << ["/download", "identity"] }
+    failures = Queue.new
+    Array.new(4) do
+      Thread.new do
+        Net::HTTP.start("127.0.0.1", port, read_timeout:) do |http|
+          while (job = jobs.pop(true) rescue nil) # rubocop:disable Style/RescueModifier
+            path, coding = job
+            http.request(Net::HTTP::Get.new(path, "Accept-Encoding" => coding)) do |response|
+              bytes = 0
+              response.read_body { |chunk| bytes += chunk.bytesize }
+              failures << "#{path}: #{response.code}, #{bytes} bytes" unless response.code == "200" && bytes.positive?
+            end
+          end
+        end
+      end
+    end.each(&:join)
+    Array.new(failures.size) { failures.pop }
+  end
+end
