@@ -914,16 +914,21 @@ mod tests {
         close_tx.send(()).unwrap();
     }
 
+    /// An upstream whose pool keeps idle connections for `timeout`.
+    fn expiring_after(addr: SocketAddr, timeout: Duration) -> Upstream {
+        let limits = PoolLimits {
+            max_idle: POOL_MAX_IDLE,
+            idle_timeout: timeout,
+        };
+        Upstream::with_pool_limits(UpstreamAddr::Tcp(addr), 0, limits)
+    }
+
     /// An idle connection is closed after the idle timeout, and the next
     /// request opens a new one.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn idle_connections_are_closed_after_the_idle_timeout() {
         let app = closing_app().await;
-        let limits = PoolLimits {
-            max_idle: POOL_MAX_IDLE,
-            idle_timeout: Duration::from_millis(200),
-        };
-        let upstream = Upstream::with_pool_limits(UpstreamAddr::Tcp(app.addr), 0, limits);
+        let upstream = expiring_after(app.addr, Duration::from_millis(200));
         get_ok(&upstream).await;
         get_ok(&upstream).await;
         assert_eq!(app.accepted.load(SeqCst), 1);
@@ -944,12 +949,8 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_expired_connection_is_not_taken() {
         let app = closing_app().await;
-        let limits = PoolLimits {
-            max_idle: POOL_MAX_IDLE,
-            // The sweep runs every 5 s: after the test.
-            idle_timeout: Duration::from_secs(10),
-        };
-        let upstream = Upstream::with_pool_limits(UpstreamAddr::Tcp(app.addr), 0, limits);
+        // The sweep runs every 5 s: after the test.
+        let upstream = expiring_after(app.addr, Duration::from_secs(10));
         get_ok(&upstream).await;
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert!(matches!(
