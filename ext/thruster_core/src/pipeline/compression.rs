@@ -671,14 +671,20 @@ mod mapped {
                     state.used = Some(Instant::now());
                 }
                 if !self.sweeping.swap(true, Ordering::AcqRel) {
-                    runtime.spawn(self.sweep());
+                    // The guard is made here, not in the task: a task
+                    // dropped unpolled (its runtime stopped) empties the
+                    // pool and lets the next put schedule a sweep.
+                    let empty = Empty(self);
+                    runtime.spawn(async move {
+                        self.sweep().await;
+                        drop(empty);
+                    });
                 }
             }
 
             /// Empties the pool IDLE after its last use (not up to twice
             /// that, as a fixed period would).
             async fn sweep(&'static self) {
-                let _empty = Empty(self);
                 loop {
                     let used = self.lock().used;
                     match used {
@@ -2128,6 +2134,39 @@ mod tests {
         assert!(GzipStream::new(GZIP_STREAM_LEVEL, None)
             .unwrap()
             .is_pooled());
+    }
+
+    /// A pool whose sweep was scheduled on a runtime that stopped before
+    /// running it (`Thruster.stop`) is emptied then, and the next
+    /// runtime's puts schedule a sweep again.
+    #[test]
+    fn a_sweep_dropped_with_its_runtime_leaves_the_pool_swept_again() {
+        use mapped::pool::{IdlePool, IDLE};
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        static FREED: AtomicUsize = AtomicUsize::new(0);
+        let pool: &'static IdlePool<usize> = Box::leak(Box::new(IdlePool::new(|_| {
+            FREED.fetch_add(1, Ordering::SeqCst);
+        })));
+        let runtime = || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .start_paused(true)
+                .build()
+                .unwrap()
+        };
+        let first = runtime();
+        first.block_on(async { pool.put(1, |_, _| true) });
+        drop(first);
+        assert_eq!(pool.len(), 0, "emptied with the runtime");
+        assert_eq!(FREED.load(Ordering::SeqCst), 1);
+        runtime().block_on(async {
+            pool.put(2, |_, _| true);
+            assert_eq!(pool.len(), 1);
+            tokio::time::sleep(IDLE * 2).await;
+            tokio::task::yield_now().await;
+            assert_eq!(pool.len(), 0, "swept on the next runtime");
+        });
+        assert_eq!(FREED.load(Ordering::SeqCst), 2);
     }
 
     #[test]

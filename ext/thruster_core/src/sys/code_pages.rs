@@ -45,7 +45,17 @@ pub const SETTLE: Duration = Duration::from_secs(1);
 /// (minor faults from the page cache, a few hundred microseconds in all).
 pub fn release_after_rare_work() {
     static RARE_WORK: Settle = Settle::new(release);
+    RARE_WORK_REPORTED.fetch_add(1, Ordering::Relaxed);
     RARE_WORK.poke();
+}
+
+/// Calls of [`release_after_rare_work`] so far.
+static RARE_WORK_REPORTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// How many times rare work has been reported, for tests of its callers
+/// (when the release follows is [`Settle`]'s to test).
+pub fn rare_work_reported() -> usize {
+    RARE_WORK_REPORTED.load(Ordering::Relaxed)
 }
 
 /// Runs an action once, [`SETTLE`] after the last of a burst of pokes.
@@ -79,15 +89,29 @@ impl Settle {
         if self.pending.swap(true, Ordering::AcqRel) {
             return;
         }
+        // Made here, not in the task: a task dropped before its first poll
+        // drops it too.
+        let pending = Pending(&self.pending);
         runtime.spawn(async move {
             while let Some(at) = self.last().filter(|at| at.elapsed() < SETTLE) {
                 tokio::time::sleep_until(at + SETTLE).await;
             }
             // Cleared before the action: a poke after this point schedules
             // a run of its own.
-            self.pending.store(false, Ordering::Release);
+            drop(pending);
             (self.action)();
         });
+    }
+}
+
+/// Clears a [`Settle`]'s pending flag when its task ends, run or dropped
+/// with its runtime (`Thruster.stop`): a later runtime's pokes then
+/// schedule again instead of waiting on a task that is gone.
+struct Pending<'a>(&'a AtomicBool);
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
     }
 }
 
@@ -253,5 +277,32 @@ mod tests {
         std::thread::spawn(|| SETTLED.poke()).join().unwrap();
         wait(SETTLE * 2).await;
         assert_eq!(runs(), 2);
+    }
+
+    /// A runtime shut down while a run is pending (`Thruster.stop`) does
+    /// not leave the next runtime's pokes without a run.
+    #[test]
+    fn a_run_pending_on_a_runtime_that_stopped_does_not_block_the_next() {
+        use std::sync::atomic::AtomicUsize;
+        static RUNS: AtomicUsize = AtomicUsize::new(0);
+        static SETTLED: Settle = Settle::new(|| {
+            RUNS.fetch_add(1, Ordering::SeqCst);
+        });
+        let runtime = || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .start_paused(true)
+                .build()
+                .unwrap()
+        };
+        let first = runtime();
+        first.block_on(async { SETTLED.poke() });
+        drop(first);
+        assert_eq!(RUNS.load(Ordering::SeqCst), 0, "stopped before its run");
+        runtime().block_on(async {
+            SETTLED.poke();
+            tokio::time::sleep(SETTLE * 2).await;
+        });
+        assert_eq!(RUNS.load(Ordering::SeqCst), 1);
     }
 }

@@ -583,6 +583,19 @@ mod tests {
         ));
     }
 
+    /// Making a stored variant runs encoders nothing else runs, and says
+    /// so: the code pages are released once such work settles
+    /// (sys::code_pages; when is its `Settle`'s test).
+    #[tokio::test]
+    async fn making_a_variant_reports_rare_work() {
+        use crate::sys::code_pages::rare_work_reported;
+        let body = Bytes::from("body { color: red; }\n".repeat(500));
+        let entry = Entry::new(StatusCode::OK, HeaderMap::new(), body, freshness(60, 0));
+        let before = rare_work_reported();
+        assert!(encode(&entry, Coding::Gzip).await.is_some());
+        assert!(rare_work_reported() > before, "reported after the fill");
+    }
+
     #[tokio::test]
     async fn variants_are_made_once_and_counted() {
         let store = Store::new(1 << 22, 1 << 20, Duration::ZERO);
