@@ -963,10 +963,8 @@ mod tests {
     /// Requests reach an app on a Unix socket, over one kept connection.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn unix_socket_connections_are_pooled_too() {
-        let dir = std::env::temp_dir().join(format!("thruster-upstream-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("app.sock");
-        let _ = std::fs::remove_file(&path);
+        let dir = crate::sys::test_support::TempDir::new("upstream");
+        let path = dir.0.join("app.sock");
         let listener = tokio::net::UnixListener::bind(&path).unwrap();
         let accepted = std::sync::Arc::new(AtomicUsize::new(0));
         let app_accepted = accepted.clone();
@@ -991,7 +989,6 @@ mod tests {
             get_ok(&upstream).await;
         }
         assert_eq!(accepted.load(SeqCst), 1);
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// A refused connection is a connect error (retried by the forwarder),

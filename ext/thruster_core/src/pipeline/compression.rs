@@ -605,11 +605,10 @@ mod mapped {
     /// freed at once.
     pub mod pool {
         use std::ptr::NonNull;
-        use std::sync::atomic::{AtomicBool, Ordering};
         use std::sync::{Mutex, MutexGuard};
         use std::time::Duration;
 
-        use tokio::time::Instant;
+        use crate::sys::settle::Settle;
 
         /// How long a pool stays unused before it is emptied.
         pub const IDLE: Duration = Duration::from_secs(1);
@@ -619,102 +618,73 @@ mod mapped {
 
         /// Items kept for reuse; `free` releases those the pool lets go.
         pub struct IdlePool<T: 'static> {
-            state: Mutex<State<T>>,
-            /// A sweep task is scheduled.
-            sweeping: AtomicBool,
+            items: Mutex<Vec<T>>,
+            /// Takes and puts; the pool is emptied once they settle.
+            used: Settle,
             free: fn(T),
-        }
-
-        struct State<T> {
-            items: Vec<T>,
-            used: Option<Instant>,
         }
 
         impl<T: Send + 'static> IdlePool<T> {
             pub const fn new(free: fn(T)) -> IdlePool<T> {
                 IdlePool {
-                    state: Mutex::new(State {
-                        items: Vec::new(),
-                        used: None,
-                    }),
-                    sweeping: AtomicBool::new(false),
+                    items: Mutex::new(Vec::new()),
+                    used: Settle::new(IDLE),
                     free,
                 }
             }
 
-            fn lock(&self) -> MutexGuard<'_, State<T>> {
-                self.state.lock().unwrap_or_else(|e| e.into_inner())
+            fn lock(&self) -> MutexGuard<'_, Vec<T>> {
+                self.items.lock().unwrap_or_else(|e| e.into_inner())
             }
 
             /// The last item returned that `fits`, if any.
             pub fn take(&self, fits: impl Fn(&T) -> bool) -> Option<T> {
-                let mut state = self.lock();
-                let i = state.items.iter().rposition(fits)?;
-                let item = state.items.swap_remove(i);
-                state.used = Some(Instant::now());
+                let mut items = self.lock();
+                let i = items.iter().rposition(fits)?;
+                let item = items.swap_remove(i);
+                self.used.touch();
                 Some(item)
             }
 
             /// Keeps `item` for the next stream if `admit` lets it join the
-            /// items kept; frees it otherwise.
+            /// items kept; frees it otherwise. The pool is emptied IDLE
+            /// after its last use.
             pub fn put(&'static self, item: T, admit: impl FnOnce(&T, &[T]) -> bool) {
                 let Ok(runtime) = tokio::runtime::Handle::try_current() else {
                     return (self.free)(item);
                 };
                 {
-                    let mut state = self.lock();
-                    if !admit(&item, &state.items) {
-                        drop(state);
+                    let mut items = self.lock();
+                    if !admit(&item, &items) {
+                        drop(items);
                         return (self.free)(item);
                     }
-                    state.items.push(item);
-                    state.used = Some(Instant::now());
+                    items.push(item);
                 }
-                if !self.sweeping.swap(true, Ordering::AcqRel) {
-                    // The guard is made here, not in the task: a task
-                    // dropped unpolled (its runtime stopped) empties the
-                    // pool and lets the next put schedule a sweep.
+                if let Some(settled) = self.used.poke() {
+                    // Made here, not in the task: a task dropped unpolled
+                    // (its runtime stopped) empties the pool too.
                     let empty = Empty(self);
                     runtime.spawn(async move {
-                        self.sweep().await;
+                        settled.await;
                         drop(empty);
                     });
                 }
             }
 
-            /// Empties the pool IDLE after its last use (not up to twice
-            /// that, as a fixed period would).
-            async fn sweep(&'static self) {
-                loop {
-                    let used = self.lock().used;
-                    match used {
-                        Some(used) if used.elapsed() < IDLE => {
-                            tokio::time::sleep_until(used + IDLE).await;
-                        }
-                        _ => return,
-                    }
-                }
-            }
-
             #[cfg(test)]
             pub fn len(&self) -> usize {
-                self.lock().items.len()
+                self.lock().len()
             }
         }
 
         /// Empties the pool when dropped: when it has been idle, or when the
-        /// runtime shuts down with the sweep task pending.
+        /// runtime shuts down with the wait pending.
         struct Empty<T: Send + 'static>(&'static IdlePool<T>);
 
         impl<T: Send + 'static> Drop for Empty<T> {
             fn drop(&mut self) {
-                let items = {
-                    let mut state = self.0.lock();
-                    // Under the lock: an item put after this schedules a
-                    // sweep of its own.
-                    self.0.sweeping.store(false, Ordering::Release);
-                    std::mem::take(&mut state.items)
-                };
+                let items = std::mem::take(&mut *self.0.lock());
                 items.into_iter().for_each(self.0.free);
             }
         }
@@ -748,7 +718,7 @@ mod mapped {
 
             #[cfg(test)]
             pub fn bytes(&self) -> usize {
-                self.lock().items.iter().map(|&(_, n)| n).sum()
+                self.lock().iter().map(|&(_, n)| n).sum()
             }
         }
     }
@@ -2147,13 +2117,7 @@ mod tests {
         let pool: &'static IdlePool<usize> = Box::leak(Box::new(IdlePool::new(|_| {
             FREED.fetch_add(1, Ordering::SeqCst);
         })));
-        let runtime = || {
-            tokio::runtime::Builder::new_current_thread()
-                .enable_time()
-                .start_paused(true)
-                .build()
-                .unwrap()
-        };
+        let runtime = crate::sys::test_support::paused_runtime;
         let first = runtime();
         first.block_on(async { pool.put(1, |_, _| true) });
         drop(first);

@@ -24,11 +24,10 @@
 //! cached, charged to the memory cgroup as page cache like any file read.
 
 use std::ffi::c_void;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use tokio::time::Instant;
+use super::settle::Settle;
 
 /// How long after the last piece of rare work its pages are released.
 pub const SETTLE: Duration = Duration::from_secs(1);
@@ -44,75 +43,26 @@ pub const SETTLE: Duration = Duration::from_secs(1);
 /// once, a second after it settles; what requests run faults back in
 /// (minor faults from the page cache, a few hundred microseconds in all).
 pub fn release_after_rare_work() {
-    static RARE_WORK: Settle = Settle::new(release);
+    static RARE_WORK: Settle = Settle::new(SETTLE);
     RARE_WORK_REPORTED.fetch_add(1, Ordering::Relaxed);
-    RARE_WORK.poke();
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    if let Some(settled) = RARE_WORK.poke() {
+        runtime.spawn(async move {
+            settled.await;
+            release();
+        });
+    }
 }
 
 /// Calls of [`release_after_rare_work`] so far.
-static RARE_WORK_REPORTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+static RARE_WORK_REPORTED: AtomicUsize = AtomicUsize::new(0);
 
 /// How many times rare work has been reported, for tests of its callers
 /// (when the release follows is [`Settle`]'s to test).
 pub fn rare_work_reported() -> usize {
     RARE_WORK_REPORTED.load(Ordering::Relaxed)
-}
-
-/// Runs an action once, [`SETTLE`] after the last of a burst of pokes.
-pub struct Settle {
-    last: Mutex<Option<Instant>>,
-    /// A task waiting to run the action exists.
-    pending: AtomicBool,
-    action: fn(),
-}
-
-impl Settle {
-    pub const fn new(action: fn()) -> Settle {
-        Settle {
-            last: Mutex::new(None),
-            pending: AtomicBool::new(false),
-            action,
-        }
-    }
-
-    fn last(&self) -> Option<Instant> {
-        *self.last.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Schedules the action SETTLE from now on the current runtime (none
-    /// without one), or moves the one scheduled there.
-    pub fn poke(&'static self) {
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        *self.last.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
-        if self.pending.swap(true, Ordering::AcqRel) {
-            return;
-        }
-        // Made here, not in the task: a task dropped before its first poll
-        // drops it too.
-        let pending = Pending(&self.pending);
-        runtime.spawn(async move {
-            while let Some(at) = self.last().filter(|at| at.elapsed() < SETTLE) {
-                tokio::time::sleep_until(at + SETTLE).await;
-            }
-            // Cleared before the action: a poke after this point schedules
-            // a run of its own.
-            drop(pending);
-            (self.action)();
-        });
-    }
-}
-
-/// Clears a [`Settle`]'s pending flag when its task ends, run or dropped
-/// with its runtime (`Thruster.stop`): a later runtime's pokes then
-/// schedule again instead of waiting on a task that is gone.
-struct Pending<'a>(&'a AtomicBool);
-
-impl Drop for Pending<'_> {
-    fn drop(&mut self) {
-        self.0.store(false, Ordering::Release);
-    }
 }
 
 /// Unmaps the read-only segments of the object holding this code. Safe to
@@ -245,64 +195,5 @@ mod tests {
         assert_eq!(work(10_000), before);
         // Read-only data too: a string literal still reads the same.
         assert_eq!("thruster".len(), 8);
-    }
-
-    /// A burst of rare work releases once, a second after its last piece;
-    /// work after that schedules a release of its own.
-    #[tokio::test(flavor = "current_thread", start_paused = true)]
-    async fn rare_work_releases_once_a_second_after_the_burst() {
-        use std::sync::atomic::AtomicUsize;
-        static RUNS: AtomicUsize = AtomicUsize::new(0);
-        static SETTLED: Settle = Settle::new(|| {
-            RUNS.fetch_add(1, Ordering::SeqCst);
-        });
-        let runs = || RUNS.load(Ordering::SeqCst);
-        let wait = |d: Duration| async move {
-            tokio::time::sleep(d).await;
-            tokio::task::yield_now().await;
-        };
-        SETTLED.poke();
-        wait(SETTLE / 2).await;
-        SETTLED.poke();
-        wait(SETTLE * 3 / 4).await;
-        assert_eq!(runs(), 0, "not before a second after the last poke");
-        wait(SETTLE / 2).await;
-        assert_eq!(runs(), 1);
-        wait(SETTLE * 3).await;
-        assert_eq!(runs(), 1, "once per burst");
-        SETTLED.poke();
-        wait(SETTLE + Duration::from_millis(10)).await;
-        assert_eq!(runs(), 2);
-        // Without a runtime: nothing is scheduled.
-        std::thread::spawn(|| SETTLED.poke()).join().unwrap();
-        wait(SETTLE * 2).await;
-        assert_eq!(runs(), 2);
-    }
-
-    /// A runtime shut down while a run is pending (`Thruster.stop`) does
-    /// not leave the next runtime's pokes without a run.
-    #[test]
-    fn a_run_pending_on_a_runtime_that_stopped_does_not_block_the_next() {
-        use std::sync::atomic::AtomicUsize;
-        static RUNS: AtomicUsize = AtomicUsize::new(0);
-        static SETTLED: Settle = Settle::new(|| {
-            RUNS.fetch_add(1, Ordering::SeqCst);
-        });
-        let runtime = || {
-            tokio::runtime::Builder::new_current_thread()
-                .enable_time()
-                .start_paused(true)
-                .build()
-                .unwrap()
-        };
-        let first = runtime();
-        first.block_on(async { SETTLED.poke() });
-        drop(first);
-        assert_eq!(RUNS.load(Ordering::SeqCst), 0, "stopped before its run");
-        runtime().block_on(async {
-            SETTLED.poke();
-            tokio::time::sleep(SETTLE * 2).await;
-        });
-        assert_eq!(RUNS.load(Ordering::SeqCst), 1);
     }
 }

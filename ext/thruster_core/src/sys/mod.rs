@@ -17,6 +17,7 @@ pub mod code_pages;
 pub mod fd_registry;
 pub mod inotify;
 pub mod random;
+pub mod settle;
 pub mod trim;
 
 /// `AsyncRead` and `AsyncWrite` for a socket type that is an enum of
@@ -316,6 +317,16 @@ pub(crate) mod test_support {
         fn drop(&mut self) {
             let _ = fs::remove_dir_all(&self.0);
         }
+    }
+
+    /// A current-thread runtime with time paused, for tests that stop one
+    /// runtime and start another.
+    pub(crate) fn paused_runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .unwrap()
     }
 }
 
