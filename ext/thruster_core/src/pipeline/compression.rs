@@ -723,12 +723,14 @@ mod mapped {
         }
     }
 
-    /// zstd's allocations carry their length and origin in a header, as
-    /// its free function gets only the address. 16 bytes keep malloc's
-    /// alignment.
+    /// The C encoders' allocations (zstd's contexts, zlib's deflate
+    /// states): blocks of MIN_MAPPED and more are mappings of their own,
+    /// the rest come from malloc. Each carries its length and origin in a
+    /// header, as the free functions get only the address. 16 bytes keep
+    /// malloc's alignment.
     const HEADER: usize = 16;
 
-    unsafe extern "C" fn zstd_alloc(_: *mut c_void, size: usize) -> *mut c_void {
+    unsafe extern "C" fn c_alloc(_: *mut c_void, size: usize) -> *mut c_void {
         let Some(total) = size.checked_add(HEADER) else {
             return ptr::null_mut();
         };
@@ -753,11 +755,11 @@ mod mapped {
         }
     }
 
-    unsafe extern "C" fn zstd_free(_: *mut c_void, address: *mut c_void) {
+    unsafe extern "C" fn c_free(_: *mut c_void, address: *mut c_void) {
         if address.is_null() {
             return;
         }
-        // SAFETY: `address` came from `zstd_alloc`, whose header precedes it.
+        // SAFETY: `address` came from `c_alloc`, whose header precedes it.
         unsafe {
             let base = address.cast::<u8>().sub(HEADER);
             let total = base.cast::<usize>().read();
@@ -830,7 +832,7 @@ mod mapped {
     /// reused one: its workspace allocated and its tables cleared each
     /// time). A reused context keeps its workspace, and zstd leaves tables
     /// of a compatible earlier frame in place (it only moves their indices
-    /// on). Its memory comes from [`zstd_alloc`] (large blocks mapped, so
+    /// on). Its memory comes from [`c_alloc`] (large blocks mapped, so
     /// freeing the pool gives them back to the system).
     pub struct ZstdStream {
         pub(in crate::pipeline::compression) context: NonNull<sys::ZSTD_CCtx>,
@@ -939,8 +941,8 @@ mod mapped {
 
     fn create_context() -> std::io::Result<NonNull<sys::ZSTD_CCtx>> {
         let memory = sys::ZSTD_customMem {
-            customAlloc: Some(zstd_alloc),
-            customFree: Some(zstd_free),
+            customAlloc: Some(c_alloc),
+            customFree: Some(c_free),
             opaque: ptr::null_mut(),
         };
         // SAFETY: both functions follow ZSTD_customMem's contract.
@@ -983,23 +985,23 @@ mod mapped {
         }
     }
 
-    // zlib's allocation functions: the same blocks as zstd's (64 KiB and
-    // more mapped, the rest from malloc).
+    // zlib's allocation functions over c_alloc/c_free (zalloc counts items
+    // of a size).
     unsafe extern "C" fn zlib_alloc(
         opaque: *mut c_void,
         items: std::ffi::c_uint,
         size: std::ffi::c_uint,
     ) -> *mut c_void {
         match (items as usize).checked_mul(size as usize) {
-            // SAFETY: zstd_alloc's contract is zalloc's, with one size.
-            Some(bytes) => unsafe { zstd_alloc(opaque, bytes) },
+            // SAFETY: c_alloc's contract is zalloc's, with one size.
+            Some(bytes) => unsafe { c_alloc(opaque, bytes) },
             None => ptr::null_mut(),
         }
     }
 
     unsafe extern "C" fn zlib_free(opaque: *mut c_void, address: *mut c_void) {
-        // SAFETY: `address` came from zlib_alloc, hence zstd_alloc.
-        unsafe { zstd_free(opaque, address) }
+        // SAFETY: `address` came from zlib_alloc, hence c_alloc.
+        unsafe { c_free(opaque, address) }
     }
 
     /// gzip (RFC 1952) of one body: a raw deflate stream from zlib-rs,
