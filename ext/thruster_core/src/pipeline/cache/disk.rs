@@ -724,10 +724,15 @@ impl Inner {
         }
     }
 
-    /// Removes `path` if it is still the file `id` (a newer entry renamed
-    /// over it since is left alone), and forgets it. Absent files are fine:
-    /// another process may have removed it.
+    /// Forgets the entry, then removes `path` if it is still the file `id`
+    /// (a newer entry renamed over it since is left alone). Absent files
+    /// are fine: another process may have removed it.
+    ///
+    /// Forgotten first: once the file is gone nothing may still hold it
+    /// open, or the next hit would be answered from the removed file and
+    /// blame its faults on whatever took its name.
     fn remove_bad(&self, hash: &KeyHash, path: &Path, id: FileId) {
+        lock(&self.index).forget(hash);
         if let Ok(now) = std::fs::symlink_metadata(path) {
             if FileId::of(&now) == id {
                 if let Err(err) = std::fs::remove_file(path) {
@@ -737,7 +742,6 @@ impl Inner {
                 }
             }
         }
-        lock(&self.index).forget(hash);
     }
 
     /// Opens and checks the entry for `key`, reading as `reads` says. A
