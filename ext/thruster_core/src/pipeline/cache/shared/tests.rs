@@ -48,10 +48,7 @@ struct RedisServer {
     dir: TempDir,
 }
 
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
-}
+use crate::sys::test_support::free_port;
 
 impl RedisServer {
     fn start() -> RedisServer {
