@@ -37,6 +37,33 @@ pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// When the proxy received the request (`t=<unix ms>`), for queue-time metrics.
 pub const X_REQUEST_START: HeaderName = HeaderName::from_static("x-request-start");
 
+/// A header value the proxy makes per request (an id, a time, an address)
+/// formatted into one allocation that its clones share. From a `String`, a
+/// value costs the string's allocation and then, at its first clone (the
+/// request kept for a replay, the id echoed in the response), a copy into
+/// a shared allocation of its own.
+///
+/// `None` if the text is not a valid header value or over 64 bytes.
+pub fn formatted_value(args: std::fmt::Arguments<'_>) -> Option<http::HeaderValue> {
+    struct Text {
+        buf: [u8; 64],
+        len: usize,
+    }
+    impl AsRef<[u8]> for Text {
+        fn as_ref(&self) -> &[u8] {
+            &self.buf[..self.len]
+        }
+    }
+    let mut text = Text {
+        buf: [0; 64],
+        len: 0,
+    };
+    let mut cursor = std::io::Cursor::new(&mut text.buf[..]);
+    std::io::Write::write_fmt(&mut cursor, args).ok()?;
+    text.len = usize::try_from(cursor.position()).ok()?;
+    http::HeaderValue::from_maybe_shared(Bytes::from_owner(text)).ok()
+}
+
 /// A short `text/plain` response made by the proxy itself.
 pub fn plain_response(status: StatusCode, text: &str) -> Response<ResponseBody> {
     Response::builder()
@@ -51,6 +78,27 @@ pub fn full_body(bytes: impl Into<Bytes>) -> ResponseBody {
     http_body_util::Full::new(bytes.into())
         .map_err(|never| match never {})
         .boxed_unsync()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formatted_values_read_as_formatted_and_refuse_what_they_cannot_hold() {
+        let value = formatted_value(format_args!("t={}", 1_764_000_000_123u64)).unwrap();
+        assert_eq!(value.to_str().unwrap(), "t=1764000000123");
+        assert_eq!(value.clone(), value);
+        let longest = "x".repeat(64);
+        assert_eq!(
+            formatted_value(format_args!("{longest}"))
+                .unwrap()
+                .as_bytes(),
+            longest.as_bytes()
+        );
+        assert!(formatted_value(format_args!("{longest}y")).is_none());
+        assert!(formatted_value(format_args!("a\nb")).is_none());
+    }
 }
 
 #[cfg(test)]

@@ -156,13 +156,15 @@ fn cache_control_has(headers: &HeaderMap, directives: &[&str]) -> bool {
 
 /// Adds `Accept-Encoding` to `Vary`, keeping whatever the app varies on.
 pub fn merge_vary(headers: &mut HeaderMap) {
-    let values: Vec<String> = headers
+    if !headers.contains_key(header::VARY) {
+        // The usual case, without an allocation.
+        headers.insert(header::VARY, HeaderValue::from_static("Accept-Encoding"));
+        return;
+    }
+    let tokens: Vec<&str> = headers
         .get_all(header::VARY)
         .iter()
-        .filter_map(|v| v.to_str().ok().map(str::to_string))
-        .collect();
-    let tokens: Vec<&str> = values
-        .iter()
+        .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .map(str::trim)
         .filter(|t| !t.is_empty())

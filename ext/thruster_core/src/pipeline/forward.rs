@@ -11,7 +11,7 @@ use std::time::Duration;
 use crate::upstream::{AppBody, SendError};
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Request, Response, StatusCode, Version};
+use http::{Request, Response, StatusCode, Uri, Version};
 use http_body::Body as _;
 use http_body_util::BodyExt;
 use hyper::upgrade::OnUpgrade;
@@ -31,32 +31,35 @@ use crate::upstream::Upstream;
 /// Hop-by-hop fields (RFC 9110 §7.6.1), plus the non-standard ones proxies
 /// have always treated as such (`Proxy-Connection`, `Keep-Alive`) and the
 /// proxy credentials meant for us, not the app (RFC 9110 §11.7.1-2).
-const HOP_BY_HOP: [&str; 9] = [
-    "connection",
-    "proxy-connection",
-    "keep-alive",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
+///
+/// Names, not strings, here and below: a `&str` name is parsed on every
+/// use, and inserting under one copies it into an allocation of its own.
+const HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    HeaderName::from_static("proxy-connection"),
+    HeaderName::from_static("keep-alive"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
 ];
 
-const X_FORWARDED_FOR: &str = "x-forwarded-for";
-const X_FORWARDED_HOST: &str = "x-forwarded-host";
-const X_FORWARDED_PROTO: &str = "x-forwarded-proto";
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 
 /// Other client-address and scheme claims that Rack and Rails read
 /// (`request.ssl?`, `scheme`, `port`, `remote_ip`). The proxy does not set
 /// them; when forwarded headers are not trusted, a client's copies would be
 /// believed by the app, so they are removed.
-const UNTRUSTED_CLAIMS: [&str; 5] = [
-    "x-forwarded-ssl",
-    "x-forwarded-scheme",
-    "x-forwarded-port",
-    "x-real-ip",
-    "client-ip",
+const UNTRUSTED_CLAIMS: [HeaderName; 5] = [
+    HeaderName::from_static("x-forwarded-ssl"),
+    HeaderName::from_static("x-forwarded-scheme"),
+    HeaderName::from_static("x-forwarded-port"),
+    HeaderName::from_static("x-real-ip"),
+    HeaderName::from_static("client-ip"),
 ];
 
 /// Gives every header value of an app's response an allocation of its
@@ -114,7 +117,7 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) -> Option<HeaderValue> {
     for name in named {
         headers.remove(name);
     }
-    for name in HOP_BY_HOP {
+    for name in &HOP_BY_HOP {
         headers.remove(name);
     }
     if trailers_accepted {
@@ -138,31 +141,34 @@ pub fn set_forwarded_headers(
     tls: bool,
     trust: bool,
 ) {
-    let client = client_ip.to_string();
     let chain = if trust {
         let prior: Vec<&str> = headers
-            .get_all(X_FORWARDED_FOR)
+            .get_all(&X_FORWARDED_FOR)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .map(str::trim)
             .filter(|v| !v.is_empty())
             .collect();
         if prior.is_empty() {
-            client
+            None
         } else {
-            format!("{}, {client}", prior.join(", "))
+            Some(format!("{}, {client_ip}", prior.join(", ")))
         }
     } else {
-        client
+        None
     };
-    if let Ok(v) = HeaderValue::try_from(chain) {
-        headers.insert(X_FORWARDED_FOR, v);
+    let value = match chain {
+        Some(chain) => HeaderValue::try_from(chain).ok(),
+        None => Some(ip_value(client_ip)),
+    };
+    if let Some(value) = value {
+        headers.insert(X_FORWARDED_FOR, value);
     }
 
-    let keep = |headers: &HeaderMap, name: &str| {
+    let keep = |headers: &HeaderMap, name: &HeaderName| {
         trust && headers.get(name).is_some_and(|v| !v.as_bytes().is_empty())
     };
-    if !keep(headers, X_FORWARDED_HOST) {
+    if !keep(headers, &X_FORWARDED_HOST) {
         match host {
             Some(h) => {
                 headers.insert(X_FORWARDED_HOST, h.clone());
@@ -172,18 +178,24 @@ pub fn set_forwarded_headers(
             }
         }
     }
-    if !keep(headers, X_FORWARDED_PROTO) {
+    if !keep(headers, &X_FORWARDED_PROTO) {
         let proto = if tls { "https" } else { "http" };
         headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
     }
     if !trust {
-        for name in UNTRUSTED_CLAIMS {
+        for name in &UNTRUSTED_CLAIMS {
             headers.remove(name);
         }
     }
     // RFC 7239 `Forwarded` would carry a second, unchecked copy of the same
     // claims; Thruster drops it and so do we.
     headers.remove(header::FORWARDED);
+}
+
+/// An address as a header value (see `formatted_value`).
+fn ip_value(ip: IpAddr) -> HeaderValue {
+    // At most 45 bytes (an IPv6 text form), always valid.
+    crate::http::formatted_value(format_args!("{ip}")).expect("an IP address fits in 64 bytes")
 }
 
 /// The host the client asked for: `Host`, or the HTTP/2 `:authority`.
@@ -297,12 +309,24 @@ fn upstream_kind(err: &(dyn std::error::Error + 'static)) -> UpstreamErrorKind {
     UpstreamErrorKind::Other
 }
 
+/// The request's path for log lines (its query left out), kept as the
+/// client's URI: a clone shares its bytes, where a `String` per request
+/// cost two allocations and copies.
+#[derive(Clone)]
+struct LogPath(Uri);
+
+impl LogPath {
+    fn as_str(&self) -> &str {
+        self.0.path()
+    }
+}
+
 /// A request on its way upstream, between the steps.
 struct Outgoing {
     parts: http::request::Parts,
     body: RequestBody,
     /// For log lines.
-    path: String,
+    path: LogPath,
     /// The client's side of an upgrade the app is asked for.
     client_upgrade: Option<OnUpgrade>,
     /// 1xx responses are relayed to this connection (HTTP/1.1 only).
@@ -353,7 +377,10 @@ impl Forwarder {
             Err(err) => {
                 log::info(
                     "Request body not received",
-                    &[("path", path.into()), ("error", error_chain(&err).into())],
+                    &[
+                        ("path", path.as_str().into()),
+                        ("error", error_chain(&err).into()),
+                    ],
                 );
                 if let Some(state) = &conn.state {
                     state.mark_final_response();
@@ -377,7 +404,10 @@ impl Forwarder {
             .inspect_err(|err| {
                 log::info(
                     "Unable to proxy request",
-                    &[("path", path.into()), ("error", error_chain(err).into())],
+                    &[
+                        ("path", path.as_str().into()),
+                        ("error", error_chain(err).into()),
+                    ],
                 );
             })
     }
@@ -430,7 +460,7 @@ impl Forwarder {
             .state
             .clone()
             .filter(|_| req.version() == Version::HTTP_11);
-        let path = req.uri().path().to_string();
+        let path = LogPath(req.uri().clone());
         let (mut parts, body) = req.into_parts();
         parts.uri = self.upstream.uri_for(parts.uri.path_and_query());
         parts.version = Version::HTTP_11;
@@ -510,7 +540,9 @@ impl Forwarder {
             relay_informational(&mut upstream_req, state);
         }
         let sent_at = std::time::Instant::now();
-        let mut result = self.send_with_timeout(upstream_req, &out.path).await;
+        let mut result = self
+            .send_with_timeout(upstream_req, out.path.as_str())
+            .await;
         if let Some(state) = &conn.state {
             state.mark_final_response();
         }
@@ -518,7 +550,7 @@ impl Forwarder {
             if err.is_connect() {
                 // Nothing reached the app: the app is restarting or still
                 // booting. Try again for a short while instead of a 502.
-                result = self.retry_connect(&parts, &out.path, result).await;
+                result = self.retry_connect(&parts, out.path.as_str(), result).await;
             } else {
                 log::debug(
                     "Retrying request on a new upstream connection",
@@ -531,7 +563,7 @@ impl Forwarder {
                     m.upstream_retry();
                 }
                 let retry = Request::from_parts(parts, full_body(Bytes::new()));
-                result = self.send_with_timeout(retry, &out.path).await;
+                result = self.send_with_timeout(retry, out.path.as_str()).await;
             }
         }
         if let (Some(Ok(_)), Some(m)) = (&result, metrics::get()) {
@@ -786,7 +818,23 @@ mod tests {
         h
     }
 
-    fn values(h: &HeaderMap, name: &str) -> Vec<String> {
+    #[test]
+    fn ip_values_read_as_the_address_in_its_usual_form() {
+        for ip in [
+            "127.0.0.1",
+            "255.255.255.255",
+            "::1",
+            "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff",
+            "::ffff:255.255.255.255",
+        ] {
+            let ip: IpAddr = ip.parse().unwrap();
+            let value = ip_value(ip);
+            assert_eq!(value.to_str().unwrap(), ip.to_string());
+            assert_eq!(value.clone(), value);
+        }
+    }
+
+    fn values(h: &HeaderMap, name: impl header::AsHeaderName) -> Vec<String> {
         h.get_all(name)
             .iter()
             .map(|v| v.to_str().unwrap().to_string())
@@ -878,7 +926,7 @@ mod tests {
                 assert!(!h.contains_key(*name), "{rule}: {name} should be removed");
             }
             for (name, value) in *kept {
-                assert_eq!(values(&h, name), vec![value.to_string()], "{rule}");
+                assert_eq!(values(&h, *name), vec![value.to_string()], "{rule}");
             }
         }
     }
@@ -997,7 +1045,7 @@ mod tests {
                 } else {
                     vec![]
                 };
-                assert_eq!(values(&h, name), expected, "{name}, trusted: {trust}");
+                assert_eq!(values(&h, *name), expected, "{name}, trusted: {trust}");
             }
         }
     }

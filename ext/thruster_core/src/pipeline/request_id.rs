@@ -22,11 +22,10 @@ pub const MAX_LEN: usize = 200;
 /// Gives the request its id (the client's, cleaned, or a new one) and
 /// returns it for the log line and the response.
 pub fn assign(headers: &mut HeaderMap) -> HeaderValue {
-    let id = headers
-        .get(X_REQUEST_ID)
-        .and_then(|v| clean(v.as_bytes()))
-        .unwrap_or_else(generate);
-    let value = HeaderValue::from_str(&id).expect("ids are ASCII letters, digits, _ - @");
+    let value = match headers.get(X_REQUEST_ID).and_then(|v| clean(v.as_bytes())) {
+        Some(id) => HeaderValue::from_str(&id).expect("ids are ASCII letters, digits, _ - @"),
+        None => generated_value(),
+    };
     headers.insert(X_REQUEST_ID, value.clone());
     value
 }
@@ -45,7 +44,9 @@ pub fn clean(raw: &[u8]) -> Option<String> {
 /// A new id in UUID v4 form: 122 bits from a hasher keyed once per process
 /// with OS randomness over a counter, so ids never repeat within a process
 /// and cannot be told apart from random ones, without a syscall per request.
-pub fn generate() -> String {
+/// As a header value whose clones share one allocation: the request's id is
+/// echoed in the response.
+fn generated_value() -> HeaderValue {
     static KEYS: OnceLock<std::collections::hash_map::RandomState> = OnceLock::new();
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let keys = KEYS.get_or_init(Default::default);
@@ -60,14 +61,15 @@ pub fn generate() -> String {
     // Version 4 and the RFC 9562 variant bits.
     let hi = (hi & !0xf000) | 0x4000;
     let lo = (lo & !(0b11 << 62)) | (0b10 << 62);
-    format!(
+    crate::http::formatted_value(format_args!(
         "{:08x}-{:04x}-{:04x}-{:04x}-{:012x}",
         hi >> 32,
         (hi >> 16) & 0xffff,
         hi & 0xffff,
         lo >> 48,
         lo & 0xffff_ffff_ffff
-    )
+    ))
+    .expect("a UUID is 36 valid bytes")
 }
 
 #[cfg(test)]
@@ -91,7 +93,9 @@ mod tests {
 
     #[test]
     fn generated_ids_are_uuid_v4_shaped_and_unique() {
-        let ids: std::collections::HashSet<String> = (0..10_000).map(|_| generate()).collect();
+        let ids: std::collections::HashSet<String> = (0..10_000)
+            .map(|_| generated_value().to_str().unwrap().to_owned())
+            .collect();
         assert_eq!(ids.len(), 10_000);
         for id in ids.iter().take(100) {
             let parts: Vec<&str> = id.split('-').collect();
