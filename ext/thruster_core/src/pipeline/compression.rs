@@ -33,12 +33,21 @@ pub const MIN_COMPRESS_SIZE: u64 = 1024;
 
 /// Whether a media type gains from compression.
 pub fn compressible(content_type: &str) -> bool {
-    let media = content_type
-        .split(';')
-        .next()
-        .unwrap_or("")
-        .trim()
-        .to_ascii_lowercase();
+    let media = content_type.split(';').next().unwrap_or("").trim();
+    // Lower case without an allocation per response in the usual case.
+    let mut buf = [0u8; 64];
+    let lowered;
+    let media = match buf.get_mut(..media.len()) {
+        Some(buf) => {
+            buf.copy_from_slice(media.as_bytes());
+            buf.make_ascii_lowercase();
+            std::str::from_utf8(buf).expect("ASCII case changes keep UTF-8 valid")
+        }
+        None => {
+            lowered = media.to_ascii_lowercase();
+            lowered.as_str()
+        }
+    };
     if media.is_empty() {
         return false;
     }
@@ -144,14 +153,8 @@ fn cache_control_has(headers: &HeaderMap, directives: &[&str]) -> bool {
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .map(|d| {
-            d.split('=')
-                .next()
-                .unwrap_or("")
-                .trim()
-                .to_ascii_lowercase()
-        })
-        .any(|d| directives.contains(&d.as_str()))
+        .map(|d| d.split('=').next().unwrap_or("").trim())
+        .any(|d| directives.iter().any(|x| d.eq_ignore_ascii_case(x)))
 }
 
 /// Adds `Accept-Encoding` to `Vary`, keeping whatever the app varies on.
@@ -1425,6 +1428,10 @@ mod tests {
             "application/xml",
             "application/wasm",
             "text/event-stream",
+            "Text/HTML; Charset=UTF-8",
+            " APPLICATION/JSON ",
+            // Longer than the stack buffer for lower-casing.
+            "application/vnd.example.a-media-type-name-over-sixty-four-bytes+json",
         ] {
             assert!(compressible(t), "{t}");
         }
@@ -1442,6 +1449,8 @@ mod tests {
             "application/octet-stream",
             "application/pdf",
             "application/zstd",
+            "IMAGE/PNG",
+            "application/vnd.example.a-media-type-name-over-sixty-four-bytes+zip",
         ] {
             assert!(!compressible(t), "{t}");
         }

@@ -62,7 +62,19 @@ impl Directives {
                     Some((n, v)) => (n.trim(), Some(v)),
                     None => (item.trim(), None),
                 };
-                match name.to_ascii_lowercase().as_str() {
+                // Known names are short: lower-cased on the stack (no
+                // allocation per directive per response); longer ones are
+                // none of them.
+                let mut buf = [0u8; 24];
+                let lower = match buf.get_mut(..name.len()) {
+                    Some(buf) => {
+                        buf.copy_from_slice(name.as_bytes());
+                        buf.make_ascii_lowercase();
+                        std::str::from_utf8(buf).unwrap_or("")
+                    }
+                    None => "",
+                };
+                match lower {
                     "public" => d.public = true,
                     // `private="Set-Cookie"` and `no-cache="..."` qualify
                     // fields; refusing the whole response is the safe reading.

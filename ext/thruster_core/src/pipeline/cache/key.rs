@@ -2,19 +2,23 @@
 //! Thruster's unseparated FNV-1 hash lets `GET /` on host `example.com`
 //! collide with `GET /example.com` on no host).
 
+use std::sync::Arc;
+
 use http::header::{self, HeaderMap, HeaderName};
 use http::Request;
 
 use crate::http::coding::accepts;
 
 /// What identifies a resource: scheme, normalised host, the request target
-/// as sent, and the forwarded headers the app may render from.
+/// as sent, and the forwarded headers the app may render from. Shared
+/// strings: a request's key is cloned for the lookup, the fill and the
+/// variant, each a copy of the host and target before.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct BaseKey {
     https: bool,
-    host: Box<str>,
-    target: Box<str>,
-    forwarded: Option<Box<str>>,
+    host: Arc<str>,
+    target: Arc<str>,
+    forwarded: Option<Arc<str>>,
 }
 
 /// Forwarded headers Rails/Rack use to build URLs (`request.host`,
@@ -42,6 +46,22 @@ pub fn normalise_host(host: &str, https: bool) -> String {
         host.truncate(stripped.len());
     }
     host
+}
+
+/// [`normalise_host`], without a copy of a host already in normal form
+/// (the usual case).
+fn normalised_host(host: &str, https: bool) -> Arc<str> {
+    let default_port = if https { ":443" } else { ":80" };
+    let normal = !host
+        .bytes()
+        .any(|b| b.is_ascii_uppercase() || b.is_ascii_whitespace())
+        && !host.ends_with(default_port)
+        && !host.ends_with('.');
+    if normal {
+        Arc::from(host)
+    } else {
+        Arc::from(normalise_host(host, https))
+    }
 }
 
 impl BaseKey {
@@ -72,13 +92,13 @@ impl BaseKey {
                     text.push('\n');
                 }
             }
-            text.into_boxed_str()
+            text
         });
         BaseKey {
             https,
-            host: normalise_host(host, https).into_boxed_str(),
+            host: normalised_host(host, https),
             target: target.into(),
-            forwarded: forwarded.filter(|f| !f.is_empty()),
+            forwarded: forwarded.filter(|f| !f.is_empty()).map(Arc::from),
         }
     }
 
@@ -266,10 +286,19 @@ mod tests {
             ("example.com:8080", false, "example.com:8080"),
             ("example.com.", false, "example.com"),
             ("[::1]:80", false, "[::1]"),
+            (" example.com ", false, "example.com"),
+            ("example.com.:80", false, "example.com"),
+            ("example.com.:8080", false, "example.com.:8080"),
+            ("example.com", false, "example.com"),
         ];
         for (host, https, expected) in cases {
             assert_eq!(
                 normalise_host(host, https),
+                expected,
+                "{host} https={https}"
+            );
+            assert_eq!(
+                &*normalised_host(host, https),
                 expected,
                 "{host} https={https}"
             );
