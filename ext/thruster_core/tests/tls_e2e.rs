@@ -297,6 +297,61 @@ fn abuse(port: u16, mode: &str) -> (String, u64) {
     (result.to_string(), sent.parse().unwrap())
 }
 
+/// How each response header of `requests` GETs of `path` on one HTTP/2
+/// connection came over the wire: (request, name, never indexed).
+fn h2_header_kinds(port: u16, path: &str, requests: u32) -> Vec<(u32, String, bool)> {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/support/h2_headers.py");
+    let out = run(Command::new("timeout")
+        .args(["30", python(), script, "127.0.0.1"])
+        .arg(port.to_string())
+        .arg(path)
+        .arg(requests.to_string()));
+    assert!(
+        out.status.success(),
+        "h2_headers.py: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|line| {
+            let mut fields = line.split(' ');
+            let n = fields.next().unwrap().parse().unwrap();
+            let name = fields.next().unwrap().to_string();
+            (n, name, fields.next() == Some("never-indexed"))
+        })
+        .collect()
+}
+
+/// X-Request-Id values are used once: HPACK gets them as never-indexed
+/// literals, so they neither fill the client connection's table nor are
+/// looked up in it. The proxy's own id and one the app echoes alike; other
+/// headers stay indexable.
+#[test]
+fn http2_sends_request_ids_never_indexed() {
+    if !python_h2_available() {
+        println!("SKIPPED: python3-h2 is not installed (bin/setup installs it)");
+        return;
+    }
+    let rt = runtime();
+    let storage = TempDir::new("never-indexed");
+    let (server, _, https, _) = local_proxy(&rt, &storage, &[]);
+    for path in ["/plain", "/echo-request-id"] {
+        let kinds = h2_header_kinds(https, path, 3);
+        for n in 1..=3 {
+            let of = |name: &str| {
+                kinds
+                    .iter()
+                    .find(|(m, h, _)| *m == n && h == name)
+                    .map(|(_, _, never)| *never)
+                    .unwrap_or_else(|| panic!("{path} #{n}: no {name} in {kinds:?}"))
+            };
+            assert!(of("x-request-id"), "{path} #{n}: {kinds:?}");
+            assert!(!of("date"), "{path} #{n}: {kinds:?}");
+        }
+    }
+    server.stop(Duration::from_secs(1));
+}
+
 #[test]
 fn http2_rapid_reset_and_continuation_flood_leave_the_proxy_serving() {
     if !python_h2_available() {

@@ -181,11 +181,18 @@ impl Pipeline {
             }
         };
         // The app's own id wins (it may log that one); otherwise the client
-        // gets the id the app saw.
-        response
-            .headers_mut()
-            .entry(crate::http::X_REQUEST_ID)
-            .or_insert(request_id);
+        // gets the id the app saw. Either is marked never to be indexed:
+        // each value is used once, so HTTP/2's header compression would
+        // only churn its table with them and search it for each (1.5 µs of
+        // 36 per TLS + HTTP/2 `/hello`).
+        match response.headers_mut().entry(crate::http::X_REQUEST_ID) {
+            http::header::Entry::Occupied(mut id) => id.get_mut().set_sensitive(true),
+            http::header::Entry::Vacant(slot) => {
+                let mut request_id = request_id;
+                request_id.set_sensitive(true);
+                slot.insert(request_id);
+            }
+        }
         if let Some(facts) = &compression {
             response = compression::apply(facts, response);
         }

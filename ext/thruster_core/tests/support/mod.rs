@@ -91,7 +91,15 @@ pub fn start_echo_upstream(rt: &tokio::runtime::Runtime) -> SocketAddr {
                     for (name, value) in req.headers() {
                         head.push_str(&format!("{}: {}\n", name, value.to_str().unwrap_or("?")));
                     }
-                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(head))))
+                    let mut response = Response::new(Full::new(Bytes::from(head)));
+                    // `/echo-request-id`: answers with the request's
+                    // X-Request-Id, as Rails does.
+                    if req.uri().path() == "/echo-request-id" {
+                        if let Some(id) = req.headers().get("x-request-id") {
+                            response.headers_mut().insert("x-request-id", id.clone());
+                        }
+                    }
+                    Ok::<_, Infallible>(response)
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(stream), service)
