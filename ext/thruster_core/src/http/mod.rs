@@ -64,6 +64,16 @@ pub fn formatted_value(args: std::fmt::Arguments<'_>) -> Option<http::HeaderValu
     http::HeaderValue::from_maybe_shared(Bytes::from_owner(text)).ok()
 }
 
+/// `text` in ASCII lower case, written into `buf`: no allocation for the
+/// short tokens the proxy reads per response (directive names, media
+/// types). `None` if `text` is longer than `buf`.
+pub fn ascii_lowercase_in<'a>(text: &str, buf: &'a mut [u8]) -> Option<&'a str> {
+    let buf = buf.get_mut(..text.len())?;
+    buf.copy_from_slice(text.as_bytes());
+    buf.make_ascii_lowercase();
+    Some(std::str::from_utf8(buf).expect("ASCII case changes keep UTF-8 valid"))
+}
+
 /// A short `text/plain` response made by the proxy itself.
 pub fn plain_response(status: StatusCode, text: &str) -> Response<ResponseBody> {
     Response::builder()
@@ -98,6 +108,15 @@ mod tests {
         );
         assert!(formatted_value(format_args!("{longest}y")).is_none());
         assert!(formatted_value(format_args!("a\nb")).is_none());
+    }
+
+    #[test]
+    fn lowercase_in_a_buffer_or_none_when_it_does_not_fit() {
+        let mut buf = [0u8; 8];
+        assert_eq!(ascii_lowercase_in("Max-Age", &mut buf), Some("max-age"));
+        assert_eq!(ascii_lowercase_in("ÉTÉ", &mut buf), Some("ÉtÉ"));
+        assert_eq!(ascii_lowercase_in("", &mut buf), Some(""));
+        assert_eq!(ascii_lowercase_in("TOO-LONG!", &mut buf), None);
     }
 }
 

@@ -37,12 +37,8 @@ pub fn compressible(content_type: &str) -> bool {
     // Lower case without an allocation per response in the usual case.
     let mut buf = [0u8; 64];
     let lowered;
-    let media = match buf.get_mut(..media.len()) {
-        Some(buf) => {
-            buf.copy_from_slice(media.as_bytes());
-            buf.make_ascii_lowercase();
-            std::str::from_utf8(buf).expect("ASCII case changes keep UTF-8 valid")
-        }
+    let media = match crate::http::ascii_lowercase_in(media, &mut buf) {
+        Some(media) => media,
         None => {
             lowered = media.to_ascii_lowercase();
             lowered.as_str()

@@ -66,15 +66,7 @@ impl Directives {
                 // allocation per directive per response); longer ones are
                 // none of them.
                 let mut buf = [0u8; 24];
-                let lower = match buf.get_mut(..name.len()) {
-                    Some(buf) => {
-                        buf.copy_from_slice(name.as_bytes());
-                        buf.make_ascii_lowercase();
-                        std::str::from_utf8(buf).unwrap_or("")
-                    }
-                    None => "",
-                };
-                match lower {
+                match crate::http::ascii_lowercase_in(name, &mut buf).unwrap_or("") {
                     "public" => d.public = true,
                     // `private="Set-Cookie"` and `no-cache="..."` qualify
                     // fields; refusing the whole response is the safe reading.
