@@ -274,6 +274,10 @@ pub fn unix_socket() -> io::Result<Registered<tokio::net::UnixSocket>> {
     Registered::open(tokio::net::UnixSocket::new_stream)
 }
 
+#[cfg(test)]
+#[path = "../../tests/support/ports.rs"]
+mod test_ports;
+
 /// Helpers for tests in every layer.
 #[cfg(test)]
 pub(crate) mod test_support {
@@ -282,25 +286,9 @@ pub(crate) mod test_support {
     use std::sync::atomic::{AtomicU32, Ordering};
     use std::time::SystemTime;
 
-    /// A port free on loopback for a server the test starts later (Redis,
-    /// say). Below the ephemeral range, taken in turn from a start that
-    /// depends on the process: the kernel's pick for `:0` is an ephemeral
-    /// port, which an outgoing connection of a parallel test may take as
-    /// its source port before the server binds it (`EADDRINUSE`).
-    pub(crate) fn free_port() -> u16 {
-        const FIRST: u32 = 10_000;
-        const SPAN: u32 = 22_000;
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-        let start = std::process::id().wrapping_mul(397) % SPAN;
-        loop {
-            let n = NEXT.fetch_add(1, Ordering::Relaxed);
-            assert!(n < SPAN, "no free port left below the ephemeral range");
-            let port = (FIRST + (start + n) % SPAN) as u16;
-            if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-                return port;
-            }
-        }
-    }
+    /// A port for a server the test starts later (Redis, say): the
+    /// integration tests' own helper.
+    pub(crate) use super::test_ports::free_port;
 
     /// A fresh directory under the temp dir, removed on drop. Canonical, so
     /// expectations can compare paths directly.

@@ -9,8 +9,6 @@ per response header of each: "<request> <name> never-indexed|indexable".
 HPACK's never-indexed literal is visible only on the wire, which is why
 this reads it with the hpack decoder rather than through a client library.
 """
-import socket
-import ssl
 import sys
 
 import h2.config
@@ -18,19 +16,13 @@ import h2.connection
 import h2.events
 from hpack import NeverIndexedHeaderTuple
 
+from h2_abuse import connect
+
 
 def main():
     host, port, path = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     requests = int(sys.argv[4]) if len(sys.argv) > 4 else 3
-    ctx = ssl.create_default_context()
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    ctx.set_alpn_protocols(["h2"])
-    raw = socket.create_connection((host, port), timeout=10)
-    sock = ctx.wrap_socket(raw, server_hostname="localhost")
-    if sock.selected_alpn_protocol() != "h2":
-        raise SystemExit("server did not negotiate h2")
-    sock.settimeout(10)
+    sock = connect(host, port)
     conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
     conn.initiate_connection()
     sock.sendall(conn.data_to_send())
