@@ -1,6 +1,7 @@
 //! Response compression: brotli, zstd and gzip, negotiated from the client's
-//! `Accept-Encoding` (RFC 9110 §12.5.3), streamed frame by frame with a
-//! flush after each one so SSE and other streams are never held back.
+//! `Accept-Encoding` (RFC 9110 §12.5.3), streamed: the body's frames that
+//! are ready together are compressed together, and flushed as soon as no
+//! more is ready, so SSE and other streams are never held back.
 //!
 //! A response compressed here is compressed again for every request, so ties
 //! between codings the client weighs alike go to the cheapest (zstd, gzip,
@@ -27,6 +28,7 @@ use http_body_util::BodyExt;
 pub use crate::http::coding::Coding;
 use crate::http::coding::{negotiate_for, Use};
 use crate::http::{BoxError, ResponseBody};
+use mapped::Flush;
 
 /// Bodies smaller than this are not worth a compressed representation.
 pub const MIN_COMPRESS_SIZE: u64 = 1024;
@@ -433,6 +435,17 @@ mod mapped {
     use std::ptr::{self, NonNull};
 
     use zstd::zstd_safe::zstd_sys as sys;
+
+    /// What a stream does after taking its input.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum Flush {
+        /// Nothing: the encoder may keep the input's tail to itself.
+        No,
+        /// Everything so far goes out, decodable on its own.
+        Sync,
+        /// Everything goes out, and the stream ends.
+        End,
+    }
 
     /// Stored-variant blocks at least this large are mapped.
     pub const MIN_MAPPED: usize = 64 * 1024;
@@ -890,13 +903,28 @@ mod mapped {
 
         /// Compresses `data` and flushes (`end`: ends the frame), returning
         /// what is ready to send.
+        #[cfg(test)]
         pub fn compress(&mut self, data: &[u8], end: bool) -> std::io::Result<Vec<u8>> {
-            let directive = if end {
-                sys::ZSTD_EndDirective::ZSTD_e_end
-            } else {
-                sys::ZSTD_EndDirective::ZSTD_e_flush
+            let mut out = Vec::new();
+            let flush = if end { Flush::End } else { Flush::Sync };
+            self.compress_into(data, flush, &mut out)?;
+            Ok(out)
+        }
+
+        /// Compresses `data`, appending to `out` what zstd gives out, and
+        /// then flushes as `flush` says.
+        pub fn compress_into(
+            &mut self,
+            data: &[u8],
+            flush: Flush,
+            out: &mut Vec<u8>,
+        ) -> std::io::Result<()> {
+            let directive = match flush {
+                Flush::No => sys::ZSTD_EndDirective::ZSTD_e_continue,
+                Flush::Sync => sys::ZSTD_EndDirective::ZSTD_e_flush,
+                Flush::End => sys::ZSTD_EndDirective::ZSTD_e_end,
             };
-            let mut out: Vec<u8> = Vec::with_capacity(zstd::zstd_safe::compress_bound(data.len()));
+            out.reserve(zstd::zstd_safe::compress_bound(data.len()));
             let mut input = sys::ZSTD_inBuffer {
                 src: data.as_ptr().cast(),
                 size: data.len(),
@@ -926,8 +954,10 @@ mod mapped {
                 // SAFETY: zstd wrote `output.pos` bytes into the spare
                 // capacity.
                 unsafe { out.set_len(out.len() + output.pos) };
-                if remaining == 0 && input.pos == input.size {
-                    return Ok(out);
+                // Without a flush, zstd's return is a hint of the next
+                // input's size, not what it still has to write out.
+                if input.pos == input.size && (remaining == 0 || flush == Flush::No) {
+                    return Ok(());
                 }
             }
         }
@@ -1105,9 +1135,30 @@ mod mapped {
 
         /// Compresses `data` and flushes it (`end`: ends the stream with the
         /// trailer), returning what is ready to send.
-        pub fn compress(&mut self, mut data: &[u8], end: bool) -> std::io::Result<Vec<u8>> {
+        pub fn compress(&mut self, data: &[u8], end: bool) -> std::io::Result<Vec<u8>> {
+            let mut out = Vec::new();
+            let flush = if end { Flush::End } else { Flush::Sync };
+            self.compress_into(data, flush, &mut out)?;
+            Ok(out)
+        }
+
+        /// Compresses `data`, appending to `out` what deflate gives out,
+        /// and then flushes as `flush` says.
+        pub fn compress_into(
+            &mut self,
+            mut data: &[u8],
+            flush: Flush,
+            out: &mut Vec<u8>,
+        ) -> std::io::Result<()> {
             let s = self.stream.as_ptr();
-            let mut out = std::mem::take(&mut self.header);
+            if !self.header.is_empty() {
+                if out.is_empty() {
+                    *out = std::mem::take(&mut self.header);
+                } else {
+                    out.append(&mut self.header);
+                }
+            }
+            let end = flush == Flush::End;
             // SAFETY: a live state; deflateBound only reads its parameters.
             let bound = unsafe { z::deflateBound(s, data.len() as std::ffi::c_ulong) };
             out.reserve(bound as usize + 16);
@@ -1118,10 +1169,10 @@ mod mapped {
                 // compressed without a flush of its own.
                 let part = data.len().min(1 << 30);
                 let last = part == data.len();
-                let flush = match (last, end) {
-                    (false, _) => z::Z_NO_FLUSH,
-                    (true, false) => z::Z_SYNC_FLUSH,
-                    (true, true) => z::Z_FINISH,
+                let flush = match (last, flush) {
+                    (false, _) | (true, Flush::No) => z::Z_NO_FLUSH,
+                    (true, Flush::Sync) => z::Z_SYNC_FLUSH,
+                    (true, Flush::End) => z::Z_FINISH,
                 };
                 // SAFETY: a live state; `data[..part]` outlives the calls
                 // that read it.
@@ -1173,7 +1224,7 @@ mod mapped {
                 out.extend_from_slice(&self.crc.to_le_bytes());
                 out.extend_from_slice(&self.length.to_le_bytes());
             }
-            Ok(out)
+            Ok(())
         }
     }
 
@@ -1249,6 +1300,11 @@ mod mapped {
     }
 }
 
+/// The zstd level of responses compressed as they go. Level 1 would cost
+/// ~7% less CPU, but on a mixed corpus of HTML, CSS, JS and JSON it gives
+/// 113% of gzip 6's bytes against level 3's 107% (docs/benchmarks.md).
+const ZSTD_STREAM_LEVEL: i32 = 3;
+
 type BrotliWriter =
     brotli::enc::writer::CompressorWriterCustomAlloc<Vec<u8>, mapped::Block<u8>, mapped::Alloc>;
 
@@ -1286,52 +1342,91 @@ impl Encoder {
                 )))
             }
             // With the size zstd picks its window and tables for it: a 20 KB
-            // page then needs 0.6 MiB instead of the 3.5 MiB of level 3's
-            // 2 MiB window and tables to match. A hint, not a pledge: a
-            // body longer or shorter than announced still encodes.
+            // page then needs 0.6 MiB instead of the 3.5 MiB of a 2 MiB
+            // window and tables to match. A hint, not a pledge: a body
+            // longer or shorter than announced still encodes.
             Coding::Zstd => Encoder::Zstd(
-                mapped::ZstdStream::new(3, length.and_then(|n| u32::try_from(n).ok()))?,
+                mapped::ZstdStream::new(
+                    ZSTD_STREAM_LEVEL,
+                    length.and_then(|n| u32::try_from(n).ok()),
+                )?,
                 padding,
             ),
         })
     }
 
-    /// Compresses `data` and flushes, returning what is ready to send.
-    fn write_flush(&mut self, data: &[u8]) -> std::io::Result<Bytes> {
+    /// Compresses `data`, appending to `out` what the encoder gives out,
+    /// and then flushes as `flush` says (not [`Flush::End`]: see
+    /// [`Encoder::finish`]).
+    fn write(&mut self, data: &[u8], flush: Flush, out: &mut Vec<u8>) -> std::io::Result<()> {
         match self {
-            Encoder::Gzip(e) => Ok(Bytes::from(e.compress(data, false)?)),
+            Encoder::Gzip(e) => e.compress_into(data, flush, out),
             Encoder::Brotli(e) => {
                 e.write_all(data)?;
-                e.flush()?;
-                Ok(Bytes::from(std::mem::take(e.get_mut())))
+                if flush != Flush::No {
+                    e.flush()?;
+                }
+                append(out, e.get_mut());
+                Ok(())
             }
-            Encoder::Zstd(e, _) => Ok(Bytes::from(e.compress(data, false)?)),
+            Encoder::Zstd(e, _) => e.compress_into(data, flush, out),
         }
     }
 
-    fn finish(self) -> std::io::Result<Bytes> {
-        Ok(Bytes::from(match self {
-            Encoder::Gzip(mut e) => e.compress(&[], true)?,
-            Encoder::Brotli(e) => e.into_inner(),
+    /// Compresses `data` as the body's last bytes and ends the stream,
+    /// appending everything left to `out`.
+    fn finish(self, data: &[u8], out: &mut Vec<u8>) -> std::io::Result<()> {
+        match self {
+            Encoder::Gzip(mut e) => e.compress_into(data, Flush::End, out),
+            Encoder::Brotli(mut e) => {
+                e.write_all(data)?;
+                append(out, &mut e.into_inner());
+                Ok(())
+            }
             Encoder::Zstd(mut e, padding) => {
-                let mut out = e.compress(&[], true)?;
+                e.compress_into(data, Flush::End, out)?;
                 if padding > 0 {
                     // RFC 8878 §3.1.2: a skippable frame decoders ignore.
                     out.extend_from_slice(&0x184D_2A50u32.to_le_bytes());
                     out.extend_from_slice(&(padding as u32).to_le_bytes());
                     out.extend_from_slice(&padding_text(padding));
                 }
-                out
+                Ok(())
             }
-        }))
+        }
     }
 }
 
-/// Streams the inner body through an encoder, one flushed block per frame.
+/// Moves `from`'s bytes to the end of `out`, without a copy when `out` is
+/// empty.
+fn append(out: &mut Vec<u8>, from: &mut Vec<u8>) {
+    if out.is_empty() {
+        std::mem::swap(out, from);
+    } else {
+        out.append(from);
+    }
+}
+
+/// Compressed output held back at most while the app's body keeps coming
+/// (sent unflushed past it: the encoder goes on from where it is).
+const MAX_HELD: usize = 64 * 1024;
+
+/// Streams the inner body through an encoder.
+///
+/// Frames of the body that are ready together are compressed together,
+/// and flushed once, when the body has nothing more ready (or has ended):
+/// a page the app sent in two reads goes out as one block of one frame,
+/// smaller and cheaper than a flushed block per read and a last frame to
+/// end the stream. A stream that pauses (server-sent events, a slow app)
+/// still gets each part out as soon as it came.
 struct CompressBody {
     inner: ResponseBody,
     encoder: Option<Encoder>,
     error: Option<std::io::Error>,
+    /// Compressed, not yet sent.
+    held: Vec<u8>,
+    /// Input went in since the last flush.
+    unflushed: bool,
 }
 
 impl CompressBody {
@@ -1341,18 +1436,32 @@ impl CompressBody {
         padding: usize,
         length: Option<u64>,
     ) -> CompressBody {
-        match Encoder::new(coding, padding, length) {
-            Ok(encoder) => CompressBody {
-                inner,
-                encoder: Some(encoder),
-                error: None,
-            },
-            Err(error) => CompressBody {
-                inner,
-                encoder: None,
-                error: Some(error),
-            },
+        let (encoder, error) = match Encoder::new(coding, padding, length) {
+            Ok(encoder) => (Some(encoder), None),
+            Err(error) => (None, Some(error)),
+        };
+        CompressBody {
+            inner,
+            encoder,
+            error,
+            held: Vec::new(),
+            unflushed: false,
         }
+    }
+
+    /// What is held, as a frame (`None` when nothing is).
+    fn take_held(&mut self) -> Option<Result<Frame<Bytes>, BoxError>> {
+        (!self.held.is_empty())
+            .then(|| Ok(Frame::data(Bytes::from(std::mem::take(&mut self.held)))))
+    }
+
+    /// Ends the stream after `data`: everything held and left comes out.
+    fn finish(&mut self, data: &[u8]) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let encoder = self.encoder.take().expect("finished once");
+        if let Err(e) = encoder.finish(data, &mut self.held) {
+            return Poll::Ready(Some(Err(e.into())));
+        }
+        Poll::Ready(self.take_held())
     }
 }
 
@@ -1367,33 +1476,47 @@ impl Body for CompressBody {
         if let Some(error) = self.error.take() {
             return Poll::Ready(Some(Err(error.into())));
         }
+        let this = &mut *self;
         loop {
-            if self.encoder.is_none() {
+            let Some(encoder) = this.encoder.as_mut() else {
                 return Poll::Ready(None);
-            }
-            match std::task::ready!(Pin::new(&mut self.inner).poll_frame(cx)) {
-                Some(Ok(frame)) => match frame.into_data() {
-                    Ok(data) => {
-                        let encoder = self.encoder.as_mut().expect("checked above");
-                        match encoder.write_flush(&data) {
-                            Ok(out) if out.is_empty() => continue,
-                            Ok(out) => return Poll::Ready(Some(Ok(Frame::data(out)))),
-                            Err(e) => return Poll::Ready(Some(Err(e.into()))),
+            };
+            match Pin::new(&mut this.inner).poll_frame(cx) {
+                Poll::Pending => {
+                    // Nothing more ready: what came goes out now.
+                    if this.unflushed {
+                        this.unflushed = false;
+                        if let Err(e) = encoder.write(&[], Flush::Sync, &mut this.held) {
+                            return Poll::Ready(Some(Err(e.into())));
                         }
                     }
-                    // Trailers cannot follow a compressed body we still have
-                    // to finish; they are dropped.
-                    Err(_) => continue,
-                },
-                Some(Err(e)) => return Poll::Ready(Some(Err(e))),
-                None => {
-                    let encoder = self.encoder.take().expect("checked above");
-                    return match encoder.finish() {
-                        Ok(out) if out.is_empty() => Poll::Ready(None),
-                        Ok(out) => Poll::Ready(Some(Ok(Frame::data(out)))),
-                        Err(e) => Poll::Ready(Some(Err(e.into()))),
+                    return match this.take_held() {
+                        Some(frame) => Poll::Ready(Some(frame)),
+                        None => Poll::Pending,
                     };
                 }
+                Poll::Ready(Some(Ok(frame))) => {
+                    // Trailers cannot follow a compressed body we still
+                    // have to finish; they are dropped.
+                    let Ok(data) = frame.into_data() else {
+                        continue;
+                    };
+                    if this.inner.is_end_stream() {
+                        return this.finish(&data);
+                    }
+                    if data.is_empty() {
+                        continue;
+                    }
+                    if let Err(e) = encoder.write(&data, Flush::No, &mut this.held) {
+                        return Poll::Ready(Some(Err(e.into())));
+                    }
+                    this.unflushed = true;
+                    if this.held.len() >= MAX_HELD {
+                        return Poll::Ready(this.take_held());
+                    }
+                }
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
+                Poll::Ready(None) => return this.finish(&[]),
             }
         }
     }
@@ -1412,6 +1535,7 @@ mod tests {
     use super::*;
     use crate::http::full_body;
     use std::io::Read;
+    use std::time::Duration;
 
     #[test]
     fn compressible_types() {
@@ -1790,8 +1914,8 @@ mod tests {
         base + base / 8 * mantissa
     }
 
-    /// What the encoders produced before they were sized to the body:
-    /// brotli 5 with a 4 MiB window, zstd 3 with no size, gzip 6.
+    /// What the encoders produce when not sized to the body: brotli 5 with
+    /// a 4 MiB window, zstd with no size, gzip 6.
     fn unsized_stream(coding: Coding, data: &[u8]) -> Vec<u8> {
         match coding {
             Coding::Gzip => {
@@ -1807,7 +1931,8 @@ mod tests {
                 e.into_inner()
             }
             Coding::Zstd => {
-                let mut e = zstd::stream::write::Encoder::new(Vec::new(), 3).unwrap();
+                let mut e =
+                    zstd::stream::write::Encoder::new(Vec::new(), ZSTD_STREAM_LEVEL).unwrap();
                 e.write_all(data).unwrap();
                 e.flush().unwrap();
                 e.finish().unwrap()
@@ -1897,6 +2022,126 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    /// Every data frame of a compressed response, in order.
+    async fn frames_of(r: Response<ResponseBody>) -> Vec<Bytes> {
+        let mut body = r.into_body();
+        let mut frames = Vec::new();
+        while let Some(frame) = body.frame().await {
+            frames.push(frame.unwrap().into_data().unwrap());
+        }
+        frames
+    }
+
+    fn streamed(frames: impl IntoIterator<Item = Bytes>) -> Response<ResponseBody> {
+        Response::builder()
+            .header(header::CONTENT_TYPE, "text/html")
+            .body(Frames(frames.into_iter().collect()).boxed_unsync())
+            .unwrap()
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn frames_ready_together_go_out_as_one_frame() {
+        let page = Bytes::from(bench_page());
+        for coding in [Coding::Gzip, Coding::Brotli, Coding::Zstd] {
+            let r = streamed(page.chunks(4096).map(Bytes::copy_from_slice));
+            let frames = frames_of(apply(&facts(Some(coding)), r)).await;
+            assert_eq!(frames.len(), 1, "{coding:?}: one flush, at the end");
+            assert_eq!(decode(coding, &frames[0]), page, "{coding:?}");
+        }
+        // The same page in one frame of its announced length (a body read
+        // whole before it goes on) is one frame too, not one and an end.
+        for coding in [Coding::Gzip, Coding::Brotli, Coding::Zstd] {
+            let r = Response::builder()
+                .header(header::CONTENT_TYPE, "text/html")
+                .header(header::CONTENT_LENGTH, page.len())
+                .body(full_body(page.clone()))
+                .unwrap();
+            let frames = frames_of(apply(&facts(Some(coding)), r)).await;
+            assert_eq!(frames.len(), 1, "{coding:?}");
+            assert_eq!(decode(coding, &frames[0]), page, "{coding:?}");
+        }
+    }
+
+    /// Output is not held back without bound while a long body keeps
+    /// coming: past [`MAX_HELD`] it goes out, unflushed.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_long_ready_body_is_not_held_whole() {
+        let mut seed = 0x9E37_79B9_7F4A_7C15u64;
+        let noise: Vec<u8> = (0..1 << 20)
+            .map(|_| {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                seed as u8
+            })
+            .collect();
+        for coding in [Coding::Gzip, Coding::Brotli, Coding::Zstd] {
+            let r = streamed(noise.chunks(16 * 1024).map(Bytes::copy_from_slice));
+            let frames = frames_of(apply(&facts(Some(coding)), r)).await;
+            // gzip and zstd give out as they go; brotli keeps up to its
+            // window (512 KiB with no length) to itself first.
+            let largest = frames.iter().map(Bytes::len).max().unwrap();
+            let bound = match coding {
+                Coding::Brotli => 512 * 1024,
+                _ => MAX_HELD + 128 * 1024,
+            };
+            assert!(largest <= bound, "{coding:?}: {largest} of {}", noise.len());
+            assert!(frames.len() >= 2, "{coding:?}");
+            assert_eq!(decode(coding, &frames.concat()), noise, "{coding:?}");
+        }
+    }
+
+    /// What a streaming decoder makes of `data`, the start of a stream.
+    fn decode_start(coding: Coding, data: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut chunk = [0u8; 4096];
+        let mut read = |reader: &mut dyn Read| loop {
+            match reader.read(&mut chunk) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => out.extend_from_slice(&chunk[..n]),
+            }
+        };
+        match coding {
+            Coding::Gzip => read(&mut flate2::read::GzDecoder::new(data)),
+            Coding::Brotli => read(&mut brotli::Decompressor::new(data, 4096)),
+            Coding::Zstd => read(&mut zstd::stream::read::Decoder::new(data).unwrap()),
+        }
+        out
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_pause_in_the_body_sends_what_came_before_it() {
+        use crate::http::test_support::ChannelBody;
+        let page = Bytes::from(bench_page());
+        let (first, second) = (page.slice(..12_000), page.slice(12_000..));
+        for coding in [Coding::Gzip, Coding::Brotli, Coding::Zstd] {
+            let (tx, rx) = tokio::sync::mpsc::channel(4);
+            let r = Response::builder()
+                .header(header::CONTENT_TYPE, "text/html")
+                .body(ChannelBody(rx).boxed_unsync())
+                .unwrap();
+            let mut body = apply(&facts(Some(coding)), r).into_body();
+            // Two frames, then the app pauses.
+            tx.send(Ok(Frame::data(first.slice(..5000)))).await.unwrap();
+            tx.send(Ok(Frame::data(first.slice(5000..)))).await.unwrap();
+            let out = tokio::time::timeout(Duration::from_secs(5), body.frame())
+                .await
+                .expect("what came goes out while the app pauses")
+                .unwrap()
+                .unwrap()
+                .into_data()
+                .unwrap();
+            assert_eq!(decode_start(coding, &out), first, "{coding:?}");
+            tx.send(Ok(Frame::data(second.clone()))).await.unwrap();
+            drop(tx);
+            let mut all = out.to_vec();
+            while let Some(frame) = body.frame().await {
+                all.extend_from_slice(&frame.unwrap().into_data().unwrap());
+            }
+            assert_eq!(decode(coding, &all), page, "{coding:?}");
         }
     }
 
