@@ -111,12 +111,12 @@ pub struct RequestFacts {
 
 /// A random padding length in 1..=max (0 when off). Random per response,
 /// unlike Thruster's content-derived length, so repeating a request does not
-/// reproduce the same size.
+/// reproduce the same size. From a keyed draw, not a syscall per response.
 fn padding_len(max: u32) -> usize {
     if max == 0 {
         return 0;
     }
-    (crate::sys::random::u64() % u64::from(max)) as usize + 1
+    (crate::sys::random::draw().word(0) % u64::from(max)) as usize + 1
 }
 
 fn padding_text(len: usize) -> Vec<u8> {

@@ -8,10 +8,6 @@
 //! than 200 characters are, the proxy makes a new one rather than truncate
 //! (a truncated id would no longer join with what the client logged).
 
-use std::hash::{BuildHasher, Hasher};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::OnceLock;
-
 use http::header::{HeaderMap, HeaderValue};
 
 use crate::http::X_REQUEST_ID;
@@ -41,23 +37,13 @@ pub fn clean(raw: &[u8]) -> Option<String> {
     (!kept.is_empty() && kept.len() <= MAX_LEN).then_some(kept)
 }
 
-/// A new id in UUID v4 form: 122 bits from a hasher keyed once per process
-/// with OS randomness over a counter, so ids never repeat within a process
-/// and cannot be told apart from random ones, without a syscall per request.
-/// As a header value whose clones share one allocation: the request's id is
-/// echoed in the response.
+/// A new id in UUID v4 form: 122 bits of a [`crate::sys::random::draw`], so
+/// ids never repeat within a process and cannot be told apart from random
+/// ones, without a syscall per request. As a header value whose clones
+/// share one allocation: the request's id is echoed in the response.
 fn generated_value() -> HeaderValue {
-    static KEYS: OnceLock<std::collections::hash_map::RandomState> = OnceLock::new();
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let keys = KEYS.get_or_init(Default::default);
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let word = |lane: u64| {
-        let mut h = keys.build_hasher();
-        h.write_u64(lane);
-        h.write_u64(n);
-        h.finish()
-    };
-    let (hi, lo) = (word(0), word(1));
+    let draw = crate::sys::random::draw();
+    let (hi, lo) = (draw.word(0), draw.word(1));
     // Version 4 and the RFC 9562 variant bits.
     let hi = (hi & !0xf000) | 0x4000;
     let lo = (lo & !(0b11 << 62)) | (0b10 << 62);

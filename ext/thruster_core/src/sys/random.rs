@@ -1,6 +1,11 @@
 //! Random numbers from the kernel (getrandom(2)): tokens, multipart
 //! boundaries, BREACH padding lengths and retry jitter all take theirs here.
 
+use std::collections::hash_map::RandomState;
+use std::hash::{BuildHasher, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
+
 /// Fills `buf` from the kernel's CSPRNG. It only fails before the kernel's
 /// pool is initialised at boot, which a running server never sees; that
 /// would be a broken system, so it panics rather than hand out zeros.
@@ -22,6 +27,31 @@ pub fn u64() -> u64 {
     let mut bytes = [0u8; 8];
     fill(&mut bytes);
     u64::from_ne_bytes(bytes)
+}
+
+/// Unpredictable words without a syscall each, for values made per request
+/// (request ids, BREACH padding lengths): SipHash, keyed once per process
+/// from the kernel's CSPRNG (std's `RandomState`), over a counter. A keyed
+/// PRF: the words cannot be told from random ones without the key, and
+/// never repeat within a process. Tokens that guard something (secrets,
+/// file names others could guess) take [`fill`]'s instead.
+pub struct Draw(u64);
+
+/// The next draw: each gives distinct words.
+pub fn draw() -> Draw {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    Draw(COUNTER.fetch_add(1, Ordering::Relaxed))
+}
+
+impl Draw {
+    /// This draw's word number `lane`.
+    pub fn word(&self, lane: u64) -> u64 {
+        static KEYS: OnceLock<RandomState> = OnceLock::new();
+        let mut h = KEYS.get_or_init(RandomState::new).build_hasher();
+        h.write_u64(lane);
+        h.write_u64(self.0);
+        h.finish()
+    }
 }
 
 /// A uniform fraction in [0, 1).
@@ -51,5 +81,20 @@ mod tests {
             let f = super::fraction();
             assert!((0.0..1.0).contains(&f));
         }
+    }
+
+    #[test]
+    fn draws_differ_between_draws_and_lanes() {
+        let words: std::collections::HashSet<u64> = (0..1000)
+            .flat_map(|_| {
+                let d = super::draw();
+                [d.word(0), d.word(1)]
+            })
+            .collect();
+        assert_eq!(words.len(), 2000);
+        // Spread over the bits, not a counter in disguise: every bit is
+        // set in some words and clear in others.
+        let (any, all) = words.iter().fold((0u64, !0u64), |(a, b), w| (a | w, b & w));
+        assert_eq!((any, all), (!0, 0));
     }
 }
