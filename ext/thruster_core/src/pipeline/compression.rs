@@ -1411,6 +1411,13 @@ fn append(out: &mut Vec<u8>, from: &mut Vec<u8>) {
 /// (sent unflushed past it: the encoder goes on from where it is).
 const MAX_HELD: usize = 64 * 1024;
 
+/// Input compressed at most in one poll: past it, what is held is flushed
+/// and sent, so a long body that is always ready (a spool on disk, a very
+/// compressible one that never fills [`MAX_HELD`]) does not keep the
+/// runtime's thread from its other tasks. The most one frame of the old
+/// flush-per-frame stream could take (a spooled disk chunk).
+const MAX_TAKEN: usize = 256 * 1024;
+
 /// Streams the inner body through an encoder.
 ///
 /// Frames of the body that are ready together are compressed together,
@@ -1427,6 +1434,8 @@ struct CompressBody {
     held: Vec<u8>,
     /// Input went in since the last flush.
     unflushed: bool,
+    /// Input bytes taken since the last frame went out.
+    taken: usize,
 }
 
 impl CompressBody {
@@ -1446,11 +1455,13 @@ impl CompressBody {
             error,
             held: Vec::new(),
             unflushed: false,
+            taken: 0,
         }
     }
 
     /// What is held, as a frame (`None` when nothing is).
     fn take_held(&mut self) -> Option<Result<Frame<Bytes>, BoxError>> {
+        self.taken = 0;
         (!self.held.is_empty())
             .then(|| Ok(Frame::data(Bytes::from(std::mem::take(&mut self.held)))))
     }
@@ -1511,8 +1522,17 @@ impl Body for CompressBody {
                         return Poll::Ready(Some(Err(e.into())));
                     }
                     this.unflushed = true;
-                    if this.held.len() >= MAX_HELD {
-                        return Poll::Ready(this.take_held());
+                    this.taken += data.len();
+                    if this.taken >= MAX_TAKEN {
+                        this.unflushed = false;
+                        if let Err(e) = encoder.write(&[], Flush::Sync, &mut this.held) {
+                            return Poll::Ready(Some(Err(e.into())));
+                        }
+                    }
+                    if this.held.len() >= MAX_HELD || this.taken >= MAX_TAKEN {
+                        if let Some(frame) = this.take_held() {
+                            return Poll::Ready(Some(frame));
+                        }
                     }
                 }
                 Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
@@ -2066,7 +2086,8 @@ mod tests {
     }
 
     /// Output is not held back without bound while a long body keeps
-    /// coming: past [`MAX_HELD`] it goes out, unflushed.
+    /// coming: past [`MAX_HELD`] it goes out, unflushed; and a poll
+    /// compresses at most [`MAX_TAKEN`] of input, however well it packs.
     #[tokio::test(flavor = "current_thread")]
     async fn a_long_ready_body_is_not_held_whole() {
         let mut seed = 0x9E37_79B9_7F4A_7C15u64;
@@ -2091,6 +2112,17 @@ mod tests {
             assert!(largest <= bound, "{coding:?}: {largest} of {}", noise.len());
             assert!(frames.len() >= 2, "{coding:?}");
             assert_eq!(decode(coding, &frames.concat()), noise, "{coding:?}");
+        }
+        let zeros = vec![0u8; 4 << 20];
+        for coding in [Coding::Gzip, Coding::Brotli, Coding::Zstd] {
+            let r = streamed(zeros.chunks(16 * 1024).map(Bytes::copy_from_slice));
+            let frames = frames_of(apply(&facts(Some(coding)), r)).await;
+            assert!(
+                frames.len() >= 16, // a frame per 256 KiB of input
+                "{coding:?}: {} frames",
+                frames.len()
+            );
+            assert_eq!(decode(coding, &frames.concat()), zeros, "{coding:?}");
         }
     }
 
