@@ -28,7 +28,7 @@ use http_body_util::BodyExt;
 pub use crate::http::coding::Coding;
 use crate::http::coding::{negotiate_for, Use};
 use crate::http::{BoxError, ResponseBody};
-use mapped::Flush;
+use mapped::{Compress, Flush};
 
 /// Bodies smaller than this are not worth a compressed representation.
 pub const MIN_COMPRESS_SIZE: u64 = 1024;
@@ -445,6 +445,27 @@ mod mapped {
         Sync,
         /// Everything goes out, and the stream ends.
         End,
+    }
+
+    /// A stream encoder of ours (gzip, zstd).
+    pub trait Compress {
+        /// Compresses `data`, appending to `out` what the encoder gives
+        /// out, and then flushes as `flush` says.
+        fn compress_into(
+            &mut self,
+            data: &[u8],
+            flush: Flush,
+            out: &mut Vec<u8>,
+        ) -> std::io::Result<()>;
+
+        /// Compresses `data` and flushes (`end`: ends the stream),
+        /// returning what is ready to send.
+        fn compress(&mut self, data: &[u8], end: bool) -> std::io::Result<Vec<u8>> {
+            let mut out = Vec::new();
+            let flush = if end { Flush::End } else { Flush::Sync };
+            self.compress_into(data, flush, &mut out)?;
+            Ok(out)
+        }
     }
 
     /// Stored-variant blocks at least this large are mapped.
@@ -900,20 +921,10 @@ mod mapped {
             }
             Ok(stream)
         }
+    }
 
-        /// Compresses `data` and flushes (`end`: ends the frame), returning
-        /// what is ready to send.
-        #[cfg(test)]
-        pub fn compress(&mut self, data: &[u8], end: bool) -> std::io::Result<Vec<u8>> {
-            let mut out = Vec::new();
-            let flush = if end { Flush::End } else { Flush::Sync };
-            self.compress_into(data, flush, &mut out)?;
-            Ok(out)
-        }
-
-        /// Compresses `data`, appending to `out` what zstd gives out, and
-        /// then flushes as `flush` says.
-        pub fn compress_into(
+    impl Compress for ZstdStream {
+        fn compress_into(
             &mut self,
             data: &[u8],
             flush: Flush,
@@ -1132,19 +1143,11 @@ mod mapped {
         pub fn is_pooled(&self) -> bool {
             self.pool.is_some()
         }
+    }
 
-        /// Compresses `data` and flushes it (`end`: ends the stream with the
-        /// trailer), returning what is ready to send.
-        pub fn compress(&mut self, data: &[u8], end: bool) -> std::io::Result<Vec<u8>> {
-            let mut out = Vec::new();
-            let flush = if end { Flush::End } else { Flush::Sync };
-            self.compress_into(data, flush, &mut out)?;
-            Ok(out)
-        }
-
-        /// Compresses `data`, appending to `out` what deflate gives out,
-        /// and then flushes as `flush` says.
-        pub fn compress_into(
+    /// gzip's trailer ends the stream at [`Flush::End`].
+    impl Compress for GzipStream {
+        fn compress_into(
             &mut self,
             mut data: &[u8],
             flush: Flush,
@@ -1979,16 +1982,20 @@ mod tests {
         assert_eq!(brotli_window(None), 19);
     }
 
+    /// `page` as an HTML response of its announced length, in one frame.
+    fn whole(page: &Bytes) -> Response<ResponseBody> {
+        Response::builder()
+            .header(header::CONTENT_TYPE, "text/html; charset=utf-8")
+            .header(header::CONTENT_LENGTH, page.len())
+            .body(full_body(page.clone()))
+            .unwrap()
+    }
+
     #[tokio::test(flavor = "current_thread")]
     async fn the_bench_page_streams_in_a_small_window_to_the_same_size() {
         let page = Bytes::from(bench_page());
         for coding in [Coding::Gzip, Coding::Brotli, Coding::Zstd] {
-            let r = Response::builder()
-                .header(header::CONTENT_TYPE, "text/html; charset=utf-8")
-                .header(header::CONTENT_LENGTH, page.len())
-                .body(full_body(page.clone()))
-                .unwrap();
-            let encoded = body_bytes(apply(&facts(Some(coding)), r)).await;
+            let encoded = body_bytes(apply(&facts(Some(coding)), whole(&page))).await;
             assert_eq!(decode(coding, &encoded), page, "{coding:?} round trip");
             let before = unsized_stream(coding, &page);
             assert!(
@@ -2074,12 +2081,7 @@ mod tests {
         // The same page in one frame of its announced length (a body read
         // whole before it goes on) is one frame too, not one and an end.
         for coding in [Coding::Gzip, Coding::Brotli, Coding::Zstd] {
-            let r = Response::builder()
-                .header(header::CONTENT_TYPE, "text/html")
-                .header(header::CONTENT_LENGTH, page.len())
-                .body(full_body(page.clone()))
-                .unwrap();
-            let frames = frames_of(apply(&facts(Some(coding)), r)).await;
+            let frames = frames_of(apply(&facts(Some(coding)), whole(&page))).await;
             assert_eq!(frames.len(), 1, "{coding:?}");
             assert_eq!(decode(coding, &frames[0]), page, "{coding:?}");
         }
