@@ -6,6 +6,7 @@ require "json"
 require "tmpdir"
 require "timeout"
 require_relative "support/child_process"
+require_relative "support/ports"
 require_relative "../lib/thruster/version"
 
 ROOT = File.expand_path("..", __dir__)
@@ -41,12 +42,7 @@ module SpecHelpers
     end
   end
 
-  def free_port
-    server = TCPServer.new("127.0.0.1", 0)
-    server.addr[1]
-  ensure
-    server&.close
-  end
+  def free_port = Ports.free_port
 
   def thrust_path
     path = File.join(ROOT, "lib/thruster/thrust")
@@ -117,7 +113,7 @@ module SpecHelpers
       thrust_path, "unicorn", "-c", File.join(FIXTURES, "unicorn.rb"), File.join(FIXTURES, "app.ru")
     )
     port = thrust.http_port
-    wait_for_ok(port, timeout: 30, message: "Unicorn behind thrust")
+    showing_output(thrust) { wait_for_ok(port, timeout: 30, message: "Unicorn behind thrust") }
     [thrust, port]
   end
 
@@ -128,8 +124,15 @@ module SpecHelpers
       thrust_path, "puma", "-C", File.join(FIXTURES, config), File.join(FIXTURES, app)
     )
     port = thrust.http_port
-    wait_for_ok(port, message: "Puma behind thrust")
+    showing_output(thrust) { wait_for_ok(port, message: "Puma behind thrust") }
     [thrust, port]
+  end
+
+  # Runs the block; a failure in it names what `child` wrote last.
+  def showing_output(child)
+    yield
+  rescue StandardError => e
+    raise e.class, "#{e.message}\n--- last output of #{child.pid}:\n#{child.output.lines.last(40).join}"
   end
 end
 
