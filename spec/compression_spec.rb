@@ -70,6 +70,31 @@ RSpec.describe "compression" do
     expect(headers["content-encoding"]).to eq("gzip")
   end
 
+  it "sends a page the app wrote at once as one compressed chunk" do
+    _thrust, port = start_thrust_with_puma
+    socket = TCPSocket.new("127.0.0.1", port)
+    socket.write("GET /page HTTP/1.1\r\nHost: x\r\nAccept-Encoding: gzip\r\nConnection: close\r\n\r\n")
+    raw = +""
+    each_chunk(socket) { |chunk| raw << chunk }
+    head, rest = raw.b.split("\r\n\r\n", 2)
+    expect(head).to include("content-encoding: gzip", "transfer-encoding: chunked")
+    sizes = []
+    payload = +""
+    while (m = rest.match(/\A(\h+)\r\n/))
+      size = m[1].to_i(16)
+      sizes << size
+      payload << rest.byteslice(m[0].bytesize, size)
+      rest = rest.byteslice(m[0].bytesize + size + 2..)
+    end
+    # One flushed block and the end of the stream together, then the last
+    # chunk: not a chunk per read from the app and one more to end it.
+    expect(sizes.length).to eq(2)
+    expect(sizes.last).to eq(0)
+    expect(Zlib::Inflate.new(Zlib::MAX_WBITS + 32).inflate(payload)).to eq(page)
+  ensure
+    socket&.close
+  end
+
   it "keeps SSE streaming while compressing it" do
     _thrust, port = start_thrust_with_puma
     socket = TCPSocket.new("127.0.0.1", port)
